@@ -1,0 +1,278 @@
+"""The cache directory: staging files, the journal, and the block cache of clean objects.
+
+Layout of a cache dir::
+
+    lock                 flock'd by the one daemon that owns this cache dir
+    staging/<id>.data    the bytes of a file written through the mount, not yet in S3
+    journal/<id>.json    a record per staged file that close() has returned for
+    objects/<hash>.data  sparse copies of S3 objects (downloaded blocks, or files
+                         written here and since committed), keyed by key + ETag
+
+Durability contract: a record is written (write to a temp name, fsync, rename,
+fsync the directory) only after its staging file has been fsync'd, so a record
+on disk always describes bytes that are on disk. Records are removed only after
+S3 has confirmed the object. Staging files without a record belong to files
+that were never closed successfully; they are discarded on start.
+
+The object cache holds clean data only: it may be evicted at any time, least
+recently used first, and is rebuilt from S3 on demand. It is not kept across
+restarts (its index lives in memory).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CacheDir:
+    """Owns the cache directory's layout and its lock."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.staging = self.root / "staging"
+        self.journal_dir = self.root / "journal"
+        self.objects = self.root / "objects"
+        self._lock_fd: int | None = None
+
+    def prepare(self) -> None:
+        """Create the layout and take the lock. Raises ConfigError if unusable or taken."""
+        try:
+            for path in (self.root, self.staging, self.journal_dir, self.objects):
+                path.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"cache dir {self.root} is not writable: {exc.strerror or exc}") from None
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"cache dir {self.root} is in use by another s3ckptfs daemon (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        # Clean data is not indexed across restarts: start the object cache empty.
+        shutil.rmtree(self.objects, ignore_errors=True)
+        self.objects.mkdir(exist_ok=True)
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def staging_path(self, file_id: str) -> Path:
+        return self.staging / f"{file_id}.data"
+
+    def disk_free(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def disk_size(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_blocks * st.f_frsize
+
+
+class Journal:
+    """Durable records of staged files that still have to reach S3."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def write(self, file_id: str, record: dict) -> None:
+        """Atomically replace the record of ``file_id`` and make it durable."""
+        path = self.directory / f"{file_id}.json"
+        tmp = self.directory / f".{file_id}.json.tmp"
+        data = json.dumps(record, sort_keys=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_dir(self.directory)
+
+    def remove(self, file_id: str) -> None:
+        try:
+            os.unlink(self.directory / f"{file_id}.json")
+        except FileNotFoundError:
+            pass
+
+    def load_all(self) -> list[dict]:
+        """Every valid record; unreadable ones are logged and skipped (their data stays on disk)."""
+        records = []
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:
+                log.error("journal record %s is unreadable (%s); its staging file is kept", path, exc)
+        return records
+
+
+@dataclass
+class CachedObject:
+    """A sparse local copy of one version (key + ETag) of an S3 object."""
+
+    key: str
+    etag: str
+    size: int
+    path: Path
+    block_size: int
+    fd: int
+    complete: bool = False
+    present: set[int] = field(default_factory=set)
+    inflight: dict[int, Future] = field(default_factory=dict)
+    readers: int = 0
+
+    def block_count(self) -> int:
+        return (self.size + self.block_size - 1) // self.block_size
+
+    def has_block(self, block: int) -> bool:
+        return self.complete or block in self.present
+
+    def cached_bytes(self) -> int:
+        if self.complete:
+            return self.size
+        return sum(min(self.block_size, self.size - b * self.block_size) for b in self.present)
+
+
+class ObjectCache:
+    """Clean object data on disk, bounded in bytes, evicted least recently used first.
+
+    Downloads of the same block are shared: the first reader starts it, later
+    readers wait on the same future. Lock order: ObjectCache._lock is a leaf
+    (no other lock is taken while it is held).
+    """
+
+    def __init__(self, directory: Path, block_size: int, limit_bytes: int) -> None:
+        self.directory = directory
+        self.block_size = block_size
+        self.limit_bytes = limit_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], CachedObject] = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def _name(key: str, etag: str) -> str:
+        return hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest()[:40] + ".data"
+
+    def adopt(self, key: str, etag: str, source: Path, size: int) -> None:
+        """Take a committed staging file as the complete cached copy of ``key``@``etag``."""
+        path = self.directory / self._name(key, etag)
+        os.rename(source, path)
+        fd = os.open(path, os.O_RDWR)
+        entry = CachedObject(key, etag, size, path, self.block_size, fd, complete=True)
+        with self._lock:
+            old = self._entries.pop((key, etag), None)
+            if old is not None:
+                self._drop_locked(old, unlink=False)
+            self._entries[(key, etag)] = entry
+            self._bytes += size
+        self.evict()
+
+    def acquire(self, key: str, etag: str, size: int) -> CachedObject:
+        """The cached copy of ``key``@``etag`` (created empty if absent), pinned against eviction."""
+        with self._lock:
+            entry = self._entries.get((key, etag))
+            if entry is None:
+                path = self.directory / self._name(key, etag)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                entry = CachedObject(key, etag, size, path, self.block_size, fd, complete=(size == 0))
+                self._entries[(key, etag)] = entry
+            else:
+                self._entries.move_to_end((key, etag))
+            entry.readers += 1
+            return entry
+
+    def release(self, entry: CachedObject) -> None:
+        with self._lock:
+            entry.readers -= 1
+        self.evict()
+
+    def fetch_block(self, entry: CachedObject, block: int, start: Callable[[CachedObject, int], Future]) -> Future | None:
+        """A future for ``block`` of ``entry``: None if present, else the shared in-flight download."""
+        with self._lock:
+            if entry.has_block(block):
+                return None
+            future = entry.inflight.get(block)
+            if future is None:
+                future = start(entry, block)
+                entry.inflight[block] = future
+            return future
+
+    def block_done(self, entry: CachedObject, block: int, ok: bool, nbytes: int) -> None:
+        with self._lock:
+            entry.inflight.pop(block, None)
+            if ok and not entry.complete and block not in entry.present:
+                entry.present.add(block)
+                self._bytes += nbytes
+                if len(entry.present) == entry.block_count():
+                    entry.complete = True
+                    entry.present.clear()
+
+    def invalidate(self, key: str) -> None:
+        """Forget every cached version of ``key`` (after overwrite, delete or rename)."""
+        with self._lock:
+            for cache_key in [k for k in self._entries if k[0] == key]:
+                entry = self._entries[cache_key]
+                if entry.readers == 0 and not entry.inflight:
+                    del self._entries[cache_key]
+                    self._drop_locked(entry)
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def evict(self) -> None:
+        """Drop least recently used, unpinned copies until under the limit."""
+        if self.limit_bytes <= 0:
+            return
+        with self._lock:
+            for cache_key in list(self._entries):
+                if self._bytes <= self.limit_bytes:
+                    break
+                entry = self._entries[cache_key]
+                if entry.readers or entry.inflight:
+                    continue
+                del self._entries[cache_key]
+                self._drop_locked(entry)
+
+    def _drop_locked(self, entry: CachedObject, unlink: bool = True) -> None:
+        self._bytes -= entry.cached_bytes()
+        try:
+            os.close(entry.fd)
+        except OSError:
+            pass
+        if unlink:
+            try:
+                os.unlink(entry.path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    log.warning("could not remove cached copy %s: %s", entry.path, exc)

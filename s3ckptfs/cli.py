@@ -1,0 +1,200 @@
+"""Command line: ``s3ckptfs mount | unmount | sync | status``.
+
+Every user error is one line on stderr, ``s3ckptfs: error: ...``, and a
+non-zero exit (2 for usage, 1 for everything else); nothing is left mounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import control, daemon
+from .config import MountConfig, default_cache_dir, parse_options, parse_s3_url
+from .errors import ConfigError
+
+PROG = "s3ckptfs"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Mount an S3 prefix as a checkpoint directory.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    mount = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] at MOUNTPOINT")
+    mount.add_argument("source", metavar="s3://BUCKET[/PREFIX]")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("--cache-dir", help="local cache (default: /var/cache/s3ckptfs/<bucket>-<hash>)")
+    mount.add_argument("--endpoint-url", help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
+    mount.add_argument("--region", help="S3 region")
+    mount.add_argument("--profile", help="AWS profile for credentials")
+    mount.add_argument("--foreground", "-f", action="store_true", help="stay attached (systemd uses this)")
+    mount.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    mount.add_argument("-o", dest="options", action="append", default=[], metavar="key=value,...",
+                       help="options, e.g. -o write_mode=sync,upload_concurrency=8")
+
+    unmount = sub.add_parser("unmount", help="wait for pending uploads, then unmount")
+    unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    unmount.add_argument("--force", action="store_true", help="do not wait for pending uploads")
+
+    sync = sub.add_parser("sync", help="wait until everything written so far is in S3")
+    sync.add_argument("mountpoint", metavar="MOUNTPOINT")
+    sync.add_argument("path", nargs="?", help="only files under this path")
+
+    status = sub.add_parser("status", help="show pending and failed uploads")
+    status.add_argument("mountpoint", metavar="MOUNTPOINT")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def configure_logging(level: str, to_file: bool = False) -> None:
+    # journald stamps each line itself; a log file needs its own time stamps.
+    stamp = "%(asctime)s " if to_file or not os.environ.get("JOURNAL_STREAM") else ""
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format=f"{stamp}%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def mount_config(args: argparse.Namespace) -> MountConfig:
+    bucket, prefix = parse_s3_url(args.source)
+    options = parse_options(args.options)
+    mountpoint = Path(os.path.abspath(args.mountpoint))
+    cache_dir = Path(os.path.abspath(args.cache_dir)) if args.cache_dir else default_cache_dir(bucket, prefix)
+    return MountConfig(bucket=bucket, prefix=prefix, mountpoint=mountpoint, cache_dir=cache_dir,
+                       endpoint_url=args.endpoint_url, region=args.region, profile=args.profile,
+                       options=options, log_level=args.log_level)
+
+
+def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
+    config = mount_config(args)
+    if args.foreground:
+        configure_logging(config.log_level, to_file=daemon.READY_FD_ENV in os.environ)
+        return daemon.run(config)
+    daemon.preflight(config)
+    daemon.start_background([a for a in argv if a not in ("--foreground", "-f")], config)
+    return 0
+
+
+def _mountpoint(path: str) -> str:
+    mountpoint = os.path.abspath(path)
+    if not daemon.is_mounted(mountpoint):
+        raise ConfigError(f"{mountpoint} is not mounted")
+    return mountpoint
+
+
+def _show_progress(progress: dict) -> None:
+    if not sys.stderr.isatty():
+        return
+    done, total = progress.get("bytes_done", 0), progress.get("bytes_total", 0)
+    print(f"\r{progress.get('files', 0)} file(s) pending, {done / 2**20:.0f} / {total / 2**20:.0f} MiB uploaded",
+          end="", file=sys.stderr, flush=True)
+
+
+def _sync(mountpoint: str, path: str | None) -> list[dict]:
+    started = time.monotonic()
+    answer = control.request(mountpoint, {"cmd": "sync", "path": path or "/"}, _show_progress)
+    if sys.stderr.isatty():
+        print(f"\rsynced in {time.monotonic() - started:.1f}s" + " " * 40, file=sys.stderr)
+    if "failed" not in answer:
+        raise ConfigError(answer.get("error", "sync failed"))
+    return answer["failed"]
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    mountpoint = _mountpoint(args.mountpoint)
+    path = None
+    if args.path:
+        real = os.path.abspath(args.path)
+        if real != mountpoint and not real.startswith(mountpoint.rstrip("/") + "/"):
+            raise ConfigError(f"{args.path} is not inside {mountpoint}")
+        path = "/" + real[len(mountpoint):].strip("/")
+    failed = _sync(mountpoint, path)
+    for failure in failed:
+        print(f"{PROG}: error: {failure['path']} is not in S3: {failure['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    mountpoint = _mountpoint(args.mountpoint)
+    info = control.read_info(mountpoint) or {}
+    if not args.force:
+        failed = _sync(mountpoint, None)
+        if failed:
+            for failure in failed:
+                print(f"{PROG}: error: {failure['path']} is not in S3: {failure['error']}", file=sys.stderr)
+            return _fail("not unmounted: uploads failed (data kept in the cache); use --force to unmount anyway")
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
+    result = subprocess.run([fusermount, "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        if not args.force:
+            return _fail(f"cannot unmount {mountpoint}: {result.stderr.strip() or 'busy'}")
+        subprocess.run([fusermount, "-uz", mountpoint], capture_output=True)
+    pid = info.get("pid")
+    if pid:  # the daemon finishes its last uploads after the unmount: wait for it
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    mountpoint = _mountpoint(args.mountpoint)
+    answer = control.request(mountpoint, {"cmd": "status"}, timeout=30)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    pending = answer.get("pending", [])
+    print(f"{mountpoint}: {len(pending)} file(s) not yet in S3; "
+          f"{answer.get('objects_committed', 0)} object(s) uploaded since mount")
+    if pending:
+        print(f"{'STATE':8} {'UPLOADED':>20} {'AGE':>8}  PATH")
+        for item in pending:
+            done = f"{item['uploaded'] / 2**20:.1f}/{item['size'] / 2**20:.1f} MiB"
+            print(f"{item['state']:8} {done:>20} {item['age']:>7.0f}s  {item['path']}")
+            if item.get("error"):
+                print(f"{'':8} error: {item['error']}")
+    return 1 if any(item["state"] == "failed" for item in pending) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            return cmd_mount(args, argv)
+        if args.command == "unmount":
+            return cmd_unmount(args)
+        if args.command == "sync":
+            return cmd_sync(args)
+        if args.command == "status":
+            return cmd_status(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except control.ControlError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return 2

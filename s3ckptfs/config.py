@@ -1,0 +1,174 @@
+"""Mount configuration: one frozen dataclass, built from the command line and validated.
+
+Every tunable is a ``-o key=value`` option (the same keys a config file or an
+fstab line will use). Sizes accept suffixes (``8MiB``, ``512M``, ``2G``);
+durations are seconds. Validation raises ``ConfigError`` with a message that
+names the option, so the CLI can print it as one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from .errors import ConfigError
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+S3_MIN_PART = 5 * MiB
+S3_MAX_PART = 5 * GiB
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kb": 1000, "kib": KiB,
+    "m": MiB, "mb": 1000**2, "mib": MiB,
+    "g": GiB, "gb": 1000**3, "gib": GiB,
+    "t": TiB, "tb": 1000**4, "tib": TiB,
+}
+
+# A bucket name as S3 accepts it (3-63 chars, lowercase, digits, dots, dashes).
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """``'8MiB'`` -> 8388608. Raises ConfigError naming ``what`` on bad input."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ConfigError(f"{what}: '{text}' is not a size (examples: 8MiB, 512M, 20G)")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` -> ``('bucket', 'some/prefix/')``; the prefix is '' or ends in '/'."""
+    if not url.startswith("s3://"):
+        raise ConfigError(f"'{url}' is not an S3 URL: expected s3://BUCKET[/PREFIX]")
+    rest = url[len("s3://"):]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ConfigError(f"'{url}' has no bucket name: expected s3://BUCKET[/PREFIX]")
+    if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        raise ConfigError(f"'{bucket}' in '{url}' is not a valid S3 bucket name")
+    prefix = prefix.strip("/")
+    if "//" in prefix:
+        raise ConfigError(f"'{url}' has an empty path component in its prefix")
+    return bucket, (prefix + "/" if prefix else "")
+
+
+def _parse_bool(text: str, key: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"option {key}: '{text}' is not a boolean (true/false)")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Tunables, each settable with ``-o key=value``. Defaults suit a training node."""
+
+    write_mode: str = "async"          # async: close returns once journaled; sync: once in S3
+    upload_concurrency: int = 4        # parallel part uploads
+    upload_nice: int = 0               # niceness of upload threads (0-19): yield the CPU to training
+    part_size: int = 8 * MiB           # first part size; parts grow as the file grows
+    single_put_limit: int = 8 * MiB    # files up to this size go in one PUT
+    cache_size: int = 0                # bytes of dirty data before writers block (0: no limit)
+    metadata_ttl: float = 5.0          # seconds a HEAD/LIST answer is trusted
+    negative_ttl: float = 5.0          # seconds a "does not exist" answer is trusted
+    read_block: int = 8 * MiB          # ranged GET size for reads of remote objects
+    read_ahead: int = 64 * MiB         # bytes fetched ahead of a sequential reader
+    download_concurrency: int = 8      # parallel ranged GETs
+    retry_attempts: int = 8            # attempts per request for transient errors
+    allow_other: bool = False          # let other users see the mount (FUSE allow_other)
+    drain_timeout: float = 600.0       # seconds to wait for uploads on unmount/stop
+
+    def __post_init__(self) -> None:
+        if self.write_mode not in ("async", "sync"):
+            raise ConfigError(f"option write_mode: '{self.write_mode}' must be async or sync")
+        if not 1 <= self.upload_concurrency <= 256:
+            raise ConfigError("option upload_concurrency: must be between 1 and 256")
+        if not 0 <= self.upload_nice <= 19:
+            raise ConfigError("option upload_nice: must be between 0 and 19")
+        if not 1 <= self.download_concurrency <= 256:
+            raise ConfigError("option download_concurrency: must be between 1 and 256")
+        if not S3_MIN_PART <= self.part_size <= S3_MAX_PART:
+            raise ConfigError("option part_size: must be between 5MiB and 5GiB (S3 limits)")
+        if not 0 <= self.single_put_limit <= S3_MAX_PART:
+            raise ConfigError("option single_put_limit: must be at most 5GiB")
+        if self.cache_size < 0:
+            raise ConfigError("option cache_size: must not be negative")
+        if self.metadata_ttl < 0 or self.negative_ttl < 0:
+            raise ConfigError("option metadata_ttl/negative_ttl: must not be negative")
+        if not 64 * KiB <= self.read_block <= 1 * GiB:
+            raise ConfigError("option read_block: must be between 64KiB and 1GiB")
+        if self.read_ahead < 0:
+            raise ConfigError("option read_ahead: must not be negative")
+        if self.retry_attempts < 1:
+            raise ConfigError("option retry_attempts: must be at least 1")
+
+
+_OPTION_TYPES = {f.name: f.type for f in fields(Options)}
+_SIZE_OPTIONS = {"part_size", "single_put_limit", "cache_size", "read_block", "read_ahead"}
+
+
+def parse_options(items: list[str], base: Options | None = None) -> Options:
+    """Apply ``-o`` strings (each 'k=v,k2=v2') on top of ``base``."""
+    values: dict[str, object] = {}
+    for item in items:
+        for pair in filter(None, (p.strip() for p in item.split(","))):
+            key, sep, value = pair.partition("=")
+            key = key.strip().replace("-", "_")
+            if key not in _OPTION_TYPES:
+                known = ", ".join(sorted(_OPTION_TYPES))
+                raise ConfigError(f"unknown option '{key}' (known: {known})")
+            kind = _OPTION_TYPES[key]
+            if not sep and kind != "bool":
+                raise ConfigError(f"option {key} needs a value ({key}=...)")
+            if kind == "bool":
+                values[key] = True if not sep else _parse_bool(value, key)
+            elif key in _SIZE_OPTIONS:
+                values[key] = parse_size(value, f"option {key}")
+            elif kind == "int":
+                try:
+                    values[key] = int(value)
+                except ValueError:
+                    raise ConfigError(f"option {key}: '{value}' is not an integer") from None
+            elif kind == "float":
+                try:
+                    values[key] = float(value)
+                except ValueError:
+                    raise ConfigError(f"option {key}: '{value}' is not a number") from None
+            else:
+                values[key] = value
+    return replace(base or Options(), **values)
+
+
+def default_cache_dir(bucket: str, prefix: str) -> Path:
+    """A per-mount cache dir: /var/cache/s3ckptfs/<bucket>-<hash> for root, else under XDG_CACHE_HOME."""
+    digest = hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:12]
+    if os.geteuid() == 0:
+        root = Path("/var/cache/s3ckptfs")
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "s3ckptfs"
+    return root / f"{bucket}-{digest}"
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything the daemon needs to serve one mount."""
+
+    bucket: str
+    prefix: str
+    mountpoint: Path
+    cache_dir: Path
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    options: Options = field(default_factory=Options)
+    log_level: str = "info"
+
+    @property
+    def source(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"

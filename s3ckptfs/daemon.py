@@ -1,0 +1,291 @@
+"""Wires one mount together and runs it: checks, cache dir, S3 client, filesystem, FUSE, control.
+
+``preflight`` checks everything that can be checked before mounting and raises
+ConfigError with a one-line message. ``run`` serves a mount in the foreground
+(systemd uses this); ``start_background`` starts ``run`` in a detached child
+and returns once the mount is live, relaying the child's start-up error if
+there is one, so the caller always gets one clear line and an exit code.
+
+Readiness: the FUSE init callback fires once the kernel has the mount; a
+thread then confirms the mountpoint is a mount and reports READY (to the
+parent through a pipe, and to systemd through NOTIFY_SOCKET if set).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .cache import CacheDir
+from .config import MountConfig
+from .control import ControlServer
+from .errors import ConfigError, S3Error
+from .s3client import S3Client
+
+log = logging.getLogger(__name__)
+
+READY_FD_ENV = "S3CKPTFS_READY_FD"
+PID_FILE = "s3ckptfs.pid"
+LOG_FILE = "s3ckptfs.log"
+
+
+# -- checks --------------------------------------------------------------------------
+
+def mounted_paths() -> set[str]:
+    """Mountpoints currently in the mount table."""
+    paths = set()
+    try:
+        with open("/proc/self/mountinfo") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 4:
+                    paths.add(fields[4].encode().decode("unicode_escape"))
+    except OSError:
+        pass
+    return paths
+
+
+def is_mounted(path: str | os.PathLike) -> bool:
+    return os.path.realpath(path) in mounted_paths()
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        if mountpoint.is_symlink():
+            raise ConfigError(f"mountpoint {mountpoint} is a dangling symlink")
+        raise ConfigError(f"mountpoint {mountpoint} does not exist")
+    if is_mounted(mountpoint):
+        raise ConfigError(f"mountpoint {mountpoint} is already mounted")
+    if not mountpoint.is_dir():
+        raise ConfigError(f"mountpoint {mountpoint} is not a directory")
+    try:
+        if any(os.scandir(mountpoint)):
+            raise ConfigError(f"mountpoint {mountpoint} is not empty")
+    except PermissionError:
+        raise ConfigError(f"mountpoint {mountpoint} is not accessible") from None
+
+
+def check_cache_dir(cache_dir: Path, mountpoint: Path) -> None:
+    real_cache, real_mount = os.path.realpath(cache_dir), os.path.realpath(mountpoint)
+    if real_cache == real_mount or real_cache.startswith(real_mount + "/"):
+        raise ConfigError(f"cache dir {cache_dir} must not be inside the mountpoint")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = cache_dir / ".write-probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cache dir {cache_dir} is not writable: {exc.strerror or exc}") from None
+
+
+def make_client(config: MountConfig, *, quick: bool = False) -> S3Client:
+    opts = config.options
+    try:
+        return S3Client(config.bucket, endpoint_url=config.endpoint_url, region=config.region,
+                        profile=config.profile,
+                        max_connections=opts.upload_concurrency + opts.download_concurrency + 8,
+                        retry_attempts=2 if quick else opts.retry_attempts,
+                        connect_timeout=5 if quick else 10, read_timeout=20 if quick else 60)
+    except S3Error as err:
+        raise ConfigError(f"cannot set up the S3 client: {err}") from None
+
+
+def check_s3(config: MountConfig) -> None:
+    """One ListObjectsV2 on the prefix proves endpoint, credentials, bucket and permission."""
+    client = make_client(config, quick=True)
+    where = f"s3://{config.bucket}/{config.prefix}"
+    try:
+        client.check_access(config.prefix)
+    except S3Error as err:
+        if err.code == "NoSuchBucket":
+            raise ConfigError(f"bucket '{config.bucket}' does not exist at {client.endpoint}") from None
+        if err.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"):
+            raise ConfigError(f"credentials rejected by {client.endpoint} ({err.code})") from None
+        if err.code == "NoCredentials":
+            raise ConfigError("no AWS credentials found (environment, --profile or instance role)") from None
+        if err.code in ("AccessDenied", "403", "Forbidden") or err.status == 403:
+            raise ConfigError(f"access denied listing {where} ({err.code})") from None
+        if err.code == "ConnectionError":
+            raise ConfigError(f"cannot connect to endpoint {client.endpoint}") from None
+        raise ConfigError(f"cannot list {where}: {err}") from None
+
+
+def preflight(config: MountConfig) -> None:
+    """Every check that can be made before mounting. Raises ConfigError."""
+    check_mountpoint(config.mountpoint)
+    check_cache_dir(config.cache_dir, config.mountpoint)
+    check_s3(config)
+
+
+# -- systemd ---------------------------------------------------------------------------
+
+def sd_notify(message: str) -> None:
+    """Send a notification to systemd if it asked for them (Type=notify)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        log.warning("sd_notify failed: %s", exc)
+
+
+# -- running -----------------------------------------------------------------------------
+
+def _status(fs) -> dict:
+    files = []
+    now = time.time()
+    for file in fs.staged_files():
+        with file.lock:
+            if file.deleted or (not file.dirty and file.failure is None):
+                continue
+            files.append({
+                "path": file.path, "key": file.key, "size": file.size,
+                "uploaded": min(file.bytes_uploaded, file.size), "age": round(now - file.created, 1),
+                "state": "failed" if file.failure else ("open" if file.writers else "pending"),
+                "error": str(file.failure) if file.failure else None,
+            })
+    return {"ok": True, "pending": files, "objects_committed": fs.uploader.objects_committed,
+            "bytes_committed": fs.uploader.bytes_committed, "clean_cache_bytes": fs.objects.used_bytes()}
+
+
+def _control_handler(fs):
+    def handle(request: dict, progress) -> dict:
+        command = request.get("cmd")
+        if command == "status":
+            return _status(fs)
+        if command == "sync":
+            result: dict = {}
+            path = request.get("path") or "/"
+            worker = threading.Thread(target=lambda: result.update(failed=fs.sync(path)), daemon=True)
+            worker.start()
+            while worker.is_alive():
+                worker.join(0.5)
+                if worker.is_alive():
+                    status = _status(fs)
+                    pending = status["pending"]
+                    progress({"files": len(pending), "bytes_total": sum(f["size"] for f in pending),
+                              "bytes_done": sum(f["uploaded"] for f in pending)})
+            failed = [{"path": p, "error": e} for p, e in result.get("failed", [])]
+            return {"ok": not failed, "failed": failed}
+        return {"ok": False, "error": f"unknown command {command!r}"}
+
+    return handle
+
+
+def run(config: MountConfig) -> int:
+    """Serve the mount in this process until it is unmounted or signalled."""
+    from .filesystem import Filesystem
+    from .fuse_ops import serve
+
+    ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
+
+    def report(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd >= 0:
+            try:
+                os.write(ready_fd, message.encode() + b"\n")
+                os.close(ready_fd)
+            except OSError:
+                pass
+            ready_fd = -1
+
+    cache = CacheDir(config.cache_dir)
+    try:
+        preflight(config)
+        cache.prepare()
+    except ConfigError as exc:
+        report(f"error: {exc}")
+        raise
+    (config.cache_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+    fs = Filesystem(config, make_client(config), cache)
+    recovered = fs.recover()
+    control = ControlServer(str(config.mountpoint), _control_handler(fs),
+                            {"pid": os.getpid(), "mountpoint": str(config.mountpoint),
+                             "cache_dir": str(config.cache_dir), "source": config.source})
+
+    def confirm_ready() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if is_mounted(config.mountpoint):
+                log.info("mounted %s at %s (cache %s, %d upload(s) resumed)", config.source,
+                         config.mountpoint, config.cache_dir, recovered)
+                report("ready")
+                sd_notify(f"READY=1\nSTATUS=serving {config.source}")
+                return
+            time.sleep(0.02)
+        report("error: the mount did not appear within 30s")
+
+    def on_ready() -> None:
+        threading.Thread(target=confirm_ready, name="s3ckptfs-ready", daemon=True).start()
+
+    try:
+        serve(fs, str(config.mountpoint), fsname=config.source, allow_other=config.options.allow_other,
+              on_ready=on_ready)
+    except Exception as exc:
+        report(f"error: mount failed: {exc}")
+        log.error("mount failed: %s", exc)
+        return 1
+    finally:
+        sd_notify("STOPPING=1")
+        control.close()
+        report("error: the filesystem stopped during start-up")
+        pending = sum(1 for _ in fs.iter_pending())
+        if pending:
+            log.info("unmounted; waiting up to %.0fs for %d pending upload(s)", config.options.drain_timeout,
+                     pending)
+        drained = fs.shutdown(config.options.drain_timeout)
+        if not drained:
+            log.warning("stopped with uploads pending; they are journaled in %s and resume on the next start",
+                        config.cache_dir)
+        cache.release()
+        try:
+            (config.cache_dir / PID_FILE).unlink()
+        except FileNotFoundError:
+            pass
+    return 0
+
+
+def start_background(argv: list[str], config: MountConfig, timeout: float = 60.0) -> None:
+    """Run ``s3ckptfs mount ... --foreground`` detached; return once it reports the mount live."""
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, **{READY_FD_ENV: str(write_fd)})
+    log_path = config.cache_dir / LOG_FILE
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen([sys.executable, "-m", "s3ckptfs", *argv, "--foreground"], env=env,
+                                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                 pass_fds=(write_fd,), start_new_session=True, cwd="/")
+    os.close(write_fd)
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    try:
+        while time.monotonic() < deadline and b"\n" not in buffer:
+            readable, _, _ = select.select([read_fd], [], [], 0.2)
+            if readable:
+                chunk = os.read(read_fd, 4096)
+                if not chunk:
+                    break  # the child closed the pipe: it reported, or it died
+                buffer += chunk
+    finally:
+        os.close(read_fd)
+    message = buffer.decode(errors="replace").strip()
+    if message == "ready":
+        return
+    if child.poll() is None and not message:
+        child.send_signal(signal.SIGTERM)
+        raise ConfigError(f"the daemon did not report ready within {timeout:.0f}s; see {log_path}")
+    if message.startswith("error: "):
+        raise ConfigError(message[len("error: "):])
+    raise ConfigError(f"the daemon exited during start-up; see {log_path}")

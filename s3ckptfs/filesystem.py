@@ -1,0 +1,822 @@
+"""All filesystem semantics, with no FUSE in sight: paths in, bytes and stat records out.
+
+Paths are absolute within the mount ("/", "/run/step_1.pt"); the object key is
+the mount's prefix plus the path without its leading slash. Directories are
+prefixes: a directory exists if a ``dir/`` marker object exists (mkdir makes
+one, so an empty directory survives) or if any key lies under it.
+
+Writes never go to S3 directly. A file opened for writing becomes a
+``StagedFile`` (see staging.py) whose bytes live in the cache dir; the
+``Uploader`` uploads its parts while it is written and commits it, in close
+order, when the last writer closes (``flush``), or on fsync. Until it is
+committed, the staged copy is what this mount shows; afterwards its staging
+file becomes the cached copy of the new object, so reading back what was just
+written costs no download.
+
+Every public method either returns or raises ``FsError`` with the errno for
+the caller; S3 failures are logged with their cause and mapped in errors.py.
+
+Lock order: Filesystem._lock -> Uploader._lock -> StagedFile.lock -> leaves
+(MetadataCache, ObjectCache, HandleTable).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable
+
+from . import partplan
+from .cache import CacheDir, CachedObject, Journal, ObjectCache
+from .config import MountConfig
+from .errors import FsError, S3Error
+from .handles import Handle, HandleTable
+from .metadata import MISSING, DirInfo, MetadataCache
+from .s3client import ObjectInfo, S3Client, object_metadata
+from .staging import StagedFile
+from .uploader import Ticket, Uploader
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_BYTES = 1024
+SYMLINK_MAX = 4096       # objects larger than this cannot be symlinks: no HEAD needed to tell
+DIR_MODE = stat.S_IFDIR | 0o755
+FILE_MODE = stat.S_IFREG | 0o644
+
+
+@dataclass(frozen=True)
+class Stat:
+    mode: int
+    size: int
+    mtime: float
+    nlink: int = 1
+
+
+def _s3_errno(err: S3Error, what: str) -> FsError:
+    code = err.errno
+    if code == errno.EIO:
+        log.error("%s: %s", what, err)
+    else:
+        log.info("%s: %s", what, err)
+    return FsError(code, f"{what}: {err}")
+
+
+class Filesystem:
+    """The semantics of one mount. Thread-safe: FUSE calls it from many threads."""
+
+    def __init__(self, config: MountConfig, s3: S3Client, cache_dir: CacheDir) -> None:
+        opts = config.options
+        self.config = config
+        self.options = opts
+        self.prefix = config.prefix
+        self.s3 = s3
+        self.cache_dir = cache_dir
+        self.meta = MetadataCache(opts.metadata_ttl, opts.negative_ttl)
+        self.journal = Journal(cache_dir.journal_dir)
+        clean_limit = opts.cache_size or max(cache_dir.disk_free() // 2, 1 << 30)
+        self.objects = ObjectCache(cache_dir.objects, opts.read_block, clean_limit)
+        self.uploader = Uploader(s3, concurrency=opts.upload_concurrency, single_put_limit=opts.single_put_limit,
+                                 on_committed=self._on_committed, upload_nice=opts.upload_nice)
+        self.downloads = ThreadPoolExecutor(max_workers=opts.download_concurrency,
+                                            thread_name_prefix="s3ckptfs-get")
+        self.handles = HandleTable()
+        self._lock = threading.RLock()
+        self._staged: dict[str, StagedFile] = {}
+        self._mtime_overrides: dict[str, float] = {}
+        self.mount_time = time.time()
+
+    # -- paths and keys ----------------------------------------------------------------
+
+    def key_for(self, path: str) -> str:
+        """The S3 key of ``path``. Raises ENAMETOOLONG over S3's 1024-byte limit."""
+        key = self.prefix + path.lstrip("/")
+        if len(key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES - 1:  # room for a dir marker's '/'
+            raise FsError(errno.ENAMETOOLONG, f"key for {path} is longer than S3 allows")
+        return key
+
+    @staticmethod
+    def _parent(path: str) -> str:
+        return path.rpartition("/")[0] or "/"
+
+    def _staged_under_locked(self, path: str) -> list[StagedFile]:
+        prefix = "/" if path == "/" else path + "/"
+        return [f for p, f in self._staged.items() if p.startswith(prefix)]
+
+    # -- lookup ------------------------------------------------------------------------
+
+    def _lookup(self, path: str) -> ObjectInfo | DirInfo | None:
+        """What exists at ``path`` in S3 (or staged here): ObjectInfo, DirInfo or None."""
+        if path == "/":
+            return DirInfo(self.mount_time)
+        with self._lock:
+            staged = self._staged.get(path)
+            if staged is not None:
+                return None if staged.deleted else self._staged_info(staged)
+            has_staged_children = bool(self._staged_under_locked(path))
+        cached = self.meta.get(path)
+        if cached is MISSING:
+            return DirInfo(None) if has_staged_children else None
+        if isinstance(cached, ObjectInfo) and cached.mode is None and cached.size <= SYMLINK_MAX:
+            cached = None  # from a listing: HEAD tells whether it is a symlink
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        key = self.key_for(path)
+        try:
+            info = self.s3.head(key)
+            if info is not None:
+                self.meta.put(path, info)
+                return info
+            first = self.s3.first_under(key + "/")
+        except S3Error as err:
+            raise _s3_errno(err, f"lookup {path}") from err
+        if first is not None:
+            # A marker object sorts first under its prefix; its time is the directory's.
+            result = DirInfo(first.mtime if first.key == key + "/" else None)
+            self.meta.put(path, result)
+            return result
+        if has_staged_children:
+            return DirInfo(None)
+        self.meta.put(path, MISSING)
+        return None
+
+    @staticmethod
+    def _staged_info(file: StagedFile) -> ObjectInfo:
+        return ObjectInfo(key=file.key, size=file.size, etag="", mtime=file.mtime, mode=file.mode)
+
+    def _stat_of(self, path: str, entry: ObjectInfo | DirInfo) -> Stat:
+        if isinstance(entry, DirInfo):
+            return Stat(DIR_MODE, 0, entry.mtime if entry.mtime is not None else self.mount_time, nlink=2)
+        mode = entry.mode if entry.mode is not None else FILE_MODE
+        mtime = self._mtime_overrides.get(path, entry.mtime)
+        return Stat(mode, entry.size, mtime)
+
+    def getattr(self, path: str, fh: int | None = None) -> Stat:
+        if fh is not None:
+            handle = self.handles.get(fh)
+            if handle.staged is not None:
+                return self._stat_of(path, self._staged_info(handle.staged))
+            if handle.remote is not None:
+                return self._stat_of(path, handle.remote)
+        entry = self._lookup(path)
+        if entry is None:
+            raise FsError(errno.ENOENT, path)
+        return self._stat_of(path, entry)
+
+    def readdir(self, path: str) -> list[tuple[str, Stat | None]]:
+        """Names in directory ``path`` with what is known of them (listing + staged files)."""
+        entry = self._lookup(path)
+        if entry is None:
+            raise FsError(errno.ENOENT, path)
+        if not isinstance(entry, DirInfo):
+            raise FsError(errno.ENOTDIR, path)
+        children = self.meta.get_listing(path)
+        if children is None:
+            dir_key = self.prefix if path == "/" else self.key_for(path) + "/"
+            try:
+                files, dirs = self.s3.list_dir(dir_key)
+            except S3Error as err:
+                raise _s3_errno(err, f"list {path}") from err
+            children = {}
+            for info in files:
+                name = info.key[len(dir_key):]
+                if name:  # "" is this directory's own marker
+                    children[name] = info
+            for name in dirs:
+                if name:
+                    children[name] = DirInfo(None)  # a prefix shadows an object of the same name
+            self.meta.put_listing(path, children)
+        prefix = "/" if path == "/" else path + "/"
+        with self._lock:
+            for staged_path, file in self._staged.items():
+                if staged_path.startswith(prefix) and not file.deleted:
+                    rest = staged_path[len(prefix):]
+                    name, sep, _ = rest.partition("/")
+                    children[name] = DirInfo(None) if sep else self._staged_info(file)
+        result = []
+        for name, child in sorted(children.items()):
+            child_path = prefix + name
+            result.append((name, self._stat_of(child_path, child) if child is not MISSING else None))
+        return result
+
+    # -- open, create, read, write ----------------------------------------------------
+
+    def _new_staged(self, path: str, mode: int, size: int = 0) -> StagedFile:
+        file_id = uuid.uuid4().hex
+        staging_path = self.cache_dir.staging_path(file_id)
+        try:
+            fd = os.open(staging_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO, f"cannot create staging file: {exc}") from exc
+        if size:
+            os.ftruncate(fd, size)
+        return StagedFile(file_id, path, self.key_for(path), staging_path, fd, size=size, mode=mode,
+                          mtime=time.time(), part_base=self.options.part_size)
+
+    def _register_locked(self, file: StagedFile) -> None:
+        previous = self._staged.get(file.path)
+        if previous is not None and previous is not file:
+            self._discard_locked(previous)
+        self._staged[file.path] = file
+        self.meta.forget(file.path)
+        self._mtime_overrides.pop(file.path, None)
+
+    def _discard_locked(self, file: StagedFile) -> None:
+        """The file is replaced or unlinked: never upload it again; free it once unused."""
+        with file.lock:
+            file.deleted = True
+            self.uploader.abort_later(file.forget_upload_locked())
+            unused = file.handles == 0
+        self.journal.remove(file.id)
+        if self._staged.get(file.path) is file:
+            del self._staged[file.path]
+        if unused:
+            self._free_staging(file)
+
+    @staticmethod
+    def _free_staging(file: StagedFile) -> None:
+        file.close_fd()
+        try:
+            os.unlink(file.staging_path)
+        except FileNotFoundError:
+            pass
+
+    def create(self, path: str, mode: int, flags: int) -> int:
+        """Create (or replace) ``path`` as an empty file open for writing."""
+        self._check_parent_is_dir(path)
+        file = self._new_staged(path, stat.S_IFREG | (mode & 0o7777))
+        with self._lock:
+            self._register_locked(file)
+            return self._open_handle_locked(file, path, flags, writable=True)
+
+    def _check_parent_is_dir(self, path: str) -> None:
+        parent = self._lookup(self._parent(path))
+        if parent is None:
+            raise FsError(errno.ENOENT, self._parent(path))
+        if not isinstance(parent, DirInfo):
+            raise FsError(errno.ENOTDIR, self._parent(path))
+
+    def _open_handle_locked(self, file: StagedFile, path: str, flags: int, writable: bool) -> int:
+        with file.lock:
+            file.handles += 1
+            if writable:
+                file.writers += 1
+        return self.handles.add(Handle(path=path, flags=flags, writable=writable, staged=file))
+
+    def open(self, path: str, flags: int) -> int:
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        truncate = writable and bool(flags & os.O_TRUNC)
+        with self._lock:
+            file = self._staged.get(path)
+            if file is not None:
+                if truncate:
+                    with file.lock:
+                        file.truncate_locked(0)
+                return self._open_handle_locked(file, path, flags, writable)
+        entry = self._lookup(path)
+        if entry is None:
+            raise FsError(errno.ENOENT, path)
+        if isinstance(entry, DirInfo):
+            raise FsError(errno.EISDIR, path)
+        if not writable:
+            cached = self.objects.acquire(entry.key, entry.etag, entry.size)
+            return self.handles.add(Handle(path=path, flags=flags, writable=False, remote=entry, cached=cached))
+        # Writing an existing object: bring it into the cache first, unless it is truncated anyway.
+        file = self._new_staged(path, entry.mode or FILE_MODE)
+        if not truncate:
+            self._hydrate(file, entry)
+        with file.lock:
+            if not truncate:  # identical to the object until written
+                file.committed_version = file.version
+                file.last_etag = entry.etag
+                file.mtime = entry.mtime
+        with self._lock:
+            existing = self._staged.get(path)
+            if existing is not None:  # another thread won the race: share its copy
+                self._free_staging(file)
+                return self._open_handle_locked(existing, path, flags, writable)
+            self._register_locked(file)
+            return self._open_handle_locked(file, path, flags, writable)
+
+    def _hydrate(self, file: StagedFile, entry: ObjectInfo) -> None:
+        """Fill a new staging file with the whole object (parallel ranged GETs)."""
+        os.ftruncate(file.fd, entry.size)
+        file.size = entry.size
+        block = self.options.read_block
+        futures = [self.downloads.submit(self.s3.get_range_into, entry.key, start,
+                                         min(block, entry.size - start), file.fd, entry.etag or None)
+                   for start in range(0, entry.size, block)]
+        try:
+            for future in futures:
+                future.result()
+        except S3Error as err:
+            self._free_staging(file)
+            raise _s3_errno(err, f"download {file.path}") from err
+        except OSError as exc:
+            self._free_staging(file)
+            raise FsError(exc.errno or errno.EIO, f"download {file.path}: {exc}") from exc
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        handle = self.handles.get(fh)
+        if handle.staged is not None:
+            return handle.staged.read(size, offset)
+        return self._read_remote(handle, size, offset)
+
+    def _read_remote(self, handle: Handle, size: int, offset: int) -> bytes:
+        info, entry = handle.remote, handle.cached
+        assert info is not None and entry is not None
+        if offset >= info.size or size <= 0:
+            return b""
+        end = min(offset + size, info.size)
+        block = entry.block_size
+        if offset == handle.next_offset:  # sequential: widen the read-ahead window
+            handle.window = min(max(handle.window * 2, block), self.options.read_ahead)
+        else:
+            handle.window = 0
+        handle.next_offset = end
+        ahead_end = min(info.size, end + handle.window)
+        needed_last = (end - 1) // block
+        waits: list[Future] = []
+        for number in range(offset // block, (ahead_end - 1) // block + 1):
+            future = self.objects.fetch_block(entry, number, self._start_download)
+            if future is not None and number <= needed_last:
+                waits.append(future)
+        for future in waits:
+            try:
+                future.result()
+            except S3Error as err:
+                if err.code == "PreconditionFailed":
+                    self.meta.forget(handle.path)
+                    log.warning("%s changed in S3 while open; reopen to read the new version", handle.path)
+                    raise FsError(errno.ESTALE, handle.path) from err
+                raise _s3_errno(err, f"read {handle.path}") from err
+            except OSError as exc:
+                raise FsError(exc.errno or errno.EIO, f"read {handle.path}: {exc}") from exc
+        return os.pread(entry.fd, end - offset, offset)
+
+    def _start_download(self, entry: CachedObject, number: int) -> Future:
+        return self.downloads.submit(self._download_block, entry, number)
+
+    def _download_block(self, entry: CachedObject, number: int) -> None:
+        start = number * entry.block_size
+        length = min(entry.block_size, entry.size - start)
+        ok = False
+        try:
+            self.s3.get_range_into(entry.key, start, length, entry.fd, entry.etag or None)
+            ok = True
+        finally:
+            self.objects.block_done(entry, number, ok, length)
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        handle = self.handles.get(fh)
+        file = handle.staged
+        if file is None or not handle.writable:
+            raise FsError(errno.EBADF, "file not open for writing")
+        if offset + len(data) > partplan.max_object_size(file.part_base):
+            raise FsError(errno.EFBIG, handle.path)
+        try:
+            written = file.write(data, offset)
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO, f"write {handle.path}: {exc}") from exc
+        # The part before the one this write starts in is behind the writer: upload it now.
+        behind = partplan.part_number(offset, file.part_base) - 1
+        if behind >= 1:
+            self.uploader.part_filled(file, behind)
+        return written
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        if fh is not None:
+            handle = self.handles.get(fh)
+            if handle.staged is not None and handle.writable:
+                with handle.staged.lock:
+                    handle.staged.truncate_locked(length)
+                return
+        with self._lock:
+            file = self._staged.get(path)
+            if file is not None:
+                with file.lock:
+                    file.truncate_locked(length)
+                    idle = file.writers == 0
+                if idle:
+                    self._make_durable(file)
+                    self.uploader.request_commit(file)
+                return
+        entry = self._lookup(path)
+        if entry is None:
+            raise FsError(errno.ENOENT, path)
+        if isinstance(entry, DirInfo):
+            raise FsError(errno.EISDIR, path)
+        file = self._new_staged(path, entry.mode or FILE_MODE)
+        if length:
+            self._hydrate(file, entry)
+        with file.lock:
+            file.truncate_locked(length)
+        with self._lock:
+            self._register_locked(file)
+        self._make_durable(file)
+        self.uploader.request_commit(file)
+
+    # -- close, fsync ------------------------------------------------------------------
+
+    def _make_durable(self, file: StagedFile) -> None:
+        """fsync the staging file and journal it, so the data survives a crash of this daemon."""
+        with file.lock:
+            if file.deleted or not file.dirty or file.journaled_version == file.version:
+                return
+            version = file.version
+        try:
+            os.fsync(file.fd)
+            with file.lock:
+                record = file.journal_record_locked()
+                self.journal.write(file.id, record)
+                file.journaled_version = version
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO, f"cannot journal {file.path}: {exc}") from exc
+
+    def flush(self, fh: int) -> None:
+        """close(2) of one descriptor: make the data safe per the write mode."""
+        handle = self.handles.get(fh)
+        file = handle.staged
+        if file is None or not handle.writable:
+            return
+        with file.lock:
+            if file.deleted or not file.dirty:
+                return
+            last_writer = file.writers <= 1
+        self._make_durable(file)
+        if not last_writer:
+            return  # another descriptor still writes: commit when the last one closes
+        ticket = self.uploader.request_commit(file)
+        if self.options.write_mode == "sync":
+            self._wait(ticket, file)
+
+    def fsync(self, fh: int) -> None:
+        """Return once this file's content is complete in S3."""
+        handle = self.handles.get(fh)
+        file = handle.staged
+        if file is None:
+            return
+        with file.lock:
+            if file.deleted:
+                return
+            if not file.dirty:
+                if file.failure is not None:
+                    raise FsError(errno.EIO, f"{file.path}: {file.failure}")
+                return
+        self._make_durable(file)
+        self._wait(self.uploader.request_commit(file), file)
+
+    @staticmethod
+    def _wait(ticket: Ticket, file: StagedFile) -> None:
+        ticket.wait()
+        if ticket.error is not None:
+            raise FsError(ticket.error.errno if ticket.error.errno != errno.ENOENT else errno.EIO,
+                          f"{file.path}: {ticket.error}")
+
+    def release(self, fh: int) -> None:
+        handle = self.handles.remove(fh)
+        if handle.cached is not None:
+            self.objects.release(handle.cached)
+        file = handle.staged
+        if file is None:
+            return
+        with self._lock:
+            with file.lock:
+                file.handles -= 1
+                if handle.writable:
+                    file.writers -= 1
+                unused = file.handles == 0
+                needs_commit = unused and file.dirty and not file.deleted and not file.commit_queued \
+                    and file.failure is None
+            if unused and file.deleted:
+                self._free_staging(file)
+                return
+        if needs_commit:  # e.g. written through a shared mapping after the last flush
+            self._make_durable(file)
+            self.uploader.request_commit(file)
+        self._retire_if_clean(file)
+
+    def _on_committed(self, file: StagedFile, key: str, etag: str, version: int) -> None:
+        """Uploader callback: ``file`` at ``version`` is now object ``key`` with ``etag``."""
+        self.objects.invalidate(key)
+        with file.lock:
+            clean = not file.dirty and not file.deleted
+        if clean:
+            self.journal.remove(file.id)
+        self.meta.put(file.path, ObjectInfo(key=key, size=file.size, etag=etag, mtime=file.mtime, mode=file.mode))
+        self._retire_if_clean(file)
+
+    def _retire_if_clean(self, file: StagedFile) -> None:
+        """A committed, closed file: hand its staging file to the object cache."""
+        with self._lock:
+            with file.lock:
+                if (file.handles or file.dirty or file.deleted or file.commit_queued
+                        or self._staged.get(file.path) is not file):
+                    return
+                del self._staged[file.path]
+                info = ObjectInfo(key=file.key, size=file.size, etag=file.last_etag, mtime=file.mtime,
+                                  mode=file.mode)
+                file.close_fd()
+            self.meta.put(file.path, info)
+        if file.last_etag:
+            try:
+                self.objects.adopt(file.key, file.last_etag, file.staging_path, file.size)
+                return
+            except OSError as exc:
+                log.warning("could not keep %s in the cache: %s", file.path, exc)
+        self._free_staging(file)
+
+    # -- namespace ---------------------------------------------------------------------
+
+    def unlink(self, path: str) -> None:
+        key = self.key_for(path)
+        with self._lock:
+            file = self._staged.get(path)
+            if file is not None:
+                self._discard_locked(file)
+        if file is None:
+            entry = self._lookup(path)
+            if entry is None:
+                raise FsError(errno.ENOENT, path)
+            if isinstance(entry, DirInfo):
+                raise FsError(errno.EISDIR, path)
+        try:
+            self.s3.delete(key)
+        except S3Error as err:
+            raise _s3_errno(err, f"delete {path}") from err
+        finally:
+            self.meta.forget(path)
+            self.objects.invalidate(key)
+            self._mtime_overrides.pop(path, None)
+        self.meta.put(path, MISSING)
+
+    def mkdir(self, path: str, mode: int) -> None:
+        key = self.key_for(path) + "/"
+        self._check_parent_is_dir(path)
+        if self._lookup(path) is not None:
+            raise FsError(errno.EEXIST, path)
+        now = time.time()
+        try:
+            self.s3.put(key, b"", object_metadata(now, stat.S_IFDIR | (mode & 0o7777)))
+        except S3Error as err:
+            raise _s3_errno(err, f"mkdir {path}") from err
+        self.meta.forget(path)
+        self.meta.put(path, DirInfo(now))
+
+    def rmdir(self, path: str) -> None:
+        if path == "/":
+            raise FsError(errno.EBUSY, path)
+        entry = self._lookup(path)
+        if entry is None:
+            return  # already gone (an implicit directory vanishes with its last object)
+        if not isinstance(entry, DirInfo):
+            raise FsError(errno.ENOTDIR, path)
+        with self._lock:
+            if any(not f.deleted for f in self._staged_under_locked(path)):
+                raise FsError(errno.ENOTEMPTY, path)
+        dir_key = self.key_for(path) + "/"
+        try:
+            files, dirs = self.s3.list_dir(dir_key)
+            if dirs or any(info.key != dir_key for info in files):
+                raise FsError(errno.ENOTEMPTY, path)
+            self.s3.delete(dir_key)
+        except S3Error as err:
+            raise _s3_errno(err, f"rmdir {path}") from err
+        self.meta.forget_tree(path)
+        self.meta.put(path, MISSING)
+
+    def rename(self, old: str, new: str) -> None:
+        if old == new:
+            return
+        if new.startswith(old.rstrip("/") + "/"):
+            raise FsError(errno.EINVAL, f"cannot move {old} into itself")
+        new_key = self.key_for(new)
+        source = self._lookup(old)
+        if source is None:
+            raise FsError(errno.ENOENT, old)
+        target = self._lookup(new)
+        if isinstance(source, DirInfo):
+            if target is not None and not isinstance(target, DirInfo):
+                raise FsError(errno.ENOTDIR, new)
+            if target is not None:
+                self.rmdir(new)  # raises ENOTEMPTY unless it is empty
+            self._rename_dir(old, new)
+        else:
+            if isinstance(target, DirInfo):
+                raise FsError(errno.EISDIR, new)
+            self._check_parent_is_dir(new)
+            self._rename_file(old, new, new_key, source)
+        self.meta.forget_tree(old)
+        self.meta.forget_tree(new)
+
+    def _retarget_locked(self, file: StagedFile, new: str) -> bool:
+        """Point a staged file at a new path. True if its committed object must move in S3 too.
+
+        Called with Filesystem._lock held. A dirty file simply commits under the new
+        key (an upload already started for the old key is aborted and redone); a
+        clean one is already in S3 under the old key and is moved server-side.
+        """
+        with file.lock:
+            old_key = file.key
+            file.path = new
+            file.key = self.key_for(new)
+            if file.upload_id is not None:
+                self.uploader.abort_later(file.forget_upload_locked())
+            moved_object = not file.dirty
+            if file.journaled_version:
+                self.journal.write(file.id, file.journal_record_locked())
+        self.objects.invalidate(old_key)
+        return moved_object
+
+    def _rename_file(self, old: str, new: str, new_key: str, source: ObjectInfo) -> None:
+        old_key = self.key_for(old)
+        with self._lock:
+            file = self._staged.pop(old, None)
+            replaced = self._staged.get(new)
+            if replaced is not None:
+                self._discard_locked(replaced)
+            if file is not None:
+                move_remote = self._retarget_locked(file, new)
+                self._staged[new] = file
+                with file.lock:
+                    needs_commit = file.dirty and file.writers == 0 and not file.commit_queued
+            else:
+                move_remote, needs_commit = True, False
+        if needs_commit:
+            self.uploader.request_commit(file)
+        try:
+            if move_remote:
+                self.s3.copy(old_key, new_key, source.size)
+            self.s3.delete(old_key)  # a dirty staged file may also have an older object there
+        except S3Error as err:
+            raise _s3_errno(err, f"rename {old} -> {new}") from err
+        self.objects.invalidate(old_key)
+        self.objects.invalidate(new_key)
+        if old in self._mtime_overrides:
+            self._mtime_overrides[new] = self._mtime_overrides.pop(old)
+
+    def _rename_dir(self, old: str, new: str) -> None:
+        old_prefix = self.key_for(old) + "/"
+        new_prefix = self.key_for(new) + "/"
+        # Staged files first, so that a commit racing with us lands under the new name,
+        # or has landed under the old one before the listing below sees it.
+        with self._lock:
+            for file in self._staged_under_locked(old):
+                del self._staged[file.path]
+                new_path = new + file.path[len(old):]
+                self._retarget_locked(file, new_path)
+                self._staged[new_path] = file
+        try:
+            for info in list(self.s3.list_all(old_prefix)):
+                target = new_prefix + info.key[len(old_prefix):]
+                self.key_for("/" + target[len(self.prefix):])  # ENAMETOOLONG before any change
+                self.s3.copy(info.key, target, info.size)
+                self.s3.delete(info.key)
+                self.objects.invalidate(info.key)
+        except S3Error as err:
+            raise _s3_errno(err, f"rename {old} -> {new}") from err
+
+    def symlink(self, path: str, target: str) -> None:
+        """A symlink is a small object (body: the target) committed in order like any file."""
+        self._check_parent_is_dir(path)
+        if self._lookup(path) is not None:
+            raise FsError(errno.EEXIST, path)
+        file = self._new_staged(path, stat.S_IFLNK | 0o777)
+        file.write(target.encode("utf-8", "surrogateescape"), 0)
+        with self._lock:
+            self._register_locked(file)
+        self._make_durable(file)
+        ticket = self.uploader.request_commit(file)
+        if self.options.write_mode == "sync":
+            self._wait(ticket, file)
+
+    def readlink(self, path: str) -> str:
+        with self._lock:
+            file = self._staged.get(path)
+        if file is not None:
+            return file.read(file.size, 0).decode("utf-8", "surrogateescape")
+        entry = self._lookup(path)
+        if entry is None:
+            raise FsError(errno.ENOENT, path)
+        if not isinstance(entry, ObjectInfo) or not entry.is_symlink:
+            raise FsError(errno.EINVAL, path)
+        try:
+            return self.s3.get_bytes(entry.key).decode("utf-8", "surrogateescape")
+        except S3Error as err:
+            raise _s3_errno(err, f"readlink {path}") from err
+
+    def link(self, target: str, source: str) -> None:
+        raise FsError(errno.EPERM, "hard links are not possible on S3")
+
+    # -- attributes --------------------------------------------------------------------
+
+    def chmod(self, path: str, mode: int) -> None:
+        """Kept for files not yet uploaded; accepted (not stored) for objects already in S3."""
+        with self._lock:
+            file = self._staged.get(path)
+            if file is not None:
+                with file.lock:
+                    file.mode = stat.S_IFMT(file.mode) | (mode & 0o7777)
+                return
+        if self._lookup(path) is None:
+            raise FsError(errno.ENOENT, path)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        if self._lookup(path) is None:
+            raise FsError(errno.ENOENT, path)
+
+    def utimens(self, path: str, mtime: float | None) -> None:
+        """Set the mtime: stored with the object if it is not yet uploaded, else kept for this mount."""
+        mtime = time.time() if mtime is None else mtime
+        with self._lock:
+            file = self._staged.get(path)
+            if file is not None:
+                with file.lock:
+                    file.mtime = mtime
+                return
+        entry = self._lookup(path)
+        if entry is None:
+            raise FsError(errno.ENOENT, path)
+        if isinstance(entry, ObjectInfo):
+            self._mtime_overrides[path] = mtime
+
+    def statfs(self) -> dict[str, int]:
+        block = 4096
+        total = 1 << 50  # S3 has no capacity; report 1 PiB so that free-space checks pass
+        return {"f_bsize": block, "f_frsize": block, "f_blocks": total // block, "f_bfree": total // block,
+                "f_bavail": total // block, "f_files": 1 << 32, "f_ffree": 1 << 32, "f_namemax": 255}
+
+    # -- whole-mount operations (sync, status, recovery, shutdown) ---------------------
+
+    def staged_files(self) -> list[StagedFile]:
+        with self._lock:
+            return list(self._staged.values())
+
+    def sync(self, under: str = "/", timeout: float | None = None) -> list[tuple[str, str]]:
+        """Commit everything closed under ``under`` and wait; returns [(path, error)] of failures."""
+        prefix = "/" if under == "/" else under.rstrip("/") + "/"
+        tickets: list[tuple[StagedFile, Ticket]] = []
+        for file in self.staged_files():
+            if not (under == "/" or file.path == under or file.path.startswith(prefix)):
+                continue
+            with file.lock:
+                wanted = file.dirty and not file.deleted and file.writers == 0
+            if wanted:
+                tickets.append((file, self.uploader.request_commit(file)))
+        failures = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for file, ticket in tickets:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not ticket.wait(remaining):
+                failures.append((file.path, "timed out"))
+            elif ticket.error is not None:
+                failures.append((file.path, str(ticket.error)))
+        return failures
+
+    def recover(self) -> int:
+        """Re-queue every journaled file left by an earlier run. Returns how many."""
+        known = set()
+        count = 0
+        for record in self.journal.load_all():
+            file_id = record.get("id", "")
+            staging_path = self.cache_dir.staging_path(file_id)
+            known.add(staging_path.name)
+            if not staging_path.exists():
+                log.error("journal record for %s has no staging file; dropping it", record.get("path"))
+                self.journal.remove(file_id)
+                continue
+            fd = os.open(staging_path, os.O_RDWR)
+            size = os.fstat(fd).st_size
+            path = record["path"]
+            file = StagedFile(file_id, path, record["key"], staging_path, fd, size=size,
+                              mode=int(record.get("mode", FILE_MODE)), mtime=float(record.get("mtime", 0)),
+                              part_base=self.options.part_size)
+            file.journaled_version = file.version
+            if record.get("upload_id"):
+                self.uploader.abort_later((record.get("upload_key") or record["key"], record["upload_id"]))
+            with self._lock:
+                self._staged[path] = file
+            self.uploader.request_commit(file)
+            count += 1
+            log.info("resuming upload of %s (%d bytes) from the journal", path, size)
+        for leftover in self.cache_dir.staging.glob("*.data"):
+            if leftover.name not in known:
+                leftover.unlink()  # never closed successfully: nobody was promised this data
+        return count
+
+    def shutdown(self, drain_timeout: float) -> bool:
+        drained = self.uploader.shutdown(drain_timeout)
+        self.downloads.shutdown(wait=False, cancel_futures=True)
+        return drained
+
+    def iter_pending(self) -> Iterable[StagedFile]:
+        for file in self.staged_files():
+            with file.lock:
+                if file.dirty and not file.deleted:
+                    yield file

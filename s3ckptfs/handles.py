@@ -1,0 +1,64 @@
+"""The open-file table: what each file handle refers to, and its read-ahead state.
+
+A handle refers either to a ``StagedFile`` (the file was opened for writing or
+was written on this node and is not yet retired to the object cache) or to one
+version of a remote object (key + ETag) read through the object cache. Several
+handles on one path share one StagedFile, so a reader sees a writer's bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import threading
+from dataclasses import dataclass
+
+from .cache import CachedObject
+from .errors import FsError
+from .s3client import ObjectInfo
+from .staging import StagedFile
+
+
+@dataclass
+class Handle:
+    path: str
+    flags: int
+    writable: bool
+    staged: StagedFile | None = None
+    remote: ObjectInfo | None = None
+    cached: CachedObject | None = None
+    next_offset: int = 0       # where a sequential reader would read next
+    window: int = 0            # current read-ahead, grows while reads stay sequential
+
+
+class HandleTable:
+    """fh (int) -> Handle. Thread-safe; its lock is a leaf."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._handles: dict[int, Handle] = {}
+        self._numbers = itertools.count(1)
+
+    def add(self, handle: Handle) -> int:
+        with self._lock:
+            fh = next(self._numbers)
+            self._handles[fh] = handle
+            return fh
+
+    def get(self, fh: int) -> Handle:
+        with self._lock:
+            handle = self._handles.get(fh)
+        if handle is None:
+            raise FsError(errno.EBADF, f"unknown file handle {fh}")
+        return handle
+
+    def remove(self, fh: int) -> Handle:
+        with self._lock:
+            handle = self._handles.pop(fh, None)
+        if handle is None:
+            raise FsError(errno.EBADF, f"unknown file handle {fh}")
+        return handle
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._handles)

@@ -1,0 +1,309 @@
+"""The only module that imports boto3: a small, thread-safe S3 surface for the layers above.
+
+One boto3 client is shared by every thread (boto3 clients are thread-safe;
+resources and sessions are not). Every botocore failure is turned into an
+``S3Error`` here, so nothing above this module sees a botocore type. Part
+scheduling, ordering and retries of whole operations live in ``uploader``;
+this module only retries at the request level (botocore "standard" mode).
+
+Object metadata written by s3ckptfs follows the convention that s3fs-fuse and
+rclone also read: ``x-amz-meta-mtime`` (decimal seconds since the epoch) and
+``x-amz-meta-mode`` (the full st_mode, octal). A symbolic link is an object
+whose mode has S_IFLNK set and whose body is the link target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import boto3
+import botocore.exceptions as bex
+from botocore.config import Config
+
+from .errors import S3Error, TRANSIENT_CODES
+
+log = logging.getLogger(__name__)
+
+MULTIPART_COPY_THRESHOLD = 5 * (1 << 30)  # CopyObject's limit; above it, UploadPartCopy
+_STREAM_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What S3 says of one object. ``mode``/``mtime`` come from metadata when present."""
+
+    key: str
+    size: int
+    etag: str
+    mtime: float
+    mode: int | None = None       # None when only a listing was seen (no metadata)
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.mode is not None and stat.S_ISLNK(self.mode)
+
+
+def object_metadata(mtime: float, mode: int) -> dict[str, str]:
+    """User metadata that s3ckptfs stores with each object it writes."""
+    return {"mtime": f"{mtime:.9f}", "mode": f"{mode:o}"}
+
+
+def _info_from_head(key: str, response: dict) -> ObjectInfo:
+    meta = response.get("Metadata", {}) or {}
+    mtime = response["LastModified"].timestamp()
+    mode = None
+    try:
+        if "mtime" in meta:
+            mtime = float(meta["mtime"])
+        if "mode" in meta:
+            mode = int(meta["mode"], 8)
+    except ValueError:
+        log.warning("ignoring malformed s3ckptfs metadata on %s: %r", key, meta)
+    return ObjectInfo(key=key, size=response["ContentLength"], etag=response.get("ETag", ""), mtime=mtime,
+                      mode=mode if mode is not None else stat.S_IFREG | 0o644)
+
+
+def translate(exc: Exception, what: str) -> S3Error:
+    """Turn a botocore exception into an S3Error (the one place that knows botocore's types)."""
+    if isinstance(exc, S3Error):
+        return exc
+    if isinstance(exc, bex.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code") or "Unknown")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = err.get("Message") or ""
+        transient = code in TRANSIENT_CODES or (status is not None and status >= 500)
+        return S3Error(code, f"{what}: {message}".rstrip(": "), status, transient=transient)
+    if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectionClosedError, bex.ConnectTimeoutError,
+                        bex.ReadTimeoutError, bex.ConnectionError)):
+        return S3Error("ConnectionError", f"{what}: {exc}", transient=True)
+    if isinstance(exc, bex.NoCredentialsError):
+        return S3Error("NoCredentials", f"{what}: no AWS credentials found", 403)
+    if isinstance(exc, bex.ProfileNotFound):
+        return S3Error("ProfileNotFound", f"{what}: {exc}")
+    if isinstance(exc, bex.BotoCoreError):
+        return S3Error("ClientError", f"{what}: {exc}", transient=False)
+    if isinstance(exc, OSError):
+        return S3Error("ConnectionError", f"{what}: {exc}", transient=True)
+    return S3Error("Unknown", f"{what}: {exc!r}")
+
+
+class S3Client:
+    """Thread-safe operations on one bucket. Every method raises S3Error on failure."""
+
+    def __init__(self, bucket: str, *, endpoint_url: str | None = None, region: str | None = None,
+                 profile: str | None = None, max_connections: int = 32, retry_attempts: int = 8,
+                 connect_timeout: float = 10.0, read_timeout: float = 60.0) -> None:
+        self.bucket = bucket
+        try:
+            session = boto3.session.Session(profile_name=profile, region_name=region)
+        except bex.BotoCoreError as exc:
+            raise translate(exc, "session") from exc
+        config = Config(
+            max_pool_connections=max_connections,
+            retries={"mode": "standard", "max_attempts": retry_attempts},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            s3={"addressing_style": "path"} if endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+            or os.environ.get("AWS_ENDPOINT_URL_S3") else {},
+            # Integrity is checked end to end by the uploader; skip botocore's per-request
+            # checksum, which costs CPU that the training process needs on small nodes.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client = session.client("s3", endpoint_url=endpoint_url, config=config)
+        self._local = threading.local()
+
+    @property
+    def endpoint(self) -> str:
+        return self._client.meta.endpoint_url
+
+    # -- reads ------------------------------------------------------------------------
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's info, or None if it does not exist."""
+        try:
+            response = self._client.head_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            err = translate(exc, f"HEAD {key}")
+            if err.status == 404 or err.code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise err from exc
+        return _info_from_head(key, response)
+
+    def list_dir(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]:
+        """Objects directly under ``prefix`` and the names of sub-prefixes (without the slash).
+
+        Listing entries carry no user metadata: their ``mode`` is None.
+        """
+        files: list[ObjectInfo] = []
+        dirs: list[str] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+                for item in page.get("Contents", []):
+                    files.append(ObjectInfo(key=item["Key"], size=item["Size"], etag=item.get("ETag", ""),
+                                            mtime=item["LastModified"].timestamp(), mode=None))
+                for common in page.get("CommonPrefixes", []):
+                    dirs.append(common["Prefix"][len(prefix):].rstrip("/"))
+        except Exception as exc:
+            raise translate(exc, f"LIST {prefix}") from exc
+        return files, dirs
+
+    def list_all(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (recursive)."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield ObjectInfo(key=item["Key"], size=item["Size"], etag=item.get("ETag", ""),
+                                     mtime=item["LastModified"].timestamp(), mode=None)
+        except Exception as exc:
+            raise translate(exc, f"LIST {prefix}") from exc
+
+    def first_under(self, prefix: str) -> ObjectInfo | None:
+        """The first object whose key starts with ``prefix`` (a ``dir/`` marker sorts first), or None."""
+        try:
+            response = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+        except Exception as exc:
+            raise translate(exc, f"LIST {prefix}") from exc
+        for item in response.get("Contents", []):
+            return ObjectInfo(key=item["Key"], size=item["Size"], etag=item.get("ETag", ""),
+                              mtime=item["LastModified"].timestamp(), mode=None)
+        return None
+
+    def get_range_into(self, key: str, start: int, length: int, fd: int, etag: str | None = None,
+                       file_offset: int | None = None) -> int:
+        """Download ``[start, start+length)`` of ``key`` into ``fd`` at ``file_offset`` (default ``start``).
+
+        Streams in 1 MiB pieces, so memory stays bounded. With ``etag`` the GET is
+        conditional: a changed object fails with PreconditionFailed instead of
+        mixing two versions. Returns the number of bytes written.
+        """
+        if length <= 0:
+            return 0
+        kwargs = {"Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{start + length - 1}"}
+        if etag:
+            kwargs["IfMatch"] = etag
+        position = start if file_offset is None else file_offset
+        written = 0
+        try:
+            body = self._client.get_object(**kwargs)["Body"]
+        except Exception as exc:
+            raise translate(exc, f"GET {key}") from exc
+        try:
+            chunks = body.iter_chunks(_STREAM_CHUNK)
+            while True:
+                try:
+                    chunk = next(chunks, None)
+                except Exception as exc:
+                    raise translate(exc, f"GET {key}") from exc
+                if chunk is None:
+                    break
+                view = memoryview(chunk)
+                while view:  # a local disk error (ENOSPC) propagates as the OSError it is
+                    n = os.pwrite(fd, view, position + written)
+                    written += n
+                    view = view[n:]
+        finally:
+            body.close()
+        if written != length:
+            raise S3Error("IncompleteRead", f"GET {key}: got {written} of {length} bytes", transient=True)
+        return written
+
+    def get_bytes(self, key: str) -> bytes:
+        """The whole body of a small object (symlink targets)."""
+        try:
+            return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except Exception as exc:
+            raise translate(exc, f"GET {key}") from exc
+
+    # -- writes -----------------------------------------------------------------------
+
+    def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None) -> str:
+        """One PUT; the object appears whole or not at all. Returns the ETag."""
+        try:
+            response = self._client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata or {})
+        except Exception as exc:
+            raise translate(exc, f"PUT {key}") from exc
+        return response.get("ETag", "")
+
+    def create_multipart(self, key: str, metadata: dict[str, str] | None = None) -> str:
+        try:
+            response = self._client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata or {})
+        except Exception as exc:
+            raise translate(exc, f"CreateMultipartUpload {key}") from exc
+        return response["UploadId"]
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
+        try:
+            response = self._client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                PartNumber=part_number, Body=body)
+        except Exception as exc:
+            raise translate(exc, f"UploadPart {key} #{part_number}") from exc
+        return response["ETag"]
+
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
+        """Make the object visible. ``parts`` are (number, etag), ascending."""
+        try:
+            response = self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]})
+        except Exception as exc:
+            raise translate(exc, f"CompleteMultipartUpload {key}") from exc
+        return response.get("ETag", "")
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Abort an upload; one that no longer exists is not an error."""
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:
+            err = translate(exc, f"AbortMultipartUpload {key}")
+            if err.code in ("NoSuchUpload", "404") or err.status == 404:
+                return
+            raise err from exc
+
+    def list_multipart_uploads(self, prefix: str) -> list[tuple[str, str]]:
+        """(key, upload_id) of every unfinished multipart upload under ``prefix``."""
+        found: list[tuple[str, str]] = []
+        try:
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    found.append((upload["Key"], upload["UploadId"]))
+        except Exception as exc:
+            raise translate(exc, f"ListMultipartUploads {prefix}") from exc
+        return found
+
+    def copy(self, src_key: str, dst_key: str, size: int) -> None:
+        """Server-side copy, keeping metadata. Multipart copy above 5 GiB."""
+        source = {"Bucket": self.bucket, "Key": src_key}
+        try:
+            if size < MULTIPART_COPY_THRESHOLD:
+                self._client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source,
+                                         MetadataDirective="COPY")
+            else:
+                from boto3.s3.transfer import TransferConfig
+                self._client.copy(source, self.bucket, dst_key,
+                                  Config=TransferConfig(multipart_threshold=MULTIPART_COPY_THRESHOLD,
+                                                        multipart_chunksize=1 << 30))
+        except Exception as exc:
+            raise translate(exc, f"COPY {src_key} -> {dst_key}") from exc
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=self.bucket, Key=key)
+        except Exception as exc:
+            raise translate(exc, f"DELETE {key}") from exc
+
+    def check_access(self, prefix: str) -> None:
+        """One ListObjectsV2 (max-keys 1) on the prefix: proves endpoint, credentials and bucket."""
+        try:
+            self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+        except Exception as exc:
+            raise translate(exc, f"LIST s3://{self.bucket}/{prefix}") from exc

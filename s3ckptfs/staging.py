@@ -1,0 +1,144 @@
+"""A file being written through the mount: its staging file and its upload state.
+
+A ``StagedFile`` is the unit of write-back. Its bytes live in a local staging
+file (sparse, written with pwrite at disk speed); the object in S3 is replaced
+only when a commit completes. It tracks, per multipart part, a write
+generation: every write bumps the generation of the parts it touches *after*
+the bytes are in the staging file, so a part uploaded with generation g holds
+at least the bytes of every write counted in g. A part is up to date when it
+was uploaded for the current upload id, at the current generation and length.
+
+``version`` counts every change to content or metadata; ``committed_version``
+is the version S3 holds. The file is dirty while they differ.
+
+Lock order: Filesystem._lock -> StagedFile.lock -> ObjectCache._lock.
+Network calls made under ``lock`` are limited to the short completion step
+(PUT of a small file, CreateMultipartUpload, CompleteMultipartUpload), so that
+rename and unlink are atomic with respect to them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import partplan
+from .errors import S3Error
+
+
+@dataclass(frozen=True)
+class UploadedPart:
+    generation: int
+    length: int
+    etag: str
+    upload_id: str
+
+
+class StagedFile:
+    """One file's staging data and upload state. Fields are guarded by ``lock``."""
+
+    def __init__(self, file_id: str, path: str, key: str, staging_path: Path, fd: int, *,
+                 size: int, mode: int, mtime: float, part_base: int) -> None:
+        self.id = file_id
+        self.path = path                  # path under the mount, e.g. "/run/step_10.pt"
+        self.key = key                    # the S3 key the next commit writes
+        self.staging_path = staging_path
+        self.fd = fd
+        self.size = size
+        self.mode = mode
+        self.mtime = mtime
+        self.part_base = part_base
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.version = 1
+        self.committed_version = 0
+        self.part_generation: dict[int, int] = {}
+        self.uploaded: dict[int, UploadedPart] = {}
+        self.inflight: set[int] = set()
+        self.upload_id: str | None = None
+        self.upload_key: str | None = None
+        self.part_error: S3Error | None = None
+        self.handles = 0                  # open handles of any kind
+        self.writers = 0                  # open handles that may write
+        self.deleted = False              # unlinked: never upload again
+        self.commit_queued = False
+        self.failure: S3Error | None = None
+        self.last_etag = ""
+        self.journaled_version = 0
+        self.bytes_uploaded = 0
+        self.created = time.time()
+
+    # -- state derived under lock --------------------------------------------------
+
+    @property
+    def dirty(self) -> bool:
+        return self.version != self.committed_version
+
+    def part_count_locked(self) -> int:
+        return partplan.part_count(self.size, self.part_base)
+
+    def part_up_to_date_locked(self, number: int) -> bool:
+        part = self.uploaded.get(number)
+        return (part is not None and part.upload_id == self.upload_id
+                and part.generation == self.part_generation.get(number, 0)
+                and part.length == partplan.part_length(number, self.size, self.part_base))
+
+    def stale_parts_locked(self) -> list[int]:
+        return [n for n in range(1, self.part_count_locked() + 1) if not self.part_up_to_date_locked(n)]
+
+    def touch_locked(self, start: int, end: int) -> None:
+        """Record that bytes [start, end) changed (call after they are in the staging file)."""
+        self.version += 1
+        self.mtime = time.time()
+        if end <= start:
+            return
+        first = partplan.part_number(start, self.part_base)
+        last = partplan.part_number(end - 1, self.part_base)
+        for number in range(first, last + 1):
+            self.part_generation[number] = self.part_generation.get(number, 0) + 1
+
+    def forget_upload_locked(self) -> tuple[str, str] | None:
+        """Drop the multipart upload (its key changed, or it completed); returns (key, id) to abort."""
+        stale = (self.upload_key, self.upload_id) if self.upload_id else None
+        self.upload_id = None
+        self.upload_key = None
+        self.uploaded.clear()
+        return stale
+
+    # -- data ----------------------------------------------------------------------
+
+    def write(self, data: bytes, offset: int) -> int:
+        """pwrite into the staging file, then account for it. Returns the bytes written."""
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        with self.lock:
+            if offset + done > self.size:
+                self.size = offset + done
+            self.touch_locked(offset, offset + done)
+        return done
+
+    def read(self, size: int, offset: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def truncate_locked(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+        old = self.size
+        self.size = length
+        low, high = min(old, length), max(old, length)
+        # The part holding the new end changes; parts past it fall out of the object.
+        self.touch_locked(max(0, low - 1), max(low, min(high, low + 1)))
+
+    def journal_record_locked(self) -> dict:
+        return {"id": self.id, "path": self.path, "key": self.key, "size": self.size, "mode": self.mode,
+                "mtime": self.mtime, "upload_id": self.upload_id, "upload_key": self.upload_key}
+
+    def close_fd(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass

@@ -1,0 +1,323 @@
+"""Write-back: eager part uploads in parallel, and commits one at a time in close order.
+
+Two kinds of work, two kinds of threads:
+
+* Part uploads run on a bounded pool (``upload_concurrency`` threads). A part
+  is submitted as soon as the writer has moved past its end (``part_filled``),
+  while the application is still writing, and again at commit time for every
+  part that is missing or stale. Parts are read back from the staging file, so
+  memory is bounded by concurrency x part size.
+* Commits run on one thread, strictly in the order they were requested
+  (``request_commit``, called from close/fsync). The commit of a file waits for
+  its parts, then completes the multipart upload (or PUTs a small file). Since
+  completion is what makes an object visible, objects appear in S3 in the order
+  their files were closed, while the bytes of later files still flow in
+  parallel. A ``latest`` pointer written after a checkpoint can never appear
+  before the checkpoint does.
+
+Failures: request-level retries are botocore's; a commit that still fails with
+a transient error is retried with capped exponential backoff and jitter; a
+permanent error (or too many attempts) marks the file failed, keeps its data
+and journal record, and fails the waiters with the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import partplan
+from .errors import S3Error
+from .s3client import S3Client, object_metadata
+from .staging import StagedFile, UploadedPart
+
+log = logging.getLogger(__name__)
+
+COMMIT_ATTEMPTS = 6
+BACKOFF_CAP = 30.0
+
+
+class Ticket:
+    """The outcome of one commit: wait for it, then check ``error``."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.error: S3Error | None = None
+
+    def finish(self, error: S3Error | None = None) -> None:
+        self.error = error
+        self._event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class Commit:
+    file: StagedFile
+    ticket: Ticket = field(default_factory=Ticket)
+    attempts: int = 0
+
+
+CommittedCallback = Callable[[StagedFile, str, str, int], None]
+
+
+class Uploader:
+    """Schedules part uploads and ordered commits. Thread-safe."""
+
+    def __init__(self, s3: S3Client, *, concurrency: int, single_put_limit: int,
+                 on_committed: CommittedCallback, upload_nice: int = 0) -> None:
+        self.s3 = s3
+        self.single_put_limit = single_put_limit
+        self._on_committed = on_committed
+        self._upload_nice = upload_nice
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3ckptfs-part",
+                                        initializer=self._lower_priority)
+        self._misc_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="s3ckptfs-abort")
+        self._lock = threading.Lock()
+        self._queue_changed = threading.Condition(self._lock)
+        self._queue: deque[Commit] = deque()
+        self._stopping = False
+        self._stop_event = threading.Event()
+        self._thread = threading.Thread(target=self._commit_loop, name="s3ckptfs-commit", daemon=True)
+        self._thread.start()
+        self.objects_committed = 0
+        self.bytes_committed = 0
+
+    def _lower_priority(self) -> None:
+        if self._upload_nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._upload_nice)
+            except OSError as exc:
+                log.debug("could not lower upload thread priority: %s", exc)
+
+    # -- part uploads ----------------------------------------------------------------
+
+    def part_filled(self, file: StagedFile, number: int) -> None:
+        """The writer moved past part ``number``: upload it now if it is stale."""
+        with file.lock:
+            if (file.deleted or file.size <= self.single_put_limit or number in file.inflight
+                    or file.part_up_to_date_locked(number)):
+                return
+            file.inflight.add(number)
+        self._pool.submit(self._upload_part, file, number)
+
+    def _schedule_stale_locked(self, file: StagedFile) -> list[int]:
+        """Submit every stale part not already in flight; returns the stale part numbers."""
+        stale = file.stale_parts_locked()
+        for number in stale:
+            if number not in file.inflight:
+                file.inflight.add(number)
+                self._pool.submit(self._upload_part, file, number)
+        return stale
+
+    def _ensure_upload_locked(self, file: StagedFile) -> None:
+        """Make sure a multipart upload exists for the file's current key (network call under lock)."""
+        if file.upload_id is not None and file.upload_key == file.key:
+            return
+        self.abort_later(file.forget_upload_locked())
+        file.upload_id = self.s3.create_multipart(file.key, object_metadata(file.mtime, file.mode))
+        file.upload_key = file.key
+
+    def _upload_part(self, file: StagedFile, number: int) -> None:
+        try:
+            with file.lock:
+                if (file.deleted or number > file.part_count_locked()
+                        or file.part_up_to_date_locked(number)):
+                    return
+                self._ensure_upload_locked(file)
+                generation = file.part_generation.get(number, 0)
+                start, _ = partplan.part_range(number, file.part_base)
+                length = partplan.part_length(number, file.size, file.part_base)
+                key, upload_id = file.upload_key, file.upload_id
+            data = os.pread(file.fd, length, start)
+            if len(data) < length:  # a hole at the end of a sparse staging file reads short
+                data += bytes(length - len(data))
+            etag = self.s3.upload_part(key, upload_id, number, data)
+            with file.lock:
+                if file.upload_id == upload_id:
+                    file.uploaded[number] = UploadedPart(generation, length, etag, upload_id)
+                    file.bytes_uploaded += length
+        except S3Error as err:
+            log.warning("upload of part %d of %s failed: %s", number, file.path, err)
+            with file.lock:
+                file.part_error = err
+                if err.code == "NoSuchUpload":
+                    file.forget_upload_locked()
+        except OSError as err:
+            log.error("reading part %d of %s from the staging file failed: %s", number, file.path, err)
+            with file.lock:
+                file.part_error = S3Error("LocalIOError", str(err))
+        except Exception as err:  # never let a worker die silently
+            log.exception("unexpected error uploading part %d of %s", number, file.path)
+            with file.lock:
+                file.part_error = S3Error("InternalError", repr(err))
+        finally:
+            with file.lock:
+                file.inflight.discard(number)
+                file.changed.notify_all()
+
+    def abort_later(self, stale: tuple[str, str] | None) -> None:
+        """Abort a multipart upload that is no longer needed, in the background."""
+        if stale is None:
+            return
+        key, upload_id = stale
+
+        def abort() -> None:
+            try:
+                self.s3.abort_multipart(key, upload_id)
+            except S3Error as err:
+                log.warning("could not abort multipart upload of %s: %s", key, err)
+
+        self._misc_pool.submit(abort)
+
+    # -- commits ---------------------------------------------------------------------
+
+    def request_commit(self, file: StagedFile) -> Ticket:
+        """Queue a commit of the file's current content (or join the one already queued)."""
+        with self._lock:
+            if self._stopping:
+                ticket = Ticket()
+                ticket.finish(S3Error("ShuttingDown", "the daemon is stopping"))
+                return ticket
+            for commit in self._queue:
+                if commit.file is file and commit.attempts == 0 and file.commit_queued:
+                    return commit.ticket
+            with file.lock:
+                file.commit_queued = True
+                file.failure = None
+                if file.size > self.single_put_limit:
+                    self._schedule_stale_locked(file)  # start the remaining parts now, in parallel
+            commit = Commit(file)
+            self._queue.append(commit)
+            self._queue_changed.notify_all()
+            return commit.ticket
+
+    def pending_commits(self) -> list[Commit]:
+        with self._lock:
+            return list(self._queue)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no commit is queued or running. Returns False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._queue:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._queue_changed.wait(remaining)
+        return True
+
+    def _commit_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stop_event.is_set():
+                    self._queue_changed.wait()
+                if not self._queue:
+                    return
+                commit = self._queue[0]
+            error = self._commit_with_retries(commit)
+            with self._lock:
+                self._queue.popleft()
+                self._queue_changed.notify_all()
+            commit.ticket.finish(error)
+
+    def _commit_with_retries(self, commit: Commit) -> S3Error | None:
+        file = commit.file
+        while True:
+            commit.attempts += 1
+            try:
+                self._commit_once(file)
+                return None
+            except S3Error as err:
+                error = err
+            except OSError as err:
+                error = S3Error("LocalIOError", f"{file.path}: {err}")
+            except Exception as err:
+                log.exception("unexpected error committing %s", file.path)
+                error = S3Error("InternalError", repr(err))
+            if not error.transient or commit.attempts >= COMMIT_ATTEMPTS or self._stop_event.is_set():
+                log.error("upload of %s failed, data kept in the cache: %s", file.path, error)
+                with file.lock:
+                    file.failure = error
+                    file.commit_queued = False
+                return error
+            delay = min(BACKOFF_CAP, 0.5 * 2 ** (commit.attempts - 1)) * random.uniform(0.5, 1.0)
+            log.warning("commit of %s failed (%s); retrying in %.1fs", file.path, error, delay)
+            self._stop_event.wait(delay)
+
+    def _commit_once(self, file: StagedFile) -> None:
+        """Make S3 hold the file's current content under its current key, or raise S3Error."""
+        while True:
+            with file.lock:
+                file.commit_queued = False
+                if file.deleted:
+                    self.abort_later(file.forget_upload_locked())
+                    return
+                if not file.dirty:
+                    return
+                if file.size <= self.single_put_limit:
+                    self._put_small_locked(file)
+                    result = (file.key, file.last_etag, file.committed_version)
+                    break
+                if file.upload_id is not None and file.upload_key != file.key:
+                    self.abort_later(file.forget_upload_locked())  # renamed: restart under the new key
+                stale = self._schedule_stale_locked(file)
+                if not stale and not file.inflight:
+                    if file.part_error is not None:
+                        file.part_error = None
+                    self._complete_locked(file)
+                    result = (file.key, file.last_etag, file.committed_version)
+                    break
+                file.changed.wait_for(lambda: not file.inflight or file.deleted, timeout=5.0)
+                if not file.inflight and file.part_error is not None:
+                    error, file.part_error = file.part_error, None
+                    raise error
+        self.objects_committed += 1
+        self.bytes_committed += file.size
+        self._on_committed(file, *result)
+
+    def _put_small_locked(self, file: StagedFile) -> None:
+        self.abort_later(file.forget_upload_locked())
+        version = file.version
+        data = os.pread(file.fd, file.size, 0) if file.size else b""
+        if len(data) < file.size:
+            data += bytes(file.size - len(data))
+        file.last_etag = self.s3.put(file.key, data, object_metadata(file.mtime, file.mode))
+        file.committed_version = version
+
+    def _complete_locked(self, file: StagedFile) -> None:
+        version = file.version
+        count = file.part_count_locked()
+        parts = [(n, file.uploaded[n].etag) for n in range(1, count + 1)]
+        file.last_etag = self.s3.complete_multipart(file.key, file.upload_id, parts)
+        file.committed_version = version
+        file.upload_id = None
+        file.upload_key = None
+        file.uploaded.clear()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def shutdown(self, drain_timeout: float) -> bool:
+        """Stop taking commits, wait up to ``drain_timeout`` for queued ones. True if all finished."""
+        with self._lock:
+            self._stopping = True
+        drained = self.wait_idle(drain_timeout)
+        self._stop_event.set()
+        with self._lock:
+            self._queue_changed.notify_all()
+        self._thread.join(timeout=5)
+        self._pool.shutdown(wait=drained, cancel_futures=not drained)
+        self._misc_pool.shutdown(wait=True)
+        return drained
