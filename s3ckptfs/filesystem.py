@@ -676,7 +676,12 @@ class Filesystem:
             for info in list(self.s3.list_all(old_prefix)):
                 target = new_prefix + info.key[len(old_prefix):]
                 self.key_for("/" + target[len(self.prefix):])  # ENAMETOOLONG before any change
-                self.s3.copy(info.key, target, info.size)
+                if info.key.endswith("/") and info.size == 0:
+                    # A directory marker holds no data: make a new one (some servers
+                    # cannot copy a marker, as they store it as a directory).
+                    self.s3.put(target, b"", object_metadata(time.time(), DIR_MODE))
+                else:
+                    self.s3.copy(info.key, target, info.size)
                 self.s3.delete(info.key)
                 self.objects.invalidate(info.key)
         except S3Error as err:

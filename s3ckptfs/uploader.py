@@ -131,6 +131,7 @@ class Uploader:
         file.upload_key = file.key
 
     def _upload_part(self, file: StagedFile, number: int) -> None:
+        upload_id = None
         try:
             with file.lock:
                 if (file.deleted or number > file.part_count_locked()
@@ -150,11 +151,16 @@ class Uploader:
                     file.uploaded[number] = UploadedPart(generation, length, etag, upload_id)
                     file.bytes_uploaded += length
         except S3Error as err:
-            log.warning("upload of part %d of %s failed: %s", number, file.path, err)
             with file.lock:
-                file.part_error = err
+                if upload_id is not None and file.upload_id != upload_id:
+                    return  # the upload was superseded (rename, commit, unlink): nothing lost
                 if err.code == "NoSuchUpload":
+                    # Aborted behind our back: start a new upload; every part becomes stale.
+                    log.warning("multipart upload of %s vanished; restarting it", file.path)
                     file.forget_upload_locked()
+                    return
+                file.part_error = err
+            log.warning("upload of part %d of %s failed: %s", number, file.path, err)
         except OSError as err:
             log.error("reading part %d of %s from the staging file failed: %s", number, file.path, err)
             with file.lock:
