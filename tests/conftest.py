@@ -1,0 +1,499 @@
+"""Shared fixtures: a local S3 server, fresh buckets and real FUSE mounts.
+
+The S3 server (SeaweedFS, see ``s3ckptfs.devserver``) lives for the whole
+session. Each mount runs the real command line in background mode, exactly as
+a user would, and is always torn down: ``fusermount3 -u``, then ``-uz`` if the
+mount is still there, then the daemon is stopped by the pid it wrote into its
+cache directory. A test that leaves a mount behind still passes, but a
+teardown that had to force anything fails with the tail of the daemon log.
+
+All command-line runs write their output to files, not pipes, so that a
+daemon which keeps an inherited descriptor open cannot hang the test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from s3ckptfs import devserver
+
+MOUNT_TIMEOUT = 60.0
+SYNC_TIMEOUT = 300.0
+UNMOUNT_TIMEOUT = 300.0
+DAEMON_EXIT_TIMEOUT = 15.0
+LOG_TAIL_LINES = 60
+PID_FILE = "s3ckptfs.pid"
+LOG_FILE = "s3ckptfs.log"
+
+_counter = itertools.count()
+
+
+# --------------------------------------------------------------------------
+# Plain helpers (importable from tests as ``from conftest import ...``)
+# --------------------------------------------------------------------------
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; return that value.
+
+    Raises ``TimeoutError`` if it is still falsy after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"condition not met within {timeout:.1f}s: {predicate!r}")
+        time.sleep(interval)
+
+
+def list_keys(s3: Any, bucket: str, prefix: str = "") -> list[str]:
+    """All object keys in ``bucket`` under ``prefix``, sorted."""
+    keys: list[str] = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+    return sorted(keys)
+
+
+def get_bytes(s3: Any, bucket: str, key: str) -> bytes:
+    """The whole body of one object."""
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _unescape_mount_field(value: str) -> str:
+    """Undo the octal escapes (``\\040`` for a space) used in /proc/mounts."""
+    return value.encode().decode("unicode_escape")
+
+
+def mounted_paths() -> set[str]:
+    """Mount points currently listed in /proc/mounts (read without touching them)."""
+    with open("/proc/mounts", encoding="utf-8") as mounts:
+        return {_unescape_mount_field(line.split()[1]) for line in mounts if line.strip()}
+
+
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a mount point; never stats it, so a dead mount cannot hang."""
+    return os.path.abspath(path) in mounted_paths()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (not zombie) process."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def read_pid(cache_dir: Path) -> int | None:
+    """The daemon pid recorded in ``cache_dir``, if any."""
+    try:
+        return int((cache_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def is_daemon(pid: int) -> bool:
+    """Whether ``pid`` is alive and looks like an s3ckptfs process (guards against pid reuse)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"s3ckptfs" in cmdline
+
+
+def log_tail(cache_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of the daemon log in ``cache_dir``."""
+    try:
+        text = (cache_dir / LOG_FILE).read_text(errors="replace")
+    except OSError as exc:
+        return f"(no daemon log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class CliResult:
+    """Outcome of one command-line run."""
+
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def describe(self) -> str:
+        return (f"$ {' '.join(self.args)}\nexit {self.returncode}\n"
+                f"--- stdout ---\n{self.stdout}--- stderr ---\n{self.stderr}")
+
+
+def cli_env(server: devserver.SeaweedServer,
+            overrides: Mapping[str, str | None] | None = None) -> dict[str, str]:
+    """A hermetic environment for the CLI: no host AWS settings, the test server's credentials.
+
+    An override of ``None`` removes that variable.
+    """
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env["AWS_CONFIG_FILE"] = os.devnull
+    env["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    env.update(server.env())
+    for key, value in (overrides or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def run_cli(args: Iterable[str], env: Mapping[str, str], timeout: float = 120.0) -> CliResult:
+    """Run ``python -m s3ckptfs ARGS``; stdout and stderr go through files, not pipes."""
+    argv = [sys.executable, "-m", "s3ckptfs", *args]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=dict(env))
+        try:
+            returncode = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        out.seek(0)
+        err.seek(0)
+        return CliResult(argv, returncode, out.read().decode(errors="replace"),
+                         err.read().decode(errors="replace"))
+
+
+def _fusermount(path: Path, lazy: bool = False) -> None:
+    flags = "-uz" if lazy else "-u"
+    subprocess.run(["fusermount3", flags, str(path)], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, check=False)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    try:
+        wait_for(lambda: not pid_alive(pid), timeout=timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def force_cleanup(mountpoint: Path, cache_dir: Path, known_pid: int | None = None) -> list[str]:
+    """Make sure nothing is mounted at ``mountpoint`` and no daemon of ``cache_dir`` runs.
+
+    Returns a list of the problems met (things that had to be forced); empty if
+    the plain ``fusermount3 -u`` and the daemon's own exit were enough.
+    """
+    problems: list[str] = []
+    pids = {pid for pid in (known_pid, read_pid(cache_dir)) if pid is not None}
+    if is_mounted(mountpoint):
+        _fusermount(mountpoint)
+        if is_mounted(mountpoint):
+            problems.append(f"fusermount3 -u {mountpoint} failed; lazy unmount used")
+            _fusermount(mountpoint, lazy=True)
+            if is_mounted(mountpoint):
+                problems.append(f"{mountpoint} is still mounted after fusermount3 -uz")
+    for pid in sorted(pids):
+        if not is_daemon(pid):
+            continue
+        if _wait_gone(pid, DAEMON_EXIT_TIMEOUT):
+            continue
+        problems.append(f"daemon {pid} still running {DAEMON_EXIT_TIMEOUT:.0f}s after unmount; SIGTERM sent")
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        if _wait_gone(pid, 10.0):
+            continue
+        problems.append(f"daemon {pid} ignored SIGTERM; SIGKILL sent")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        _wait_gone(pid, 5.0)
+    if is_mounted(mountpoint):
+        _fusermount(mountpoint, lazy=True)
+    return problems
+
+
+# --------------------------------------------------------------------------
+# Mounts
+# --------------------------------------------------------------------------
+
+def format_options(options: Mapping[str, Any] | None) -> list[str]:
+    """``{"write_mode": "sync"}`` -> ``["-o", "write_mode=sync"]`` (nothing for no options)."""
+    if not options:
+        return []
+    return ["-o", ",".join(f"{key}={value}" for key, value in options.items())]
+
+
+@dataclass
+class Mount:
+    """One s3ckptfs mount driven through its command line.
+
+    ``key("a/b.pt")`` is the S3 key that ``path / "a/b.pt"`` maps to.
+    """
+
+    factory: MountFactory
+    bucket: str
+    prefix: str
+    path: Path
+    cache_dir: Path
+    options: dict[str, Any] = field(default_factory=dict)
+    extra_args: tuple[str, ...] = ()
+    env_overrides: dict[str, str | None] = field(default_factory=dict)
+    endpoint_url: str | None = None
+    url_override: str | None = None
+    pid: int | None = None
+
+    @property
+    def url(self) -> str:
+        """The ``s3://`` URL given to ``mount`` (``url_override`` if set, for bad-input tests)."""
+        if self.url_override is not None:
+            return self.url_override
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return cli_env(self.factory.server, self.env_overrides)
+
+    def key(self, relpath: str | os.PathLike[str] = "") -> str:
+        """The S3 key of ``relpath`` (relative to the mount root)."""
+        rel = Path(relpath).as_posix().strip("/")
+        rel = "" if rel == "." else rel
+        return "/".join(part for part in (self.prefix, rel) if part)
+
+    def mount_args(self) -> list[str]:
+        endpoint = self.endpoint_url or self.factory.server.endpoint_url
+        return ["mount", self.url, str(self.path), "--cache-dir", str(self.cache_dir),
+                "--endpoint-url", endpoint, "--log-level", "debug",
+                *format_options(self.options), *self.extra_args]
+
+    def start(self, check: bool = True) -> CliResult:
+        """Run ``s3ckptfs mount``; with ``check``, assert that the mount is live."""
+        result = run_cli(self.mount_args(), self.env, timeout=MOUNT_TIMEOUT)
+        self.pid = read_pid(self.cache_dir)
+        if check:
+            assert result.returncode == 0, self._failure("mount failed", result)
+            assert self.mounted, self._failure("mount returned 0 but nothing is mounted", result)
+            assert self.pid is not None, self._failure(f"no {PID_FILE} in the cache dir", result)
+        return result
+
+    @property
+    def mounted(self) -> bool:
+        return is_mounted(self.path)
+
+    def sync(self, path: str | os.PathLike[str] | None = None, check: bool = True) -> CliResult:
+        """Run ``s3ckptfs sync MOUNTPOINT [PATH]``; ``path`` may be relative to the mount."""
+        args = ["sync", str(self.path)]
+        if path is not None:
+            args.append(str(self.path / path))
+        result = run_cli(args, self.env, timeout=SYNC_TIMEOUT)
+        if check:
+            assert result.returncode == 0, self._failure("sync failed", result)
+        return result
+
+    def unmount(self, force: bool = False, check: bool = True) -> CliResult:
+        """Run ``s3ckptfs unmount``; with ``check``, assert the mount and its daemon are gone."""
+        args = ["unmount", str(self.path)] + (["--force"] if force else [])
+        result = run_cli(args, self.env, timeout=UNMOUNT_TIMEOUT)
+        if check:
+            assert result.returncode == 0, self._failure("unmount failed", result)
+            assert not self.mounted, self._failure("unmount returned 0 but the mount is still there", result)
+            if self.pid is not None:
+                assert _wait_gone(self.pid, DAEMON_EXIT_TIMEOUT), self._failure(
+                    f"daemon {self.pid} still running after unmount", result)
+        return result
+
+    def remount(self, *, cache_dir: Path | None = None, options: Mapping[str, Any] | None = None,
+                extra_args: Iterable[str] | None = None) -> Mount:
+        """Unmount (if mounted) and mount the same bucket and prefix at the same path again.
+
+        Pass ``cache_dir`` (e.g. ``factory.fresh_dir("cache")``) to start with an empty cache.
+        """
+        if self.mounted:
+            self.unmount()
+        if cache_dir is not None:
+            self.cache_dir = Path(cache_dir)
+        if options is not None:
+            self.options = dict(options)
+        if extra_args is not None:
+            self.extra_args = tuple(extra_args)
+        self.factory.track(self)
+        self.start()
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the daemon (a crash) and clear the dead mount, keeping the cache dir as it is."""
+        assert self.pid is not None, "no daemon pid known"
+        os.kill(self.pid, sig)
+        _wait_gone(self.pid, 10.0)
+        if self.mounted:
+            _fusermount(self.path)
+            if self.mounted:
+                _fusermount(self.path, lazy=True)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return log_tail(self.cache_dir, lines)
+
+    def _failure(self, what: str, result: CliResult) -> str:
+        return f"{what}\n{result.describe()}--- {self.cache_dir / LOG_FILE} (tail) ---\n{self.log_tail()}"
+
+
+class MountFactory:
+    """Creates mounts for one test and tears every one of them down afterwards."""
+
+    def __init__(self, server: devserver.SeaweedServer, base: Path) -> None:
+        self.server = server
+        self.base = base
+        self._tracked: dict[tuple[Path, Path], Mount] = {}
+        self._pids: dict[tuple[Path, Path], set[int]] = {}
+
+    def fresh_dir(self, stem: str, create: bool = True) -> Path:
+        """A new directory (``create``) or unused path under the test's tmp dir."""
+        path = self.base / f"{stem}{next(_counter)}"
+        if create:
+            path.mkdir(parents=True)
+        return path
+
+    def new(self, bucket: str, prefix: str = "", *, cache_dir: Path | None = None,
+            mountpoint: Path | None = None, extra_args: Iterable[str] = (),
+            options: Mapping[str, Any] | None = None, env: Mapping[str, str | None] | None = None,
+            endpoint_url: str | None = None, url: str | None = None) -> Mount:
+        """A mount description, registered for teardown but not started.
+
+        ``env`` is laid over the server's credentials; ``url`` replaces the
+        ``s3://bucket/prefix`` URL built from ``bucket`` and ``prefix``.
+        """
+        mount = Mount(
+            factory=self, bucket=bucket, prefix=prefix.strip("/"),
+            path=Path(mountpoint) if mountpoint is not None else self.fresh_dir("mnt"),
+            cache_dir=Path(cache_dir) if cache_dir is not None else self.fresh_dir("cache"),
+            options=dict(options or {}), extra_args=tuple(extra_args),
+            env_overrides=dict(env or {}), endpoint_url=endpoint_url, url_override=url)
+        self.track(mount)
+        return mount
+
+    def __call__(self, bucket: str, prefix: str = "", **kwargs: Any) -> Mount:
+        """Mount ``s3://bucket/prefix`` in background mode and return the live mount."""
+        mount = self.new(bucket, prefix, **kwargs)
+        mount.start()
+        return mount
+
+    def track(self, mount: Mount) -> None:
+        self._tracked[(mount.path, mount.cache_dir)] = mount
+
+    def remember_pids(self) -> None:
+        """Record each tracked daemon's pid (a daemon may remove its pid file on exit)."""
+        for where, mount in self._tracked.items():
+            pid = mount.pid or read_pid(mount.cache_dir)
+            if pid is not None:
+                self._pids.setdefault(where, set()).add(pid)
+
+    def log_tails(self) -> list[tuple[str, str]]:
+        return [(f"s3ckptfs log {mount.path}", mount.log_tail()) for mount in self._tracked.values()
+                if (mount.cache_dir / LOG_FILE).exists()]
+
+    def teardown(self) -> list[str]:
+        """Unmount and stop everything; return a description of anything that had to be forced."""
+        self.remember_pids()
+        problems: list[str] = []
+        for (path, cache_dir), mount in self._tracked.items():
+            pids = self._pids.get((path, cache_dir), set()) | ({mount.pid} if mount.pid else set())
+            forced: list[str] = []
+            for pid in sorted(pids) or [None]:
+                forced += force_cleanup(path, cache_dir, pid)
+            if forced:
+                problems += forced
+                problems.append(f"--- {cache_dir / LOG_FILE} (tail) ---\n{log_tail(cache_dir)}")
+        return problems
+
+
+# --------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devserver.SeaweedServer]:
+    """A SeaweedFS S3 server for the whole session, stopped (by its own pid) at the end."""
+    server = devserver.start(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3server: devserver.SeaweedServer) -> Any:
+    """A boto3 S3 client with full access to the test server."""
+    return s3server.client()
+
+
+@pytest.fixture
+def reader_s3(s3server: devserver.SeaweedServer) -> Any:
+    """A boto3 S3 client for the read-and-list identity."""
+    return s3server.client(devserver.READER_KEY, devserver.READER_SECRET)
+
+
+def unique_bucket_name(hint: str = "t") -> str:
+    """A valid S3 bucket name that no other test uses."""
+    clean = re.sub(r"[^a-z0-9]+", "-", hint.lower()).strip("-")[:30].strip("-")
+    return f"{clean or 't'}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def bucket(s3: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty bucket with a unique name."""
+    name = unique_bucket_name(request.node.name)
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def mount_factory(s3server: devserver.SeaweedServer, tmp_path: Path,
+                  request: pytest.FixtureRequest) -> Iterator[MountFactory]:
+    """``mount_factory(bucket, prefix="", *, cache_dir=None, extra_args=(), options=None)`` -> Mount.
+
+    Every mount made through it is unmounted and its daemon stopped at teardown.
+    """
+    factory = MountFactory(s3server, tmp_path)
+    request.node.stash[_FACTORIES_KEY] = request.node.stash.get(_FACTORIES_KEY, []) + [factory]
+    yield factory
+    problems = factory.teardown()
+    if problems:
+        pytest.fail("mount teardown had to force its way:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def mnt(bucket: str, mount_factory: MountFactory) -> Mount:
+    """``bucket`` mounted with the prefix ``ckpt``."""
+    return mount_factory(bucket, "ckpt")
+
+
+_FACTORIES_KEY = pytest.StashKey[list[MountFactory]]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Attach the daemon logs to a failing test's report while the mounts still exist."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when in ("setup", "call") and report.failed:
+        for factory in item.stash.get(_FACTORIES_KEY, []):
+            factory.remember_pids()
+            for title, text in factory.log_tails():
+                report.sections.append((title, text))
