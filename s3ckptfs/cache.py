@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import threading
+import uuid
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -179,30 +180,33 @@ class ObjectCache:
         self._entries: OrderedDict[tuple[str, str], CachedObject] = OrderedDict()
         self._bytes = 0
 
-    @staticmethod
-    def _name(key: str, etag: str) -> str:
-        return hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest()[:40] + ".data"
+    def _new_path(self, key: str, etag: str) -> Path:
+        # Unique per entry, so that a new entry never clobbers a file an old one still uses.
+        digest = hashlib.sha256(f"{key}\0{etag}".encode()).hexdigest()[:32]
+        return self.directory / f"{digest}-{uuid.uuid4().hex[:8]}.data"
 
-    def adopt(self, key: str, etag: str, source: Path, size: int) -> None:
-        """Take a committed staging file as the complete cached copy of ``key``@``etag``."""
-        path = self.directory / self._name(key, etag)
-        os.rename(source, path)
-        fd = os.open(path, os.O_RDWR)
-        entry = CachedObject(key, etag, size, path, self.block_size, fd, complete=True)
+    def adopt(self, key: str, etag: str, source: Path, size: int) -> bool:
+        """Take a committed staging file as the complete cached copy of ``key``@``etag``.
+
+        Returns False (and leaves ``source`` alone) if a copy of that version already exists.
+        """
         with self._lock:
-            old = self._entries.pop((key, etag), None)
-            if old is not None:
-                self._drop_locked(old, unlink=False)
-            self._entries[(key, etag)] = entry
+            if (key, etag) in self._entries:
+                return False
+            path = self._new_path(key, etag)
+            os.rename(source, path)
+            fd = os.open(path, os.O_RDWR)
+            self._entries[(key, etag)] = CachedObject(key, etag, size, path, self.block_size, fd, complete=True)
             self._bytes += size
         self.evict()
+        return True
 
     def acquire(self, key: str, etag: str, size: int) -> CachedObject:
         """The cached copy of ``key``@``etag`` (created empty if absent), pinned against eviction."""
         with self._lock:
             entry = self._entries.get((key, etag))
             if entry is None:
-                path = self.directory / self._name(key, etag)
+                path = self._new_path(key, etag)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
                 entry = CachedObject(key, etag, size, path, self.block_size, fd, complete=(size == 0))
                 self._entries[(key, etag)] = entry

@@ -72,9 +72,10 @@ class Options:
     write_mode: str = "async"          # async: close returns once journaled; sync: once in S3
     upload_concurrency: int = 4        # parallel part uploads
     upload_nice: int = 0               # niceness of upload threads (0-19): yield the CPU to training
+    eager_uploads: int = 4             # parts uploading while files are still written (0: from close on)
     part_size: int = 8 * MiB           # first part size; parts grow as the file grows
     single_put_limit: int = 8 * MiB    # files up to this size go in one PUT
-    cache_size: int = 0                # bytes of dirty data before writers block (0: no limit)
+    cache_size: int = 0                # bytes of clean cached data kept (0: half the free disk)
     metadata_ttl: float = 5.0          # seconds a HEAD/LIST answer is trusted
     negative_ttl: float = 5.0          # seconds a "does not exist" answer is trusted
     read_block: int = 8 * MiB          # ranged GET size for reads of remote objects
@@ -89,6 +90,8 @@ class Options:
             raise ConfigError(f"option write_mode: '{self.write_mode}' must be async or sync")
         if not 1 <= self.upload_concurrency <= 256:
             raise ConfigError("option upload_concurrency: must be between 1 and 256")
+        if not 0 <= self.eager_uploads <= 256:
+            raise ConfigError("option eager_uploads: must be between 0 and 256")
         if not 0 <= self.upload_nice <= 19:
             raise ConfigError("option upload_nice: must be between 0 and 19")
         if not 1 <= self.download_concurrency <= 256:

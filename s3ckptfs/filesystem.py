@@ -40,7 +40,7 @@ from .errors import FsError, S3Error
 from .handles import Handle, HandleTable
 from .metadata import MISSING, DirInfo, MetadataCache
 from .s3client import ObjectInfo, S3Client, object_metadata
-from .staging import StagedFile
+from .staging import StagedFile, start_writeback
 from .uploader import Ticket, Uploader
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,8 @@ class Filesystem:
         clean_limit = opts.cache_size or max(cache_dir.disk_free() // 2, 1 << 30)
         self.objects = ObjectCache(cache_dir.objects, opts.read_block, clean_limit)
         self.uploader = Uploader(s3, concurrency=opts.upload_concurrency, single_put_limit=opts.single_put_limit,
-                                 on_committed=self._on_committed, upload_nice=opts.upload_nice)
+                                 on_committed=self._on_committed, upload_nice=opts.upload_nice,
+                                 eager_uploads=opts.eager_uploads)
         self.downloads = ThreadPoolExecutor(max_workers=opts.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
         self.handles = HandleTable()
@@ -384,10 +385,15 @@ class Filesystem:
             written = file.write(data, offset)
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO, f"write {handle.path}: {exc}") from exc
-        # The part before the one this write starts in is behind the writer: upload it now.
+        # The part before the one this write starts in is behind the writer: upload it now,
+        # and start writing it to disk, so that close has little left to fsync.
         behind = partplan.part_number(offset, file.part_base) - 1
         if behind >= 1:
             self.uploader.part_filled(file, behind)
+            filled_end = partplan.part_range(behind, file.part_base)[1]
+            if filled_end > file.writeback_from:
+                start_writeback(file.fd, file.writeback_from, filled_end - file.writeback_from)
+                file.writeback_from = filled_end
         return written
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
@@ -430,12 +436,14 @@ class Filesystem:
             if file.deleted or not file.dirty or file.journaled_version == file.version:
                 return
             version = file.version
+        started = time.monotonic()
         try:
             os.fsync(file.fd)
             with file.lock:
                 record = file.journal_record_locked()
                 self.journal.write(file.id, record)
                 file.journaled_version = version
+            log.debug("journaled %s (%d bytes) in %.3fs", file.path, file.size, time.monotonic() - started)
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO, f"cannot journal {file.path}: {exc}") from exc
 
@@ -513,7 +521,11 @@ class Filesystem:
         self._retire_if_clean(file)
 
     def _retire_if_clean(self, file: StagedFile) -> None:
-        """A committed, closed file: hand its staging file to the object cache."""
+        """A committed, closed file: hand its staging file to the object cache.
+
+        Done under Filesystem._lock, so that an open() sees either the staged file
+        or the cached object, never the gap between them.
+        """
         with self._lock:
             with file.lock:
                 if (file.handles or file.dirty or file.deleted or file.commit_queued
@@ -523,14 +535,15 @@ class Filesystem:
                 info = ObjectInfo(key=file.key, size=file.size, etag=file.last_etag, mtime=file.mtime,
                                   mode=file.mode)
                 file.close_fd()
+            kept = False
+            if file.last_etag:
+                try:
+                    kept = self.objects.adopt(file.key, file.last_etag, file.staging_path, file.size)
+                except OSError as exc:
+                    log.warning("could not keep %s in the cache: %s", file.path, exc)
             self.meta.put(file.path, info)
-        if file.last_etag:
-            try:
-                self.objects.adopt(file.key, file.last_etag, file.staging_path, file.size)
-                return
-            except OSError as exc:
-                log.warning("could not keep %s in the cache: %s", file.path, exc)
-        self._free_staging(file)
+        if not kept:
+            self._free_staging(file)
 
     # -- namespace ---------------------------------------------------------------------
 

@@ -77,9 +77,14 @@ class Uploader:
     """Schedules part uploads and ordered commits. Thread-safe."""
 
     def __init__(self, s3: S3Client, *, concurrency: int, single_put_limit: int,
-                 on_committed: CommittedCallback, upload_nice: int = 0) -> None:
+                 on_committed: CommittedCallback, upload_nice: int = 0, eager_uploads: int | None = None) -> None:
         self.s3 = s3
         self.single_put_limit = single_put_limit
+        # Parts of files still being written that may upload at once. On a small node the
+        # upload competes with the training process for CPU; commit-time parts are not limited.
+        self.eager_limit = concurrency if eager_uploads is None else min(eager_uploads, concurrency)
+        self._eager_inflight = 0
+        self._eager_waiting: deque[tuple[StagedFile, int]] = deque()
         self._on_committed = on_committed
         self._upload_nice = upload_nice
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3ckptfs-part",
@@ -105,13 +110,43 @@ class Uploader:
     # -- part uploads ----------------------------------------------------------------
 
     def part_filled(self, file: StagedFile, number: int) -> None:
-        """The writer moved past part ``number``: upload it now if it is stale."""
+        """The writer moved past part ``number``: upload it now if it is stale and the eager limit allows."""
         with file.lock:
             if (file.deleted or file.size <= self.single_put_limit or number in file.inflight
                     or file.part_up_to_date_locked(number)):
                 return
-            file.inflight.add(number)
-        self._pool.submit(self._upload_part, file, number)
+        with self._lock:
+            if self._eager_inflight >= self.eager_limit:
+                if self.eager_limit > 0:
+                    self._eager_waiting.append((file, number))
+                return
+            self._eager_inflight += 1
+        self._submit_eager(file, number)
+
+    def _submit_eager(self, file: StagedFile, number: int) -> None:
+        with file.lock:
+            claimed = not file.deleted and number not in file.inflight and not file.part_up_to_date_locked(number)
+            if claimed:
+                file.inflight.add(number)
+        if claimed:
+            self._pool.submit(self._upload_eager_part, file, number)
+        else:
+            self._eager_part_done()
+
+    def _upload_eager_part(self, file: StagedFile, number: int) -> None:
+        try:
+            self._upload_part(file, number)
+        finally:
+            self._eager_part_done()
+
+    def _eager_part_done(self) -> None:
+        """An eager slot is free: give it to the oldest waiting part."""
+        with self._lock:
+            if not self._eager_waiting:
+                self._eager_inflight -= 1
+                return
+            file, number = self._eager_waiting.popleft()
+        self._submit_eager(file, number)
 
     def _schedule_stale_locked(self, file: StagedFile) -> list[int]:
         """Submit every stale part not already in flight; returns the stale part numbers."""

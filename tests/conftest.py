@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -455,17 +456,54 @@ def unique_bucket_name(hint: str = "t") -> str:
     return f"{clean or 't'}-{uuid.uuid4().hex[:12]}"
 
 
+def delete_bucket(s3: Any, bucket: str) -> None:
+    """Abort its multipart uploads, delete every object, then the bucket itself."""
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+        for upload in page.get("Uploads", []):
+            s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        objects = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if objects:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
+    s3.delete_bucket(Bucket=bucket)
+
+
 @pytest.fixture
-def bucket(s3: Any, request: pytest.FixtureRequest) -> str:
-    """A fresh, empty bucket with a unique name."""
+def late_cleanup() -> Iterator[list[Callable[[], None]]]:
+    """Callbacks run after the fixtures that depend on this one are torn down.
+
+    ``bucket`` and ``mount_factory`` both depend on it, so a bucket is deleted
+    only once every mount of the test is gone, whatever order a test names them in.
+    """
+    callbacks: list[Callable[[], None]] = []
+    yield callbacks
+    for callback in reversed(callbacks):
+        callback()
+
+
+@pytest.fixture
+def bucket(s3: Any, request: pytest.FixtureRequest, late_cleanup: list[Callable[[], None]]) -> str:
+    """A fresh, empty bucket with a unique name, deleted after the test.
+
+    Deleting matters: SeaweedFS gives every bucket its own volumes, and a
+    session that kept them all would run out of volumes after a few dozen tests.
+    """
     name = unique_bucket_name(request.node.name)
     s3.create_bucket(Bucket=name)
+
+    def remove() -> None:
+        try:
+            delete_bucket(s3, name)
+        except Exception as exc:  # a leftover bucket must not fail the test
+            warnings.warn(f"could not delete bucket {name}: {exc}", stacklevel=1)
+
+    late_cleanup.append(remove)
     return name
 
 
 @pytest.fixture
-def mount_factory(s3server: devserver.SeaweedServer, tmp_path: Path,
-                  request: pytest.FixtureRequest) -> Iterator[MountFactory]:
+def mount_factory(s3server: devserver.SeaweedServer, tmp_path: Path, request: pytest.FixtureRequest,
+                  late_cleanup: list[Callable[[], None]]) -> Iterator[MountFactory]:
     """``mount_factory(bucket, prefix="", *, cache_dir=None, extra_args=(), options=None)`` -> Mount.
 
     Every mount made through it is unmounted and its daemon stopped at teardown.
