@@ -31,7 +31,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from . import partplan
 from .cache import CacheDir, CachedObject, Journal, ObjectCache
@@ -40,7 +40,7 @@ from .errors import FsError, S3Error
 from .handles import Handle, HandleTable
 from .metadata import MISSING, DirInfo, MetadataCache
 from .s3client import ObjectInfo, S3Client, object_metadata
-from .staging import StagedFile, start_writeback
+from .staging import StagedFile, pwrite_all, start_writeback
 from .uploader import Ticket, Uploader
 
 log = logging.getLogger(__name__)
@@ -375,14 +375,22 @@ class Filesystem:
             self.objects.block_done(entry, number, ok, length)
 
     def write(self, fh: int, data: bytes, offset: int) -> int:
+        return self.write_with(fh, offset, len(data), lambda fd, at: pwrite_all(fd, data, at))
+
+    def write_with(self, fh: int, offset: int, length: int, copy: Callable[[int, int], int]) -> int:
+        """Write ``length`` bytes at ``offset``; ``copy(fd, offset)`` puts them into the staging fd.
+
+        Lets the FUSE layer move request data into the staging file without a copy in
+        Python; ``write`` is the same with bytes in hand.
+        """
         handle = self.handles.get(fh)
         file = handle.staged
         if file is None or not handle.writable:
             raise FsError(errno.EBADF, "file not open for writing")
-        if offset + len(data) > partplan.max_object_size(file.part_base):
+        if offset + length > partplan.max_object_size(file.part_base):
             raise FsError(errno.EFBIG, handle.path)
         try:
-            written = file.write(data, offset)
+            written = file.write_with(copy, offset)
         except OSError as exc:
             raise FsError(exc.errno or errno.EIO, f"write {handle.path}: {exc}") from exc
         # The part before the one this write starts in is behind the writer: upload it now,

@@ -37,6 +37,39 @@ import mfusepy  # noqa: E402  (must follow the library selection above)
 LIBFUSE_PATH = os.environ.get("FUSE_LIBRARY_PATH", "?")
 LIBFUSE_MAJOR = mfusepy.fuse_version_major
 
+_FUSE_BUF_IS_FD = 1 << 1
+_FUSE_BUF_FD_SEEK = 1 << 2
+
+
+class _FuseBuf(ctypes.Structure):
+    # struct fuse_buf from fuse_common.h
+    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p),
+                ("fd", ctypes.c_int), ("pos", ctypes.c_int64)]
+
+
+class _FuseBufVec(ctypes.Structure):
+    # struct fuse_bufvec: the first buffer is inline (mfusepy declares it as a pointer)
+    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t),
+                ("buf", _FuseBuf * 1)]
+
+
+_fuse_buf_size = mfusepy._libfuse.fuse_buf_size
+_fuse_buf_size.argtypes = [ctypes.c_void_p]
+_fuse_buf_size.restype = ctypes.c_size_t
+_fuse_buf_copy = mfusepy._libfuse.fuse_buf_copy
+_fuse_buf_copy.argtypes = [ctypes.POINTER(_FuseBufVec), ctypes.c_void_p, ctypes.c_int]
+_fuse_buf_copy.restype = ctypes.c_ssize_t
+
+
+def _copy_bufvec(source: int, size: int, fd: int, offset: int) -> int:
+    """Move a FUSE write's data into ``fd`` at ``offset`` inside libfuse (spliced when possible)."""
+    target = _FuseBufVec(count=1, idx=0, off=0)
+    target.buf[0] = _FuseBuf(size=size, flags=_FUSE_BUF_IS_FD | _FUSE_BUF_FD_SEEK, mem=None, fd=fd, pos=offset)
+    copied = _fuse_buf_copy(ctypes.byref(target), source, 0)
+    if copied < 0:
+        raise OSError(-copied, os.strerror(-copied))
+    return copied
+
 
 def _translate(method: Callable) -> Callable:
     """Run a FUSE operation; any failure leaves as FuseOSError(errno), never as a traceback."""
@@ -115,6 +148,13 @@ class FuseOperations(mfusepy.Operations):
     @_translate
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         return self.fs.write(fh, data, offset)
+
+    @_translate
+    def write_buf(self, path: str, bufvec, offset: int, fh: int) -> int:
+        # Used by libfuse instead of write(): the data never becomes a Python object.
+        source = ctypes.cast(bufvec, ctypes.c_void_p).value
+        size = _fuse_buf_size(source)
+        return self.fs.write_with(fh, offset, size, lambda fd, at: _copy_bufvec(source, size, fd, at))
 
     @_translate
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:

@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from . import partplan
 from .errors import S3Error
@@ -42,6 +43,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     """
     _libc.sync_file_range(fd, ctypes.c_int64(offset), ctypes.c_int64(length),
                           ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
+
+
+def pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
 
 
 @dataclass(frozen=True)
@@ -128,10 +137,11 @@ class StagedFile:
 
     def write(self, data: bytes, offset: int) -> int:
         """pwrite into the staging file, then account for it. Returns the bytes written."""
-        view = memoryview(data)
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self.fd, view[done:], offset + done)
+        return self.write_with(lambda fd, at: pwrite_all(fd, data, at), offset)
+
+    def write_with(self, copy: Callable[[int, int], int], offset: int) -> int:
+        """``copy(fd, offset)`` puts the bytes into the staging file; then account for them."""
+        done = copy(self.fd, offset)
         with self.lock:
             if offset + done > self.size:
                 self.size = offset + done
