@@ -72,7 +72,7 @@ class Options:
     write_mode: str = "async"          # async: close returns once journaled; sync: once in S3
     upload_concurrency: int = 4        # parallel part uploads
     upload_nice: int = 0               # niceness of upload threads (0-19): yield the CPU to training
-    eager_uploads: int = 4             # parts uploading while files are still written (0: from close on)
+    eager_uploads: int = 1             # parts uploading while files are still written (0: from close on)
     part_size: int = 8 * MiB           # first part size; parts grow as the file grows
     single_put_limit: int = 8 * MiB    # files up to this size go in one PUT
     cache_size: int = 0                # bytes of clean cached data kept (0: half the free disk)
