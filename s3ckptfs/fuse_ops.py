@@ -241,5 +241,4 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool,
                                "foreground": True, "auto_cache": True}
     if allow_other:
         options["allow_other"] = True
-
     mfusepy.FUSE(FuseOperations(fs, on_ready), mountpoint, **options)
