@@ -254,13 +254,14 @@ class ObjectCache:
         with self._lock:
             return self._bytes
 
-    def evict(self) -> None:
-        """Drop least recently used, unpinned copies until under the limit."""
+    def evict(self, budget: int | None = None) -> None:
+        """Drop least recently used, unpinned copies until under ``budget`` (default: the limit)."""
+        limit = self.limit_bytes if budget is None else max(0, min(budget, self.limit_bytes))
         if self.limit_bytes <= 0:
             return
         with self._lock:
             for cache_key in list(self._entries):
-                if self._bytes <= self.limit_bytes:
+                if self._bytes <= limit:
                     break
                 entry = self._entries[cache_key]
                 if entry.readers or entry.inflight:

@@ -91,6 +91,7 @@ class Filesystem:
         self._lock = threading.RLock()
         self._staged: dict[str, StagedFile] = {}
         self._mtime_overrides: dict[str, float] = {}
+        self._room = threading.Condition()  # notified when staged data leaves the cache
         self.mount_time = time.time()
 
     # -- paths and keys ----------------------------------------------------------------
@@ -239,6 +240,7 @@ class Filesystem:
             del self._staged[file.path]
         if unused:
             self._free_staging(file)
+        self._room_freed()
 
     @staticmethod
     def _free_staging(file: StagedFile) -> None:
@@ -389,10 +391,16 @@ class Filesystem:
             raise FsError(errno.EBADF, "file not open for writing")
         if offset + length > partplan.max_object_size(file.part_base):
             raise FsError(errno.EFBIG, handle.path)
+        if self.options.cache_size and offset + length > file.size:
+            self._wait_for_room(offset + length - file.size)
         try:
             written = file.write_with(copy, offset)
         except OSError as exc:
-            raise FsError(exc.errno or errno.EIO, f"write {handle.path}: {exc}") from exc
+            code = exc.errno or errno.EIO
+            with file.lock:
+                file.write_error = code  # the file is incomplete: close reports it, S3 never sees it
+            log.error("write to %s failed: %s; the file will not be uploaded", handle.path, exc)
+            raise FsError(code, f"write {handle.path}: {exc}") from exc
         # The part before the one this write starts in is behind the writer: upload it now,
         # and start writing it to disk, so that close has little left to fsync.
         behind = partplan.part_number(offset, file.part_base) - 1
@@ -403,6 +411,30 @@ class Filesystem:
                 start_writeback(file.fd, file.writeback_from, filled_end - file.writeback_from)
                 file.writeback_from = filled_end
         return written
+
+    def staged_bytes(self) -> int:
+        with self._lock:
+            return sum(f.size for f in self._staged.values() if not f.deleted)
+
+    def _wait_for_room(self, incoming: int) -> None:
+        """Block a growing write while staged data would exceed cache_size and uploads can free room.
+
+        A single file larger than the cache is never blocked forever: when nothing is
+        left to commit, the write goes ahead (and clean cached data makes room).
+        """
+        limit = self.options.cache_size
+        waited = 0.0
+        while self.staged_bytes() + incoming > limit and self.uploader.pending_commits():
+            if waited == 0.0:
+                log.info("cache full (%d bytes staged, limit %d): waiting for uploads", self.staged_bytes(), limit)
+            with self._room:
+                self._room.wait(0.5)
+            waited += 0.5
+        self.objects.evict(limit - self.staged_bytes() - incoming)
+
+    def _room_freed(self) -> None:
+        with self._room:
+            self._room.notify_all()
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         if fh is not None:
@@ -453,6 +485,8 @@ class Filesystem:
                 file.journaled_version = version
             log.debug("journaled %s (%d bytes) in %.3fs", file.path, file.size, time.monotonic() - started)
         except OSError as exc:
+            with file.lock:
+                file.write_error = exc.errno or errno.EIO
             raise FsError(exc.errno or errno.EIO, f"cannot journal {file.path}: {exc}") from exc
 
     def flush(self, fh: int) -> None:
@@ -462,6 +496,8 @@ class Filesystem:
         if file is None or not handle.writable:
             return
         with file.lock:
+            if file.write_error is not None:
+                raise FsError(file.write_error, f"{file.path}: an earlier write failed; not uploaded")
             if file.deleted or not file.dirty:
                 return
             last_writer = file.writers <= 1
@@ -513,6 +549,11 @@ class Filesystem:
             if unused and file.deleted:
                 self._free_staging(file)
                 return
+            if unused and file.write_error is not None:
+                self._discard_locked(file)  # never published; the path shows what S3 holds
+                self.meta.forget(file.path)
+                self._room_freed()
+                return
         if needs_commit:  # e.g. written through a shared mapping after the last flush
             self._make_durable(file)
             self.uploader.request_commit(file)
@@ -543,6 +584,7 @@ class Filesystem:
                 info = ObjectInfo(key=file.key, size=file.size, etag=file.last_etag, mtime=file.mtime,
                                   mode=file.mode)
                 file.close_fd()
+            self._room_freed()
             kept = False
             if file.last_etag:
                 try:

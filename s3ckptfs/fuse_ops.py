@@ -150,7 +150,7 @@ class FuseOperations(mfusepy.Operations):
         return self.fs.write(fh, data, offset)
 
     @_translate
-    def write_buf(self, path: str, bufvec, offset: int, fh: int) -> int:
+    def write_buf(self, path: str | None, bufvec, offset: int, fh: int) -> int:
         # Used by libfuse instead of write(): the data never becomes a Python object.
         source = ctypes.cast(bufvec, ctypes.c_void_p).value
         size = _fuse_buf_size(source)
@@ -234,6 +234,14 @@ class FuseOperations(mfusepy.Operations):
         return 0
 
 
+class _FUSE(mfusepy.FUSE):
+    """mfusepy's FUSE with write_buf accepting a NULL path (a file unlinked while open)."""
+
+    def write_buf(self, path, buf, offset, fip):  # noqa: D102 - same contract as mfusepy's
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        return self.operations.write_buf(decoded, buf, offset, fip.contents.fh)
+
+
 def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool,
           on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled (blocks)."""
@@ -241,4 +249,4 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool,
                                "foreground": True, "auto_cache": True}
     if allow_other:
         options["allow_other"] = True
-    mfusepy.FUSE(FuseOperations(fs, on_ready), mountpoint, **options)
+    _FUSE(FuseOperations(fs, on_ready), mountpoint, **options)

@@ -94,6 +94,7 @@ class StagedFile:
         self.journaled_version = 0
         self.bytes_uploaded = 0
         self.writeback_from = 0           # disk writeback was started for bytes before this offset
+        self.write_error: int | None = None  # sticky: a failed write means never publish this file
         self.created = time.time()
 
     # -- state derived under lock --------------------------------------------------

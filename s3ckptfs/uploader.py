@@ -303,7 +303,7 @@ class Uploader:
         while True:
             with file.lock:
                 file.commit_queued = False
-                if file.deleted:
+                if file.deleted or file.write_error is not None:
                     self.abort_later(file.forget_upload_locked())
                     return
                 if not file.dirty:
