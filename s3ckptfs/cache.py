@@ -5,6 +5,7 @@ Layout of a cache dir::
     lock                 flock'd by the one daemon that owns this cache dir
     staging/<id>.data    the bytes of a file written through the mount, not yet in S3
     journal/<id>.json    a record per staged file that close() has returned for
+    uploads/<hash>.json  every multipart upload started and not yet completed or aborted
     objects/<hash>.data  sparse copies of S3 objects (downloaded blocks, or files
                          written here and since committed), keyed by key + ETag
 
@@ -57,12 +58,13 @@ class CacheDir:
         self.staging = self.root / "staging"
         self.journal_dir = self.root / "journal"
         self.objects = self.root / "objects"
+        self.uploads = self.root / "uploads"
         self._lock_fd: int | None = None
 
     def prepare(self) -> None:
         """Create the layout and take the lock. Raises ConfigError if unusable or taken."""
         try:
-            for path in (self.root, self.staging, self.journal_dir, self.objects):
+            for path in (self.root, self.staging, self.journal_dir, self.objects, self.uploads):
                 path.mkdir(parents=True, exist_ok=True)
             probe = self.root / ".write-probe"
             probe.write_bytes(b"")
@@ -135,6 +137,46 @@ class Journal:
             except (OSError, ValueError) as exc:
                 log.error("journal record %s is unreadable (%s); its staging file is kept", path, exc)
         return records
+
+
+class UploadRegistry:
+    """Multipart uploads this cache dir has started and not yet finished.
+
+    An entry is written (and fsync'd) as soon as CreateMultipartUpload returns and
+    removed once the upload is completed or aborted, so that after a crash the
+    daemon aborts exactly its own leftovers and never another node's upload.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _path(self, upload_id: str) -> Path:
+        return self.directory / (hashlib.sha256(upload_id.encode()).hexdigest()[:32] + ".json")
+
+    def add(self, key: str, upload_id: str) -> None:
+        path = self._path(upload_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, json.dumps({"key": key, "upload_id": upload_id}).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def remove(self, upload_id: str) -> None:
+        try:
+            os.unlink(self._path(upload_id))
+        except FileNotFoundError:
+            pass
+
+    def load_all(self) -> list[tuple[str, str]]:
+        found = []
+        for path in self.directory.glob("*.json"):
+            try:
+                entry = json.loads(path.read_text())
+                found.append((entry["key"], entry["upload_id"]))
+            except (OSError, ValueError, KeyError) as exc:
+                log.warning("ignoring unreadable upload record %s: %s", path, exc)
+        return found
 
 
 @dataclass

@@ -82,6 +82,8 @@ class Options:
     read_ahead: int = 64 * MiB         # bytes fetched ahead of a sequential reader
     download_concurrency: int = 8      # parallel ranged GETs
     retry_attempts: int = 8            # attempts per request for transient errors
+    retry_window: float = 0.0          # seconds to keep retrying a closed file's upload (0: no limit)
+    checksums: bool = True             # CRC32C per part, checked by the server and at completion
     allow_other: bool = False          # let other users see the mount (FUSE allow_other)
     drain_timeout: float = 600.0       # seconds to wait for uploads on unmount/stop
 

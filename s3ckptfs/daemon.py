@@ -154,8 +154,9 @@ def _status(fs) -> dict:
             files.append({
                 "path": file.path, "key": file.key, "size": file.size,
                 "uploaded": min(file.bytes_uploaded, file.size), "age": round(now - file.created, 1),
-                "state": "failed" if file.failure else ("open" if file.writers else "pending"),
-                "error": str(file.failure) if file.failure else None,
+                "state": ("failed" if file.failure else "open" if file.writers
+                          else "retrying" if file.retrying else "pending"),
+                "error": str(file.failure or file.retrying) if (file.failure or file.retrying) else None,
             })
     return {"ok": True, "pending": files, "objects_committed": fs.uploader.objects_committed,
             "bytes_committed": fs.uploader.bytes_committed, "clean_cache_bytes": fs.objects.used_bytes()}

@@ -64,6 +64,7 @@ TRANSIENT_CODES = frozenset({
     "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
     "500", "502", "503", "504", "Throttling", "ThrottlingException", "RequestLimitExceeded",
     "ConnectionError", "Timeout",
+    "BadDigest", "ChecksumMismatch",  # damaged in transit: sending it again fixes it
 })
 
 

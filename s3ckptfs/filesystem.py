@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from . import partplan
-from .cache import CacheDir, CachedObject, Journal, ObjectCache
+from .cache import CacheDir, CachedObject, Journal, ObjectCache, UploadRegistry
 from .config import MountConfig
 from .errors import FsError, S3Error
 from .handles import Handle, HandleTable
@@ -82,9 +82,11 @@ class Filesystem:
         self.journal = Journal(cache_dir.journal_dir)
         clean_limit = opts.cache_size or max(cache_dir.disk_free() // 2, 1 << 30)
         self.objects = ObjectCache(cache_dir.objects, opts.read_block, clean_limit)
+        self.registry = UploadRegistry(cache_dir.uploads)
         self.uploader = Uploader(s3, concurrency=opts.upload_concurrency, single_put_limit=opts.single_put_limit,
-                                 on_committed=self._on_committed, upload_nice=opts.upload_nice,
-                                 eager_uploads=opts.eager_uploads)
+                                 on_committed=self._on_committed, registry=self.registry,
+                                 upload_nice=opts.upload_nice, eager_uploads=opts.eager_uploads,
+                                 retry_window=opts.retry_window, checksums=opts.checksums)
         self.downloads = ThreadPoolExecutor(max_workers=opts.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
         self.handles = HandleTable()
@@ -866,13 +868,15 @@ class Filesystem:
                               mode=int(record.get("mode", FILE_MODE)), mtime=float(record.get("mtime", 0)),
                               part_base=self.options.part_size)
             file.journaled_version = file.version
-            if record.get("upload_id"):
-                self.uploader.abort_later((record.get("upload_key") or record["key"], record["upload_id"]))
             with self._lock:
                 self._staged[path] = file
             self.uploader.request_commit(file)
             count += 1
             log.info("resuming upload of %s (%d bytes) from the journal", path, size)
+        # Uploads an earlier run started and never finished: their data is re-sent from
+        # the staging files above, so the old uploads are only debris. Abort them.
+        for key, upload_id in self.registry.load_all():
+            self.uploader.abort_later((key, upload_id))
         for leftover in self.cache_dir.staging.glob("*.data"):
             if leftover.name not in known:
                 leftover.unlink()  # never closed successfully: nobody was promised this data

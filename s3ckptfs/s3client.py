@@ -21,8 +21,10 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
+import base64
 import boto3
 import botocore.exceptions as bex
+from awscrt import checksums
 from botocore.config import Config
 
 from .errors import S3Error, TRANSIENT_CODES
@@ -46,6 +48,17 @@ class ObjectInfo:
     @property
     def is_symlink(self) -> bool:
         return self.mode is not None and stat.S_ISLNK(self.mode)
+
+
+def crc32c(data: bytes | memoryview) -> str:
+    """CRC32C as S3 writes it: base64 of the 4 big-endian bytes (hardware-accelerated)."""
+    return base64.b64encode(checksums.crc32c(data).to_bytes(4, "big")).decode()
+
+
+def composite_crc32c(part_checksums: list[str]) -> str:
+    """The checksum S3 reports for a multipart object: CRC32C of the parts' CRC32Cs, '-N'."""
+    joined = b"".join(base64.b64decode(c) for c in part_checksums)
+    return f"{crc32c(joined)}-{len(part_checksums)}"
 
 
 def object_metadata(mtime: float, mode: int) -> dict[str, str]:
@@ -225,38 +238,57 @@ class S3Client:
 
     # -- writes -----------------------------------------------------------------------
 
-    def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None) -> str:
-        """One PUT; the object appears whole or not at all. Returns the ETag."""
+    def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None, checksum: str | None = None) -> str:
+        """One PUT; the object appears whole or not at all. Returns the ETag.
+
+        With ``checksum`` (CRC32C, see ``crc32c``) the server rejects the body if it
+        was damaged on the way (BadDigest).
+        """
+        extra = {"ChecksumCRC32C": checksum} if checksum else {}
         try:
-            response = self._client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata or {})
+            response = self._client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata or {},
+                                               **extra)
         except Exception as exc:
             raise translate(exc, f"PUT {key}") from exc
         return response.get("ETag", "")
 
-    def create_multipart(self, key: str, metadata: dict[str, str] | None = None) -> str:
+    def create_multipart(self, key: str, metadata: dict[str, str] | None = None, checksums: bool = False) -> str:
+        extra = {"ChecksumAlgorithm": "CRC32C"} if checksums else {}
         try:
-            response = self._client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata or {})
+            response = self._client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata or {},
+                                                            **extra)
         except Exception as exc:
             raise translate(exc, f"CreateMultipartUpload {key}") from exc
         return response["UploadId"]
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
+                    checksum: str | None = None) -> str:
+        extra = {"ChecksumCRC32C": checksum} if checksum else {}
         try:
             response = self._client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                PartNumber=part_number, Body=body)
+                                                PartNumber=part_number, Body=body, **extra)
         except Exception as exc:
             raise translate(exc, f"UploadPart {key} #{part_number}") from exc
         return response["ETag"]
 
-    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str]]) -> str:
-        """Make the object visible. ``parts`` are (number, etag), ascending."""
+    def complete_multipart(self, key: str, upload_id: str,
+                           parts: list[tuple[int, str, str | None]]) -> tuple[str, str | None]:
+        """Make the object visible. ``parts``: (number, etag, crc32c or None), ascending.
+
+        Returns the ETag and the object checksum the server computed (None if it gave none).
+        """
+        listed = []
+        for number, etag, checksum in parts:
+            entry = {"PartNumber": number, "ETag": etag}
+            if checksum:
+                entry["ChecksumCRC32C"] = checksum
+            listed.append(entry)
         try:
             response = self._client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id,
-                MultipartUpload={"Parts": [{"PartNumber": n, "ETag": e} for n, e in parts]})
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed})
         except Exception as exc:
             raise translate(exc, f"CompleteMultipartUpload {key}") from exc
-        return response.get("ETag", "")
+        return response.get("ETag", ""), response.get("ChecksumCRC32C")
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         """Abort an upload; one that no longer exists is not an error."""

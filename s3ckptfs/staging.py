@@ -59,6 +59,7 @@ class UploadedPart:
     length: int
     etag: str
     upload_id: str
+    checksum: str | None = None   # CRC32C of the bytes sent, checked by the server
 
 
 class StagedFile:
@@ -89,7 +90,8 @@ class StagedFile:
         self.writers = 0                  # open handles that may write
         self.deleted = False              # unlinked: never upload again
         self.commit_queued = False
-        self.failure: S3Error | None = None
+        self.failure: S3Error | None = None    # gave up: kept in the cache, shown by status
+        self.retrying: S3Error | None = None   # the last transient error while retrying
         self.last_etag = ""
         self.journaled_version = 0
         self.bytes_uploaded = 0

@@ -16,9 +16,15 @@ Two kinds of work, two kinds of threads:
   before the checkpoint does.
 
 Failures: request-level retries are botocore's; a commit that still fails with
-a transient error is retried with capped exponential backoff and jitter; a
-permanent error (or too many attempts) marks the file failed, keeps its data
-and journal record, and fails the waiters with the cause.
+a transient error (5xx, SlowDown, timeouts, resets, the server away) is retried
+with capped exponential backoff and jitter, for as long as ``retry_window``
+allows (0: without limit), holding back the commits queued after it so the
+order holds. A permanent error (AccessDenied, NoSuchBucket, bad credentials)
+marks the file failed at once, keeps its data and journal record, and fails
+the waiters with the cause; ``sync`` or a restart tries it again.
+
+Every multipart upload started is recorded in the ``UploadRegistry`` until it
+is completed or aborted, so a crash never leaves an orphan behind for long.
 """
 
 from __future__ import annotations
@@ -34,13 +40,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import partplan
+from .cache import UploadRegistry
 from .errors import S3Error
-from .s3client import S3Client, object_metadata
+from .s3client import S3Client, composite_crc32c, crc32c, object_metadata
 from .staging import StagedFile, UploadedPart
 
 log = logging.getLogger(__name__)
 
-COMMIT_ATTEMPTS = 6
 BACKOFF_CAP = 30.0
 
 
@@ -77,8 +83,12 @@ class Uploader:
     """Schedules part uploads and ordered commits. Thread-safe."""
 
     def __init__(self, s3: S3Client, *, concurrency: int, single_put_limit: int,
-                 on_committed: CommittedCallback, upload_nice: int = 0, eager_uploads: int | None = None) -> None:
+                 on_committed: CommittedCallback, registry: UploadRegistry, upload_nice: int = 0,
+                 eager_uploads: int | None = None, retry_window: float = 0.0, checksums: bool = True) -> None:
         self.s3 = s3
+        self.checksums = checksums
+        self.registry = registry
+        self.retry_window = retry_window
         self.single_put_limit = single_put_limit
         # Parts of files still being written that may upload at once. On a small node the
         # upload competes with the training process for CPU; commit-time parts are not limited.
@@ -162,8 +172,10 @@ class Uploader:
         if file.upload_id is not None and file.upload_key == file.key:
             return
         self.abort_later(file.forget_upload_locked())
-        file.upload_id = self.s3.create_multipart(file.key, object_metadata(file.mtime, file.mode))
+        file.upload_id = self.s3.create_multipart(file.key, object_metadata(file.mtime, file.mode),
+                                                  checksums=self.checksums)
         file.upload_key = file.key
+        self.registry.add(file.key, file.upload_id)
 
     def _upload_part(self, file: StagedFile, number: int) -> None:
         upload_id = None
@@ -180,10 +192,11 @@ class Uploader:
             data = os.pread(file.fd, length, start)
             if len(data) < length:  # a hole at the end of a sparse staging file reads short
                 data += bytes(length - len(data))
-            etag = self.s3.upload_part(key, upload_id, number, data)
+            checksum = crc32c(data) if self.checksums else None
+            etag = self.s3.upload_part(key, upload_id, number, data, checksum)
             with file.lock:
                 if file.upload_id == upload_id:
-                    file.uploaded[number] = UploadedPart(generation, length, etag, upload_id)
+                    file.uploaded[number] = UploadedPart(generation, length, etag, upload_id, checksum)
                     file.bytes_uploaded += length
         except S3Error as err:
             with file.lock:
@@ -192,7 +205,9 @@ class Uploader:
                 if err.code == "NoSuchUpload":
                     # Aborted behind our back: start a new upload; every part becomes stale.
                     log.warning("multipart upload of %s vanished; restarting it", file.path)
-                    file.forget_upload_locked()
+                    gone = file.forget_upload_locked()
+                    if gone:
+                        self.registry.remove(gone[1])
                     return
                 file.part_error = err
             log.warning("upload of part %d of %s failed: %s", number, file.path, err)
@@ -218,7 +233,8 @@ class Uploader:
         def abort() -> None:
             try:
                 self.s3.abort_multipart(key, upload_id)
-            except S3Error as err:
+                self.registry.remove(upload_id)
+            except S3Error as err:  # stays registered: aborted at the next start
                 log.warning("could not abort multipart upload of %s: %s", key, err)
 
         self._misc_pool.submit(abort)
@@ -276,10 +292,13 @@ class Uploader:
 
     def _commit_with_retries(self, commit: Commit) -> S3Error | None:
         file = commit.file
+        started = time.monotonic()
         while True:
             commit.attempts += 1
             try:
                 self._commit_once(file)
+                with file.lock:
+                    file.retrying = None
                 return None
             except S3Error as err:
                 error = err
@@ -288,14 +307,20 @@ class Uploader:
             except Exception as err:
                 log.exception("unexpected error committing %s", file.path)
                 error = S3Error("InternalError", repr(err))
-            if not error.transient or commit.attempts >= COMMIT_ATTEMPTS or self._stop_event.is_set():
+            out_of_time = self.retry_window > 0 and time.monotonic() - started > self.retry_window
+            if not error.transient or out_of_time or self._stop_event.is_set():
                 log.error("upload of %s failed, data kept in the cache: %s", file.path, error)
                 with file.lock:
                     file.failure = error
+                    file.retrying = None
                     file.commit_queued = False
                 return error
-            delay = min(BACKOFF_CAP, 0.5 * 2 ** (commit.attempts - 1)) * random.uniform(0.5, 1.0)
-            log.warning("commit of %s failed (%s); retrying in %.1fs", file.path, error, delay)
+            delay = min(BACKOFF_CAP, 0.5 * 2 ** min(commit.attempts - 1, 10)) * random.uniform(0.5, 1.0)
+            if commit.attempts == 1 or commit.attempts % 10 == 0:
+                log.warning("upload of %s failed (%s); retrying (attempt %d, next in %.1fs)",
+                            file.path, error, commit.attempts, delay)
+            with file.lock:
+                file.retrying = error
             self._stop_event.wait(delay)
 
     def _commit_once(self, file: StagedFile) -> None:
@@ -335,14 +360,24 @@ class Uploader:
         data = os.pread(file.fd, file.size, 0) if file.size else b""
         if len(data) < file.size:
             data += bytes(file.size - len(data))
-        file.last_etag = self.s3.put(file.key, data, object_metadata(file.mtime, file.mode))
+        file.last_etag = self.s3.put(file.key, data, object_metadata(file.mtime, file.mode),
+                                     crc32c(data) if self.checksums else None)
         file.committed_version = version
 
     def _complete_locked(self, file: StagedFile) -> None:
         version = file.version
         count = file.part_count_locked()
-        parts = [(n, file.uploaded[n].etag) for n in range(1, count + 1)]
-        file.last_etag = self.s3.complete_multipart(file.key, file.upload_id, parts)
+        parts = [(n, file.uploaded[n].etag, file.uploaded[n].checksum) for n in range(1, count + 1)]
+        file.last_etag, server_checksum = self.s3.complete_multipart(file.key, file.upload_id, parts)
+        self.registry.remove(file.upload_id)
+        if self.checksums and server_checksum:
+            expected = composite_crc32c([checksum for _, _, checksum in parts])
+            if server_checksum != expected:
+                # Never seen in practice; if it happens, S3 holds something other than our bytes.
+                log.error("checksum of %s in S3 is %s, expected %s: uploading it again",
+                          file.path, server_checksum, expected)
+                file.forget_upload_locked()
+                raise S3Error("ChecksumMismatch", f"{file.key}: {server_checksum} != {expected}", transient=True)
         file.committed_version = version
         file.upload_id = None
         file.upload_key = None
