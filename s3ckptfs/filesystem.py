@@ -853,6 +853,7 @@ class Filesystem:
         """Re-queue every journaled file left by an earlier run. Returns how many."""
         known = set()
         count = 0
+        leftover_uploads = dict((upload_id, key) for key, upload_id in self.registry.load_all())
         for record in self.journal.load_all():
             file_id = record.get("id", "")
             staging_path = self.cache_dir.staging_path(file_id)
@@ -868,14 +869,21 @@ class Filesystem:
                               mode=int(record.get("mode", FILE_MODE)), mtime=float(record.get("mtime", 0)),
                               part_base=self.options.part_size)
             file.journaled_version = file.version
+            kept = 0
+            for upload_id in [u for u, key in leftover_uploads.items() if key == file.key]:
+                del leftover_uploads[upload_id]
+                if not kept and size > self.options.single_put_limit:
+                    kept = self.uploader.resume_upload(file, upload_id)
+                else:
+                    self.uploader.abort_later((file.key, upload_id))
             with self._lock:
                 self._staged[path] = file
             self.uploader.request_commit(file)
             count += 1
-            log.info("resuming upload of %s (%d bytes) from the journal", path, size)
-        # Uploads an earlier run started and never finished: their data is re-sent from
-        # the staging files above, so the old uploads are only debris. Abort them.
-        for key, upload_id in self.registry.load_all():
+            log.info("resuming upload of %s (%d bytes, %d part(s) already in S3) from the journal",
+                     path, size, kept)
+        # Uploads an earlier run started for files that were never closed: debris. Abort them.
+        for upload_id, key in leftover_uploads.items():
             self.uploader.abort_later((key, upload_id))
         for leftover in self.cache_dir.staging.glob("*.data"):
             if leftover.name not in known:

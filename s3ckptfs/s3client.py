@@ -300,6 +300,18 @@ class S3Client:
                 return
             raise err from exc
 
+    def list_parts(self, key: str, upload_id: str) -> list[tuple[int, int, str, str | None]]:
+        """(number, size, etag, crc32c or None) of the parts an unfinished upload holds."""
+        found = []
+        try:
+            paginator = self._client.get_paginator("list_parts")
+            for page in paginator.paginate(Bucket=self.bucket, Key=key, UploadId=upload_id):
+                for part in page.get("Parts", []):
+                    found.append((part["PartNumber"], part["Size"], part["ETag"], part.get("ChecksumCRC32C")))
+        except Exception as exc:
+            raise translate(exc, f"ListParts {key}") from exc
+        return found
+
     def list_multipart_uploads(self, prefix: str) -> list[tuple[str, str]]:
         """(key, upload_id) of every unfinished multipart upload under ``prefix``."""
         found: list[tuple[str, str]] = []

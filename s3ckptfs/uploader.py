@@ -29,6 +29,7 @@ is completed or aborted, so a crash never leaves an orphan behind for long.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -223,6 +224,41 @@ class Uploader:
             with file.lock:
                 file.inflight.discard(number)
                 file.changed.notify_all()
+
+    def resume_upload(self, file: StagedFile, upload_id: str) -> int:
+        """Adopt an upload an earlier run started for this file; keep the parts that match.
+
+        A part is kept only if its size and its CRC32C (or, when the server lists no
+        checksum, its MD5 ETag) equal those of the staging file's bytes now. Returns
+        the number of parts kept (0: the upload is aborted instead).
+        """
+        try:
+            listed = self.s3.list_parts(file.key, upload_id)
+        except S3Error as err:
+            log.info("earlier upload of %s cannot be resumed (%s)", file.path, err)
+            listed = []
+        kept: dict[int, UploadedPart] = {}
+        with file.lock:
+            count = file.part_count_locked()
+            for number, size, etag, checksum in listed:
+                if number > count or size != partplan.part_length(number, file.size, file.part_base):
+                    continue
+                start, _ = partplan.part_range(number, file.part_base)
+                data = os.pread(file.fd, size, start)
+                local_crc = crc32c(data)
+                if checksum:
+                    same = local_crc == checksum
+                else:
+                    same = hashlib.md5(data, usedforsecurity=False).hexdigest() == etag.strip('"')
+                if same:
+                    kept[number] = UploadedPart(0, size, etag, upload_id, local_crc if self.checksums else None)
+            if kept:
+                file.upload_id, file.upload_key = upload_id, file.key
+                file.uploaded.update(kept)
+                file.bytes_uploaded = sum(part.length for part in kept.values())
+        if not kept:
+            self.abort_later((file.key, upload_id))
+        return len(kept)
 
     def abort_later(self, stale: tuple[str, str] | None) -> None:
         """Abort a multipart upload that is no longer needed, in the background."""
