@@ -36,6 +36,7 @@ import mfusepy  # noqa: E402  (must follow the library selection above)
 
 LIBFUSE_PATH = os.environ.get("FUSE_LIBRARY_PATH", "?")
 LIBFUSE_MAJOR = mfusepy.fuse_version_major
+KERNEL_READAHEAD = 1 << 20
 
 _FUSE_BUF_IS_FD = 1 << 1
 _FUSE_BUF_FD_SEEK = 1 << 2
@@ -116,9 +117,11 @@ class FuseOperations(mfusepy.Operations):
 
     def init_with_config(self, conn_info, config_3) -> None:
         if conn_info is not None:
+            # Larger kernel read-ahead: fewer, bigger read requests for sequential loads.
+            conn_info.max_readahead = max(conn_info.max_readahead, KERNEL_READAHEAD)
             max_write = getattr(conn_info, "max_write", 0)
-            log.info("FUSE ready: %s (libfuse %d), max write %d KiB", LIBFUSE_PATH, LIBFUSE_MAJOR,
-                     max_write // 1024)
+            log.info("FUSE ready: %s (libfuse %d), max write %d KiB, read-ahead %d KiB", LIBFUSE_PATH,
+                     LIBFUSE_MAJOR, max_write // 1024, conn_info.max_readahead // 1024)
         if self._on_ready is not None:
             self._on_ready()
 
