@@ -132,10 +132,11 @@ class Filesystem:
         if cached is not None:
             return cached  # type: ignore[return-value]
         key = self.key_for(path)
+        token = self.meta.token()
         try:
             info = self.s3.head(key)
             if info is not None:
-                self.meta.put(path, info)
+                self.meta.put_if_unchanged(path, info, token)
                 return info
             first = self.s3.first_under(key + "/")
         except S3Error as err:
@@ -143,11 +144,15 @@ class Filesystem:
         if first is not None:
             # A marker object sorts first under its prefix; its time is the directory's.
             result = DirInfo(first.mtime if first.key == key + "/" else None)
-            self.meta.put(path, result)
+            self.meta.put_if_unchanged(path, result, token)
             return result
-        if has_staged_children:
-            return DirInfo(None)
-        self.meta.put(path, MISSING)
+        with self._lock:  # committed and retired while we asked?
+            staged = self._staged.get(path)
+            if staged is not None and not staged.deleted:
+                return self._staged_info(staged)
+            if self._staged_under_locked(path):
+                return DirInfo(None)
+        self.meta.put_if_unchanged(path, MISSING, token)
         return None
 
     @staticmethod
@@ -183,10 +188,14 @@ class Filesystem:
         children = self.meta.get_listing(path)
         if children is None:
             dir_key = self.prefix if path == "/" else self.key_for(path) + "/"
-            try:
-                files, dirs = self.s3.list_dir(dir_key)
-            except S3Error as err:
-                raise _s3_errno(err, f"list {path}") from err
+            for _attempt in range(3):  # again if a local change raced with the listing
+                token = self.meta.token()
+                try:
+                    files, dirs = self.s3.list_dir(dir_key)
+                except S3Error as err:
+                    raise _s3_errno(err, f"list {path}") from err
+                if self.meta.token() == token:
+                    break
             children = {}
             for info in files:
                 name = info.key[len(dir_key):]
@@ -195,7 +204,7 @@ class Filesystem:
             for name in dirs:
                 if name:
                     children[name] = DirInfo(None)  # a prefix shadows an object of the same name
-            self.meta.put_listing(path, children)
+            self.meta.put_listing(path, children, token)
         prefix = "/" if path == "/" else path + "/"
         with self._lock:
             for staged_path, file in self._staged.items():

@@ -1,0 +1,274 @@
+"""A fault-injecting TCP proxy for tests: sits between the daemon and the S3 server.
+
+Modes, switchable at any time from the test (each call replaces the last):
+
+* ``passthrough()``             forward bytes unchanged
+* ``delay(ms)``                 sleep ``ms`` before forwarding each chunk (both directions)
+* ``reset(after_bytes, every)`` on every ``every``-th connection that sends a request while the
+                                mode is on, send a TCP RST (SO_LINGER 0) to both sides once one
+                                request has sent ``after_bytes`` bytes (0: at its first byte)
+* ``down()``                    reset every open connection, and every new one at accept
+* ``slowdown(fraction)``        answer ``503 SlowDown`` to that fraction of requests, then close
+* ``deny()``                    answer ``403 AccessDenied`` to every request, then close
+
+``match`` (a regex searched in the request line, e.g. ``r"^POST .*uploadId="`` for
+CompleteMultipartUpload) limits ``reset``, ``slowdown`` and ``deny`` to the requests it matches.
+
+Requests are framed with Content-Length, so faults hit whole requests on
+keep-alive connections; a request with a chunked body turns the rest of its
+connection into a plain byte pipe. Injected answers are sent before the body is
+read (botocore sends ``Expect: 100-continue`` with bodies and stops on a final
+answer). ``requests`` records every request line seen; ``stats`` counts faults.
+
+Fixtures: a test module registers ``running_proxy`` (started in front of
+``s3server``, stopped at the end) and ``healing_proxy`` as ``fault_proxy``; the
+latter switches back to pass-through before the test's mounts are torn down.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import socket
+import struct
+import threading
+import time
+
+CHUNK = 64 * 1024
+
+
+def rst_close(sock: socket.socket) -> None:
+    """Close with an RST instead of a FIN."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def s3_error(status: int, reason: str, code: str, head_only: bool = False) -> bytes:
+    """A complete S3 XML error response that closes the connection."""
+    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            f"<Message>injected by faultproxy</Message><RequestId>faultproxy</RequestId></Error>").encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    return head if head_only else head + body
+
+
+class _Conn:
+    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.client, self.upstream = client, upstream
+        self.epoch = -1          # the mode epoch this connection's doom was decided in
+        self.doomed = False
+        self.cut_at = 0          # bytes of the current request after which it is reset
+        self.closed = False
+
+
+class FaultProxy:
+    """A threaded TCP proxy on a free loopback port; ``port`` is where clients connect."""
+
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._conns: set[_Conn] = set()
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._mode, self._params, self._epoch, self._counter = "pass", {}, 0, 0
+        self.requests: list[str] = []
+        self.stats = {"connections": 0, "resets": 0, "errors": 0}
+        self._spawn(self._accept_loop)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- modes ---------------------------------------------------------------------
+
+    def _set(self, mode: str, **params) -> None:
+        with self._lock:
+            self._mode, self._params, self._epoch, self._counter = mode, params, self._epoch + 1, 0
+
+    def passthrough(self) -> None:
+        self._set("pass")
+
+    def delay(self, ms: float) -> None:
+        self._set("delay", ms=ms)
+
+    def reset(self, after_bytes: int = 0, every: int = 1, match: str | None = None) -> None:
+        self._set("reset", after_bytes=after_bytes, every=every, match=match)
+
+    def slowdown(self, fraction: float = 1.0, match: str | None = None) -> None:
+        self._set("slowdown", fraction=fraction, match=match)
+
+    def deny(self, match: str | None = None) -> None:
+        self._set("deny", match=match)
+
+    def down(self) -> None:
+        self._set("down")
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            self._kill(conn)
+
+    # -- plumbing ------------------------------------------------------------------
+
+    def _spawn(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True, name="faultproxy")
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+
+    def _kill(self, conn: _Conn) -> None:
+        with self._lock:
+            if conn.closed:
+                return
+            conn.closed = True
+            self._conns.discard(conn)
+        for sock in (conn.client, conn.upstream):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the pump threads blocked in recv
+            except OSError:
+                pass
+            rst_close(sock)
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self.stats["connections"] += 1
+                down = self._mode == "down"
+            try:
+                if down:
+                    raise ConnectionRefusedError("proxy is down")
+                upstream = socket.create_connection(self.upstream, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                rst_close(client)
+                continue
+            conn = _Conn(client, upstream)
+            with self._lock:
+                self._conns.add(conn)
+            self._spawn(self._requests, conn)
+            self._spawn(self._responses, conn)
+
+    def _pause(self) -> None:
+        with self._lock:
+            ms = self._params.get("ms", 0) if self._mode == "delay" else 0
+        if ms:
+            time.sleep(ms / 1000)
+
+    def _responses(self, conn: _Conn) -> None:
+        try:
+            while data := conn.upstream.recv(CHUNK):
+                self._pause()
+                conn.client.sendall(data)
+        except OSError:
+            pass
+        self._kill(conn)
+
+    def _fault_for(self, conn: _Conn, line: str) -> str | None:
+        """Which fault (if any) the request starting with ``line`` gets; updates the doom of ``conn``."""
+        with self._lock:
+            mode, params = self._mode, self._params
+            if params.get("match") and not re.search(params["match"], line):
+                return None
+            if mode == "reset" and conn.epoch != self._epoch:
+                conn.epoch = self._epoch
+                self._counter += 1
+                conn.doomed = self._counter % params["every"] == 0
+            if mode == "reset" and conn.doomed and conn.epoch == self._epoch:
+                conn.cut_at = params["after_bytes"]
+                return "reset"
+            if mode == "slowdown" and random.random() < params["fraction"]:
+                return "slowdown"
+            return "deny" if mode == "deny" else None
+
+    def _requests(self, conn: _Conn) -> None:
+        buf, body_left, sent, raw, fault = b"", 0, 0, False, None
+        try:
+            while data := conn.client.recv(CHUNK):
+                self._pause()
+                buf += data
+                while buf:
+                    if raw or body_left:
+                        piece = buf if raw else buf[:body_left]
+                        buf = buf[len(piece):]
+                        body_left -= 0 if raw else len(piece)
+                    else:
+                        end = buf.find(b"\r\n\r\n")
+                        if end < 0:
+                            break  # wait for the rest of the head
+                        head, buf = buf[:end + 4], buf[end + 4:]
+                        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+                        with self._lock:
+                            self.requests.append(line)
+                        fields = head.decode("latin-1").lower()
+                        length = re.search(r"\r\ncontent-length:\s*(\d+)", fields)
+                        body_left = int(length.group(1)) if length else 0
+                        raw = "transfer-encoding: chunked" in fields
+                        fault, sent, piece = self._fault_for(conn, line), 0, head
+                        if fault in ("slowdown", "deny"):
+                            status, reason, code = ((503, "Slow Down", "SlowDown") if fault == "slowdown"
+                                                    else (403, "Forbidden", "AccessDenied"))
+                            answer = s3_error(status, reason, code, head_only=line.startswith("HEAD"))
+                            with self._lock:
+                                self.stats["errors"] += 1
+                            conn.client.sendall(answer)
+                            self._drain(conn)
+                            raise ConnectionAbortedError
+                    if fault == "reset" and sent + len(piece) >= conn.cut_at:
+                        conn.upstream.sendall(piece[:max(0, conn.cut_at - sent)])
+                        with self._lock:
+                            self.stats["resets"] += 1
+                        raise ConnectionAbortedError
+                    conn.upstream.sendall(piece)
+                    sent += len(piece)
+        except OSError:
+            pass
+        self._kill(conn)
+
+    @staticmethod
+    def _drain(conn: _Conn) -> None:
+        """End an answered connection with a FIN, reading what the client still sends until it closes.
+
+        (A reset right away could destroy the answer before the client reads it.)
+        """
+        conn.client.shutdown(socket.SHUT_WR)
+        conn.client.settimeout(10)
+        while conn.client.recv(CHUNK):
+            pass
+
+    def stop(self) -> None:
+        """Stop accepting, reset every connection, and wait for the threads."""
+        self._stopping.set()
+        self._listener.close()
+        with self._lock:
+            conns, threads = list(self._conns), list(self._threads)
+        for conn in conns:
+            self._kill(conn)
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+def running_proxy(s3server):
+    """Generator for a fixture: a proxy in front of the S3 server, stopped at the end."""
+    proxy = FaultProxy(s3server.s3_port)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def healing_proxy(running_proxy, mount_factory):
+    """Generator for the ``fault_proxy`` fixture: the running proxy, switched back to pass-through
+    before the test's mounts are torn down (so that they can drain whatever the test left)."""
+    yield running_proxy
+    running_proxy.passthrough()

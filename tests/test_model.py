@@ -1,0 +1,202 @@
+"""Reference model: random operations on the mount and on a local directory must agree.
+
+Each Hypothesis example works in a fresh directory of one long-lived mount and
+applies the same operations (write at offsets, append, truncate, rename of files
+and directories, unlink, mkdir, rmdir, read, sync, remount, kill and restart) to
+the mount and to a local directory, the model. Every operation must succeed on
+both or fail on both with the same errno; reads must return the same bytes.
+At the end, after sync, the tree seen through a second mount of the same prefix
+(its own cache, no metadata caching: a fresh node) must hold the same names and
+bytes as the model.
+
+S3CKPTFS_MODEL_EXAMPLES sets the number of sequences (default 40; run many more
+by hand).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+MiB = 1 << 20
+NAMES = ["a", "b", "c.pt", ".tmp1", "d=1"]
+DIRS = ["", "x", "x/y", "z"]
+EXAMPLES = int(os.environ.get("S3CKPTFS_MODEL_EXAMPLES", "40"))
+
+paths = st.builds(lambda d, n: f"{d}/{n}" if d else n, st.sampled_from(DIRS), st.sampled_from(NAMES))
+dirs = st.sampled_from([d for d in DIRS if d])
+offsets = st.one_of(st.integers(0, 64 * 1024), st.integers(0, 12 * MiB))
+blobs = st.one_of(st.binary(min_size=1, max_size=4096),
+                  st.tuples(st.integers(1, 3), st.integers(0, 255)).map(lambda t: bytes([t[1]]) * (t[0] * MiB)))
+
+
+def outcome(action):
+    """Run ``action``; return ("ok", value) or ("err", errno)."""
+    try:
+        return ("ok", action())
+    except OSError as exc:
+        return ("err", exc.errno)
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Relative path -> bytes (files) or None (directories)."""
+    found: dict[str, bytes | None] = {}
+    for current, subdirs, files in os.walk(root):
+        rel = os.path.relpath(current, root)
+        for name in subdirs:
+            found[os.path.normpath(os.path.join(rel, name))] = None
+        for name in files:
+            found[os.path.normpath(os.path.join(rel, name))] = Path(current, name).read_bytes()
+    return found
+
+
+def write_at(path: Path, offset: int, data: bytes) -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        return os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+def append(path: Path, data: bytes) -> int:
+    with open(path, "ab") as f:
+        return f.write(data)
+
+
+@pytest.fixture(scope="module")
+def model_mounts(s3server, tmp_path_factory):
+    """The mount under test, and a second one of the same prefix that reads S3 afresh."""
+    import conftest
+
+    bucket = conftest.unique_bucket_name("model")
+    client = s3server.client()
+    client.create_bucket(Bucket=bucket)
+    factory = conftest.MountFactory(s3server, tmp_path_factory.mktemp("model"))
+    mount = factory(bucket, "model", options={"metadata_ttl": 1, "negative_ttl": 1})
+    fresh = factory(bucket, "model", options={"metadata_ttl": 0, "negative_ttl": 0})
+    yield factory, mount, fresh
+    problems = factory.teardown()
+    assert not problems, problems
+
+
+def test_mount_behaves_like_a_local_directory(model_mounts, tmp_path):
+    factory, mount, fresh = model_mounts
+
+    class MountVersusLocal(RuleBasedStateMachine):
+        @initialize()
+        def start(self) -> None:
+            name = uuid.uuid4().hex[:8]
+            self.real = mount.path / name
+            self.model = tmp_path / name
+            os.mkdir(self.real)
+            os.mkdir(self.model)
+            self.restarts = 0
+            self.steps: list[str] = []
+
+        def both(self, action, what: str = "") -> None:
+            self.steps.append(what)
+            expected = outcome(lambda: action(self.model))
+            actual = outcome(lambda: action(self.real))
+            if expected[0] == "err" or actual[0] == "err":
+                assert actual == expected, f"mount gave {actual}, a local directory {expected}"
+
+        @rule(path=paths, offset=offsets, data=blobs)
+        def write(self, path, offset, data):
+            self.both(lambda root: write_at(root / path, offset, data), f"write {path} @{offset} +{len(data)}")
+
+        @rule(path=paths, data=blobs)
+        def append_to(self, path, data):
+            self.both(lambda root: append(root / path, data), f"append {path} +{len(data)}")
+
+        @rule(path=paths, size=offsets)
+        def truncate(self, path, size):
+            self.both(lambda root: os.truncate(root / path, size), f"truncate {path} {size}")
+
+        @rule(src=paths, dst=paths)
+        def rename_file(self, src, dst):
+            self.both(lambda root: os.rename(root / src, root / dst) if (root / src).is_file() else None,
+                      f"rename {src} {dst}")
+
+        @rule(src=dirs, dst=dirs)
+        def rename_dir(self, src, dst):
+            # Only onto a new name outside itself: the cases every filesystem agrees on.
+            if dst.startswith(src + "/") or src.startswith(dst + "/") or src == dst:
+                return
+            self.both(lambda root: os.rename(root / src, root / dst)
+                      if (root / src).is_dir() and not (root / dst).exists() else None, f"rename dir {src} {dst}")
+
+        @rule(path=paths)
+        def unlink(self, path):
+            self.both(lambda root: os.unlink(root / path), f"unlink {path}")
+
+        @rule(path=dirs)
+        def mkdir(self, path):
+            self.both(lambda root: os.mkdir(root / path), f"mkdir {path}")
+
+        @rule(path=dirs)
+        def rmdir(self, path):
+            self.both(lambda root: os.rmdir(root / path), f"rmdir {path}")
+
+        @rule(path=paths)
+        def read(self, path):
+            expected = outcome(lambda: (self.model / path).read_bytes())
+            actual = outcome(lambda: (self.real / path).read_bytes())
+            if expected[0] == "err" and expected[1] in (errno.EISDIR, errno.ENOENT, errno.ENOTDIR):
+                assert actual[0] == "err", f"read of {path} gave data, locally {expected}"
+            else:
+                assert actual == expected, f"read of {path} differs"
+
+        @rule()
+        def sync(self):
+            self.steps.append("sync")
+            mount.sync()
+
+        @precondition(lambda self: self.restarts == 0)
+        @rule()
+        def remount(self):
+            self.restarts += 1
+            self.steps.append("remount")
+            mount.remount()
+
+        @precondition(lambda self: self.restarts == 0)
+        @rule()
+        def kill_and_restart(self):
+            # Closed files are journaled: a crash must not lose them.
+            self.restarts += 1
+            self.steps.append("kill+restart")
+            mount.kill()
+            mount.remount()
+
+        @invariant()
+        def same_names(self):
+            if hasattr(self, "real"):
+                assert sorted(tree_names(self.real)) == sorted(tree_names(self.model)), self.steps
+
+        def teardown(self):
+            if not hasattr(self, "real"):
+                return
+            mount.sync()
+            assert tree(fresh.path / self.real.name) == tree(self.model), self.steps
+            shutil.rmtree(self.real)
+            shutil.rmtree(self.model)
+
+    MountVersusLocal.TestCase.settings = settings(
+        max_examples=EXAMPLES, stateful_step_count=12, deadline=None,
+        suppress_health_check=list(HealthCheck))
+    MountVersusLocal.TestCase().runTest()
+
+
+def tree_names(root: Path) -> list[str]:
+    names = []
+    for current, subdirs, files in os.walk(root):
+        rel = os.path.relpath(current, root)
+        names += [os.path.normpath(os.path.join(rel, n)) + "/" for n in subdirs]
+        names += [os.path.normpath(os.path.join(rel, n)) for n in files]
+    return names
