@@ -101,7 +101,12 @@ class Filesystem:
     def key_for(self, path: str) -> str:
         """The S3 key of ``path``. Raises ENAMETOOLONG over S3's 1024-byte limit."""
         key = self.prefix + path.lstrip("/")
-        if len(key.encode("utf-8", "surrogateescape")) > MAX_KEY_BYTES - 1:  # room for a dir marker's '/'
+        try:
+            encoded = key.encode("utf-8")
+        except UnicodeEncodeError:
+            # S3 keys are UTF-8; a name in another encoding cannot be stored as it is.
+            raise FsError(errno.EILSEQ, f"{path!r} is not valid UTF-8, which S3 keys must be") from None
+        if len(encoded) > MAX_KEY_BYTES - 1:  # room for a dir marker's '/'
             raise FsError(errno.ENAMETOOLONG, f"key for {path} is longer than S3 allows")
         return key
 

@@ -347,3 +347,10 @@ def test_write_without_permission_fails_on_fsync_with_eacces(bucket, mount_facto
     result = mount.sync(check=False)
     assert result.returncode != 0 and "denied.bin" in result.stderr
     mount.unmount(force=True)
+
+
+def test_name_that_is_not_utf8_is_eilseq(mnt, s3):
+    with pytest.raises(OSError) as info:
+        open(os.path.join(os.fsencode(mnt.path), b"bad\xff.pt"), "wb").close()
+    assert info.value.errno == errno.EILSEQ
+    assert list_keys(s3, mnt.bucket, mnt.key("")) == []
