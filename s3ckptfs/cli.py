@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from . import control, daemon
-from .config import MountConfig, default_cache_dir, parse_options, parse_s3_url
+from .config import (LOG_LEVELS, MountConfig, default_cache_dir, environment_options, load_config_file,
+                     parse_options, parse_s3_url, split_mount_options)
 from .errors import ConfigError
 
 PROG = "s3ckptfs"
@@ -40,14 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     mount = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] at MOUNTPOINT")
-    mount.add_argument("source", metavar="s3://BUCKET[/PREFIX]")
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    mount.add_argument("source", metavar="s3://BUCKET[/PREFIX]", nargs="?")
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    mount.add_argument("--config", help="TOML file with the mount's settings (command line wins)")
     mount.add_argument("--cache-dir", help="local cache (default: /var/cache/s3ckptfs/<bucket>-<hash>)")
     mount.add_argument("--endpoint-url", help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
     mount.add_argument("--region", help="S3 region")
     mount.add_argument("--profile", help="AWS profile for credentials")
     mount.add_argument("--foreground", "-f", action="store_true", help="stay attached (systemd uses this)")
-    mount.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    mount.add_argument("--log-level", choices=LOG_LEVELS)
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="key=value,...",
                        help="options, e.g. -o write_mode=sync,upload_concurrency=8")
 
@@ -75,13 +77,29 @@ def configure_logging(level: str, to_file: bool = False) -> None:
 
 
 def mount_config(args: argparse.Namespace) -> MountConfig:
-    bucket, prefix = parse_s3_url(args.source)
-    options = parse_options(args.options)
-    mountpoint = Path(os.path.abspath(args.mountpoint))
-    cache_dir = Path(os.path.abspath(args.cache_dir)) if args.cache_dir else default_cache_dir(bucket, prefix)
+    """Settings from the config file, then the environment, then the command line (which wins)."""
+    from_options, option_items = split_mount_options(args.options)
+    config_path = args.config or from_options.pop("config", None)
+    from_file, file_options = load_config_file(config_path) if config_path else ({}, [])
+
+    def pick(name: str) -> str | None:
+        cli_value = getattr(args, name, None)
+        return cli_value or from_options.get(name) or from_file.get(name)
+
+    source, mountpoint_arg = pick("source"), pick("mountpoint")
+    if not source or not mountpoint_arg:
+        raise ConfigError("mount needs s3://BUCKET[/PREFIX] and MOUNTPOINT (arguments or --config)")
+    bucket, prefix = parse_s3_url(source)
+    options = parse_options(file_options + environment_options() + option_items)
+    log_level = pick("log_level") or "info"
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level '{log_level}' is not one of {', '.join(LOG_LEVELS)}")
+    mountpoint = Path(os.path.abspath(mountpoint_arg))
+    cache_arg = pick("cache_dir")
+    cache_dir = Path(os.path.abspath(cache_arg)) if cache_arg else default_cache_dir(bucket, prefix)
     return MountConfig(bucket=bucket, prefix=prefix, mountpoint=mountpoint, cache_dir=cache_dir,
-                       endpoint_url=args.endpoint_url, region=args.region, profile=args.profile,
-                       options=options, log_level=args.log_level)
+                       endpoint_url=pick("endpoint_url"), region=pick("region"), profile=pick("profile"),
+                       options=options, log_level=log_level)
 
 
 def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
@@ -181,6 +199,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("s3://"):
+        # mount(8) -t fuse.s3ckptfs (an fstab line) runs "s3ckptfs SOURCE MOUNTPOINT -o OPTIONS".
+        argv = ["mount", *argv]
     args = build_parser().parse_args(argv)
     try:
         if args.command == "mount":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -177,3 +178,95 @@ class MountConfig:
     @property
     def source(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
+
+
+# Keys of a config file besides the [options] table; the same names work as -o keys,
+# which is how an fstab line passes them.
+MOUNT_KEYS = ("source", "mountpoint", "cache_dir", "endpoint_url", "region", "profile", "log_level")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Options that mount(8) and fstab pass to every filesystem; they mean nothing to S3.
+GENERIC_MOUNT_FLAGS = frozenset({
+    "rw", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime",
+    "strictatime", "diratime", "nodiratime", "auto", "noauto", "user", "nouser", "users", "defaults",
+    "_netdev", "nofail", "lazytime", "nolazytime", "silent", "loud",
+})
+
+
+def split_mount_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Separate mount-level keys (cache_dir=, ...) and generic flags from tunables.
+
+    Returns ({mount key: value}, [remaining 'k=v' strings for parse_options]).
+    ``sync``/``async`` (the generic flags) select the write mode; ``ro`` is refused.
+    """
+    mount: dict[str, str] = {}
+    rest: list[str] = []
+    for item in items:
+        for pair in filter(None, (p.strip() for p in item.split(","))):
+            key, sep, value = pair.partition("=")
+            name = key.strip().replace("-", "_")
+            if name in MOUNT_KEYS and name not in ("source", "mountpoint"):
+                if not sep or not value:
+                    raise ConfigError(f"option {name} needs a value ({name}=...)")
+                mount[name] = value
+            elif name == "config":
+                mount["config"] = value
+            elif name in GENERIC_MOUNT_FLAGS or name.startswith(("x-", "comment")):
+                continue
+            elif name in ("sync", "async") and not sep:
+                rest.append(f"write_mode={name}")
+            elif name == "ro":
+                raise ConfigError("read-only mounts are not supported (option ro)")
+            else:
+                rest.append(pair)
+    return mount, rest
+
+
+def load_config_file(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
+    """Read a TOML config file: ({mount key: value}, ['k=v' option strings]).
+
+    Unknown keys and bad values raise ConfigError naming the key and the file.
+    """
+    try:
+        with open(path, "rb") as stream:
+            data = tomllib.load(stream)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    mount: dict[str, str] = {}
+    options: list[str] = []
+    for key, value in data.items():
+        if key == "options":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: 'options' must be a table ([options])")
+            for name, item in value.items():
+                if name not in _OPTION_TYPES:
+                    raise ConfigError(f"{path}: unknown option '{name}' in [options]")
+                text = str(item).lower() if isinstance(item, bool) else str(item)
+                options.append(f"{name}={text}")
+        elif key in MOUNT_KEYS:
+            if not isinstance(value, str):
+                raise ConfigError(f"{path}: '{key}' must be a string")
+            mount[key] = value
+        else:
+            raise ConfigError(f"{path}: unknown key '{key}' (known: {', '.join(MOUNT_KEYS)}, [options])")
+    for name in options:
+        try:
+            parse_options([name])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return mount, options
+
+
+def environment_options(environ: dict[str, str] | None = None) -> list[str]:
+    """Options from S3CKPTFS_<OPTION> environment variables (e.g. S3CKPTFS_WRITE_MODE=sync)."""
+    environ = os.environ if environ is None else environ
+    found = []
+    for name in _OPTION_TYPES:
+        value = environ.get(f"S3CKPTFS_{name.upper()}")
+        if value is not None:
+            found.append(f"{name}={value}")
+    return found

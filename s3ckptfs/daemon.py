@@ -13,9 +13,11 @@ parent through a pipe, and to systemd through NOTIFY_SOCKET if set).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,7 +59,19 @@ def is_mounted(path: str | os.PathLike) -> bool:
     return os.path.realpath(path) in mounted_paths()
 
 
+def clean_stale_mount(mountpoint: Path) -> None:
+    """A mount left by a daemon that died answers ENOTCONN: unmount it (lazily) so we can mount again."""
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN and is_mounted(mountpoint):
+            fusermount = shutil.which("fusermount3") or "fusermount3"
+            subprocess.run([fusermount, "-uz", str(mountpoint)], capture_output=True)
+            log.warning("cleaned a stale mount at %s (its daemon had died)", mountpoint)
+
+
 def check_mountpoint(mountpoint: Path) -> None:
+    clean_stale_mount(mountpoint)
     if not mountpoint.exists():
         if mountpoint.is_symlink():
             raise ConfigError(f"mountpoint {mountpoint} is a dangling symlink")
@@ -144,6 +158,18 @@ def sd_notify(message: str) -> None:
 
 # -- running -----------------------------------------------------------------------------
 
+def _notify_loop(fs, source: str, stop: threading.Event) -> None:
+    """STATUS= with the pending uploads, and WATCHDOG=1 pings when systemd asked for them."""
+    watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    interval = min(5.0, watchdog_usec / 2e6) if watchdog_usec else 5.0
+    while not stop.wait(interval):
+        pending = list(fs.iter_pending())
+        failed = sum(1 for f in pending if f.failure is not None)
+        status = (f"{len(pending)} upload(s) pending ({sum(f.size for f in pending) / 2**20:.0f} MiB)"
+                  + (f", {failed} failed" if failed else "") if pending else f"serving {source}, all in S3")
+        sd_notify(f"STATUS={status}" + ("\nWATCHDOG=1" if watchdog_usec else ""))
+
+
 def _status(fs) -> dict:
     files = []
     now = time.time()
@@ -223,11 +249,19 @@ def run(config: MountConfig) -> int:
             if is_mounted(config.mountpoint):
                 log.info("mounted %s at %s (cache %s, %d upload(s) resumed)", config.source,
                          config.mountpoint, config.cache_dir, recovered)
+                became_ready.set()
                 report("ready")
                 sd_notify(f"READY=1\nSTATUS=serving {config.source}")
+                if os.environ.get("NOTIFY_SOCKET"):
+                    threading.Thread(target=_notify_loop, args=(fs, config.source, stop_notify),
+                                     name="s3ckptfs-notify", daemon=True).start()
                 return
             time.sleep(0.02)
         report("error: the mount did not appear within 30s")
+
+    stop_notify = threading.Event()
+    exit_code = 0
+    became_ready = threading.Event()
 
     def on_ready() -> None:
         threading.Thread(target=confirm_ready, name="s3ckptfs-ready", daemon=True).start()
@@ -236,10 +270,15 @@ def run(config: MountConfig) -> int:
         serve(fs, str(config.mountpoint), fsname=config.source, allow_other=config.options.allow_other,
               on_ready=on_ready)
     except Exception as exc:
-        report(f"error: mount failed: {exc}")
-        log.error("mount failed: %s", exc)
-        return 1
+        if became_ready.is_set():
+            # libfuse's loop ends with a non-zero code when a signal (SIGTERM) stops it: a normal stop.
+            log.info("stopping (%s)", exc)
+        else:
+            report(f"error: mount failed: {exc}")
+            log.error("mount failed: %s", exc)
+            exit_code = 1
     finally:
+        stop_notify.set()
         sd_notify("STOPPING=1")
         control.close()
         report("error: the filesystem stopped during start-up")
@@ -256,7 +295,7 @@ def run(config: MountConfig) -> int:
             (config.cache_dir / PID_FILE).unlink()
         except FileNotFoundError:
             pass
-    return 0
+    return exit_code
 
 
 def start_background(argv: list[str], config: MountConfig, timeout: float = 60.0) -> None:

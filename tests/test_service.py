@@ -1,0 +1,142 @@
+"""Running as a service: the systemd unit, the notify protocol, SIGTERM, config files, fstab."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_env, get_bytes, is_mounted, run_cli, wait_for
+
+MiB = 1 << 20
+REPO = Path(__file__).resolve().parent.parent
+UNIT = REPO / "systemd" / "s3ckptfs@.service"
+
+
+def s3ckptfs_bin() -> str:
+    return str(Path(sys.executable).parent / "s3ckptfs")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_unit_passes_systemd_analyze_verify(tmp_path):
+    unit = tmp_path / "s3ckptfs@.service"
+    # Point ExecStart at this checkout's command, which verify checks for existence.
+    unit.write_text(UNIT.read_text().replace("/usr/local/bin/s3ckptfs", s3ckptfs_bin()))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "s3ckptfs@ckpt.service")],
+                            capture_output=True, text=True)
+    problems = [line for line in result.stderr.splitlines() if "s3ckptfs" in line]
+    assert result.returncode == 0 and not problems, result.stderr
+
+
+def test_notify_ready_after_mount_and_sigterm_drains(bucket, s3server, s3, tmp_path):
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(60)
+    mountpoint, cache = tmp_path / "mnt", tmp_path / "cache"
+    mountpoint.mkdir()
+    env = cli_env(s3server, {"NOTIFY_SOCKET": str(notify_path)})
+    log = open(tmp_path / "daemon.log", "wb")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "s3ckptfs", "mount", f"s3://{bucket}/svc", str(mountpoint), "--cache-dir", str(cache),
+         "--endpoint-url", s3server.endpoint_url, "--foreground", "-o", "eager_uploads=0,upload_concurrency=1"],
+        env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        message = listener.recv(4096).decode()
+        assert "READY=1" in message
+        assert is_mounted(mountpoint), "READY=1 came before the mount was live"
+        data = os.urandom(64 * MiB)
+        (mountpoint / "big.pt").write_bytes(data)  # close returns; the upload is still to come
+        daemon.send_signal(signal.SIGTERM)
+        messages = []
+        while "STOPPING=1" not in "".join(messages):
+            messages.append(listener.recv(4096).decode())
+        assert daemon.wait(timeout=120) == 0
+        # The object was complete before the process exited, and the mount is gone.
+        assert get_bytes(s3, bucket, "svc/big.pt") == data
+        assert not is_mounted(mountpoint)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        if is_mounted(mountpoint):
+            subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
+        listener.close()
+        log.close()
+
+
+def test_config_file_mount_and_precedence(bucket, s3server, s3, tmp_path, mount_factory):
+    mountpoint = mount_factory.fresh_dir("mnt")
+    cache = mount_factory.fresh_dir("cache", create=False)
+    config = tmp_path / "ckpt.toml"
+    config.write_text(f'source = "s3://{bucket}/fromfile"\nmountpoint = "{mountpoint}"\n'
+                      f'cache_dir = "{cache}"\nendpoint_url = "{s3server.endpoint_url}"\n'
+                      '[options]\nwrite_mode = "async"\nmetadata_ttl = 2\n')
+    env = cli_env(s3server, {"S3CKPTFS_WRITE_MODE": "sync"})  # the environment beats the file
+    result = run_cli(["mount", "--config", str(config)], env)
+    try:
+        assert result.returncode == 0, result.describe()
+        (mountpoint / "f.txt").write_bytes(b"x")
+        assert get_bytes(s3, bucket, "fromfile/f.txt") == b"x"  # sync mode: in S3 at close
+    finally:
+        run_cli(["unmount", str(mountpoint)], env)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('source = "s3://b/p"\nbogus = 1\n', "unknown key 'bogus'"),
+    ('[options]\nwrite_mode = "sometimes"\n', "write_mode"),
+    ('[options]\nnot_an_option = 1\n', "unknown option 'not_an_option'"),
+    ('source = [1\n', "not valid TOML"),
+])
+def test_bad_config_file_is_one_line_naming_key_and_file(s3server, tmp_path, content, expected):
+    config = tmp_path / "bad.toml"
+    config.write_text(content)
+    result = run_cli(["mount", "--config", str(config)], cli_env(s3server))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("s3ckptfs: error:"), result.stderr
+    assert expected in lines[0]
+    assert "bad.toml" in lines[0] or "TOML" in lines[0]
+
+
+@pytest.fixture
+def installed_command():
+    """mount.fuse3 runs 's3ckptfs' from the system PATH, where a pip install as root puts it."""
+    system_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    if shutil.which("s3ckptfs", path=system_path):
+        yield
+        return
+    link = Path("/usr/local/bin/s3ckptfs")
+    link.symlink_to(s3ckptfs_bin())
+    try:
+        yield
+    finally:
+        link.unlink()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount.fuse3") is None,
+                    reason="mount -t fuse.s3ckptfs needs root and mount.fuse3")
+def test_fstab_style_mount(bucket, s3server, s3, mount_factory, installed_command):
+    mountpoint = mount_factory.fresh_dir("mnt")
+    cache = mount_factory.fresh_dir("cache", create=False)
+    env = cli_env(s3server)
+    result = subprocess.run(
+        ["mount", "-t", "fuse.s3ckptfs", f"s3://{bucket}/fstab", str(mountpoint),
+         "-o", f"_netdev,noatime,cache_dir={cache},endpoint_url={s3server.endpoint_url}"],
+        env=env, capture_output=True, text=True, timeout=60)
+    try:
+        assert result.returncode == 0, result.stderr
+        assert is_mounted(mountpoint)
+        (mountpoint / "ok.txt").write_bytes(b"fstab")
+        run_cli(["sync", str(mountpoint)], env)
+        assert get_bytes(s3, bucket, "fstab/ok.txt") == b"fstab"
+    finally:
+        run_cli(["unmount", str(mountpoint)], env)
+        wait_for(lambda: not is_mounted(mountpoint), timeout=30)
