@@ -87,6 +87,8 @@ class Options:
     checksums: bool = True             # CRC32C per part, checked by the server and at completion
     allow_other: bool = False          # let other users see the mount (FUSE allow_other)
     drain_timeout: float = 600.0       # seconds to wait for uploads on unmount/stop
+    metrics_port: int = 0              # serve Prometheus metrics on this port (0: off)
+    metrics_addr: str = "127.0.0.1"    # address the metrics server listens on
 
     def __post_init__(self) -> None:
         if self.write_mode not in ("async", "sync"):
@@ -111,6 +113,8 @@ class Options:
             raise ConfigError("option read_block: must be between 64KiB and 1GiB")
         if self.read_ahead < 0:
             raise ConfigError("option read_ahead: must not be negative")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("option metrics_port: must be a TCP port (1-65535), or 0 for off")
         if self.retry_attempts < 1:
             raise ConfigError("option retry_attempts: must be at least 1")
 

@@ -30,6 +30,7 @@ from .cache import CacheDir
 from .config import MountConfig
 from .control import ControlServer
 from .errors import ConfigError, S3Error
+from .metrics import Metrics
 from .s3client import S3Client
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,16 @@ def run(config: MountConfig) -> int:
         report(f"error: {exc}")
         raise
     (config.cache_dir / PID_FILE).write_text(f"{os.getpid()}\n")
-    fs = Filesystem(config, make_client(config), cache)
+    metrics = Metrics()
+    fs = Filesystem(config, make_client(config), cache, metrics)
+    metrics.add_state(fs.state_metrics)
+    if config.options.metrics_port:
+        try:
+            metrics.serve(config.options.metrics_port, config.options.metrics_addr)
+        except OSError as exc:
+            report(f"error: cannot serve metrics on {config.options.metrics_addr}:{config.options.metrics_port}: "
+                   f"{exc.strerror}")
+            raise ConfigError(f"cannot serve metrics on port {config.options.metrics_port}: {exc.strerror}") from None
     recovered = fs.recover()
     control = ControlServer(str(config.mountpoint), _control_handler(fs),
                             {"pid": os.getpid(), "mountpoint": str(config.mountpoint),
@@ -268,7 +278,7 @@ def run(config: MountConfig) -> int:
 
     try:
         serve(fs, str(config.mountpoint), fsname=config.source, allow_other=config.options.allow_other,
-              on_ready=on_ready)
+              metrics=metrics, on_ready=on_ready)
     except Exception as exc:
         if became_ready.is_set():
             # libfuse's loop ends with a non-zero code when a signal (SIGTERM) stops it: a normal stop.

@@ -39,6 +39,7 @@ from .config import MountConfig
 from .errors import FsError, S3Error
 from .handles import Handle, HandleTable
 from .metadata import MISSING, DirInfo, MetadataCache
+from .metrics import Metrics
 from .s3client import ObjectInfo, S3Client, object_metadata
 from .staging import StagedFile, pwrite_all, start_writeback
 from .uploader import Ticket, Uploader
@@ -71,7 +72,8 @@ def _s3_errno(err: S3Error, what: str) -> FsError:
 class Filesystem:
     """The semantics of one mount. Thread-safe: FUSE calls it from many threads."""
 
-    def __init__(self, config: MountConfig, s3: S3Client, cache_dir: CacheDir) -> None:
+    def __init__(self, config: MountConfig, s3: S3Client, cache_dir: CacheDir,
+                 metrics: Metrics | None = None) -> None:
         opts = config.options
         self.config = config
         self.options = opts
@@ -86,7 +88,7 @@ class Filesystem:
         self.uploader = Uploader(s3, concurrency=opts.upload_concurrency, single_put_limit=opts.single_put_limit,
                                  on_committed=self._on_committed, registry=self.registry,
                                  upload_nice=opts.upload_nice, eager_uploads=opts.eager_uploads,
-                                 retry_window=opts.retry_window, checksums=opts.checksums)
+                                 retry_window=opts.retry_window, checksums=opts.checksums, metrics=metrics)
         self.downloads = ThreadPoolExecutor(max_workers=opts.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
         self.handles = HandleTable()
@@ -910,6 +912,13 @@ class Filesystem:
         drained = self.uploader.shutdown(drain_timeout)
         self.downloads.shutdown(wait=False, cancel_futures=True)
         return drained
+
+    def state_metrics(self) -> dict[str, float]:
+        """Gauges for the metrics endpoint, computed when scraped."""
+        pending = list(self.iter_pending())
+        return {"pending_uploads": sum(1 for f in pending if f.failure is None and not f.writers),
+                "failed_uploads": sum(1 for f in pending if f.failure is not None),
+                "dirty_bytes": self.staged_bytes(), "clean_cache_bytes": self.objects.used_bytes()}
 
     def iter_pending(self) -> Iterable[StagedFile]:
         for file in self.staged_files():

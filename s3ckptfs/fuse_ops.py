@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from .errors import FsError, S3Error
 from .filesystem import Filesystem, Stat
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +76,33 @@ def _copy_bufvec(source: int, size: int, fd: int, offset: int) -> int:
 def _translate(method: Callable) -> Callable:
     """Run a FUSE operation; any failure leaves as FuseOSError(errno), never as a traceback."""
 
+    name = method.__name__
+
+    def fail(self, code: int, cause: BaseException) -> mfusepy.FuseOSError:
+        self.metrics.count_error(name, code)
+        error = mfusepy.FuseOSError(code)
+        error.__cause__ = cause
+        return error
+
     @functools.wraps(method)
     def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        self.metrics.count_operation(name)
         try:
             return method(self, *args, **kwargs)
-        except mfusepy.FuseOSError:
-            raise
+        except mfusepy.FuseOSError as exc:
+            raise fail(self, exc.errno, exc) from None
         except FsError as exc:
-            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from exc
+            raise fail(self, exc.errno or errno.EIO, exc) from None
         except S3Error as exc:
-            log.error("%s: %s", method.__name__, exc)
-            raise mfusepy.FuseOSError(exc.errno) from exc
+            log.error("%s: %s", name, exc)
+            raise fail(self, exc.errno, exc) from None
         except OSError as exc:
             if exc.errno is None:
-                log.exception("%s failed", method.__name__)
-            raise mfusepy.FuseOSError(exc.errno or errno.EIO) from exc
+                log.exception("%s failed", name)
+            raise fail(self, exc.errno or errno.EIO, exc) from None
         except Exception as exc:
-            log.exception("unexpected error in %s", method.__name__)
-            raise mfusepy.FuseOSError(errno.EIO) from exc
+            log.exception("unexpected error in %s", name)
+            raise fail(self, errno.EIO, exc) from None
 
     return wrapper
 
@@ -109,8 +119,9 @@ class FuseOperations(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, fs: Filesystem, on_ready: Callable[[], None] | None = None) -> None:
+    def __init__(self, fs: Filesystem, metrics: Metrics, on_ready: Callable[[], None] | None = None) -> None:
         self.fs = fs
+        self.metrics = metrics
         self._on_ready = on_ready
         self._uid = os.getuid()
         self._gid = os.getgid()
@@ -245,11 +256,11 @@ class _FUSE(mfusepy.FUSE):
         return self.operations.write_buf(decoded, buf, offset, fip.contents.fh)
 
 
-def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool,
+def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool, metrics: Metrics,
           on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled (blocks)."""
     options: dict[str, Any] = {"fsname": fsname, "subtype": "s3ckptfs", "hard_remove": True,
                                "foreground": True, "auto_cache": True}
     if allow_other:
         options["allow_other"] = True
-    _FUSE(FuseOperations(fs, on_ready), mountpoint, **options)
+    _FUSE(FuseOperations(fs, metrics, on_ready), mountpoint, **options)

@@ -43,6 +43,7 @@ from typing import Callable
 from . import partplan
 from .cache import UploadRegistry
 from .errors import S3Error
+from .metrics import Metrics
 from .s3client import S3Client, composite_crc32c, crc32c, object_metadata
 from .staging import StagedFile, UploadedPart
 
@@ -75,6 +76,7 @@ class Commit:
     file: StagedFile
     ticket: Ticket = field(default_factory=Ticket)
     attempts: int = 0
+    requested: float = field(default_factory=time.monotonic)
 
 
 CommittedCallback = Callable[[StagedFile, str, str, int], None]
@@ -85,8 +87,10 @@ class Uploader:
 
     def __init__(self, s3: S3Client, *, concurrency: int, single_put_limit: int,
                  on_committed: CommittedCallback, registry: UploadRegistry, upload_nice: int = 0,
-                 eager_uploads: int | None = None, retry_window: float = 0.0, checksums: bool = True) -> None:
+                 eager_uploads: int | None = None, retry_window: float = 0.0, checksums: bool = True,
+                 metrics: Metrics | None = None) -> None:
         self.s3 = s3
+        self.metrics = metrics or Metrics()
         self.checksums = checksums
         self.registry = registry
         self.retry_window = retry_window
@@ -332,7 +336,8 @@ class Uploader:
         while True:
             commit.attempts += 1
             try:
-                self._commit_once(file)
+                if self._commit_once(file):
+                    self.metrics.upload_seconds.observe(time.monotonic() - commit.requested)
                 with file.lock:
                     file.retrying = None
                 return None
@@ -346,6 +351,7 @@ class Uploader:
             out_of_time = self.retry_window > 0 and time.monotonic() - started > self.retry_window
             if not error.transient or out_of_time or self._stop_event.is_set():
                 log.error("upload of %s failed, data kept in the cache: %s", file.path, error)
+                self.metrics.upload_failures.inc()
                 with file.lock:
                     file.failure = error
                     file.retrying = None
@@ -359,16 +365,19 @@ class Uploader:
                 file.retrying = error
             self._stop_event.wait(delay)
 
-    def _commit_once(self, file: StagedFile) -> None:
-        """Make S3 hold the file's current content under its current key, or raise S3Error."""
+    def _commit_once(self, file: StagedFile) -> bool:
+        """Make S3 hold the file's current content under its current key, or raise S3Error.
+
+        Returns True if an object was written, False if there was nothing to do.
+        """
         while True:
             with file.lock:
                 file.commit_queued = False
                 if file.deleted or file.write_error is not None:
                     self.abort_later(file.forget_upload_locked())
-                    return
+                    return False
                 if not file.dirty:
-                    return
+                    return False
                 if file.size <= self.single_put_limit:
                     self._put_small_locked(file)
                     result = (file.key, file.last_etag, file.committed_version)
@@ -388,7 +397,10 @@ class Uploader:
                     raise error
         self.objects_committed += 1
         self.bytes_committed += file.size
+        self.metrics.uploaded_objects.inc()
+        self.metrics.uploaded_bytes.inc(file.size)
         self._on_committed(file, *result)
+        return True
 
     def _put_small_locked(self, file: StagedFile) -> None:
         self.abort_later(file.forget_upload_locked())

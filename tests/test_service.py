@@ -140,3 +140,34 @@ def test_fstab_style_mount(bucket, s3server, s3, mount_factory, installed_comman
     finally:
         run_cli(["unmount", str(mountpoint)], env)
         wait_for(lambda: not is_mounted(mountpoint), timeout=30)
+
+
+def test_metrics_are_served_and_change_as_files_are_written(bucket, mount_factory):
+    import urllib.request
+
+    from s3ckptfs.devserver import free_port_pairs
+
+    port = free_port_pairs(1)[0]
+    mount = mount_factory(bucket, "metrics", options={"metrics_port": port})
+
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    before = scrape()
+    (mount.path / "a.bin").write_bytes(os.urandom(12 * MiB))
+    mount.sync()
+    after = scrape()
+    assert after["s3ckptfs_uploaded_objects_total"] == before.get("s3ckptfs_uploaded_objects_total", 0) + 1
+    assert after["s3ckptfs_uploaded_bytes_total"] >= 12 * MiB
+    assert after['s3ckptfs_fuse_operations_total{operation="write_buf"}'] >= 12
+    assert after["s3ckptfs_pending_uploads"] == 0
+    assert "s3ckptfs_upload_duration_seconds_count" in after
+    with pytest.raises(FileNotFoundError):
+        (mount.path / "missing").read_bytes()
+    assert scrape().get('s3ckptfs_fuse_errors_total{errno="ENOENT",operation="getattr"}', 0) >= 1
