@@ -116,6 +116,10 @@ class Filesystem:
     def _parent(path: str) -> str:
         return path.rpartition("/")[0] or "/"
 
+    def _staged_children(self, path: str) -> list[StagedFile]:
+        with self._lock:
+            return [f for f in self._staged_under_locked(path) if not f.deleted]
+
     def _staged_under_locked(self, path: str) -> list[StagedFile]:
         prefix = "/" if path == "/" else path + "/"
         return [f for p, f in self._staged.items() if p.startswith(prefix)]
@@ -130,12 +134,14 @@ class Filesystem:
             staged = self._staged.get(path)
             if staged is not None:
                 return None if staged.deleted else self._staged_info(staged)
-            has_staged_children = bool(self._staged_under_locked(path))
+            staged_children = [f for f in self._staged_under_locked(path) if not f.deleted]
         cached = self.meta.get(path)
         if cached is MISSING:
-            return DirInfo(None) if has_staged_children else None
+            return DirInfo(max(f.mtime for f in staged_children)) if staged_children else None
         if isinstance(cached, ObjectInfo) and cached.mode is None and cached.size <= SYMLINK_MAX:
             cached = None  # from a listing: HEAD tells whether it is a symlink
+        if isinstance(cached, DirInfo) and cached.mtime is None:
+            cached = None  # from a listing: its own listing tells its mtime
         if cached is not None:
             return cached  # type: ignore[return-value]
         key = self.key_for(path)
@@ -145,20 +151,30 @@ class Filesystem:
             if info is not None:
                 self.meta.put_if_unchanged(path, info, token)
                 return info
-            first = self.s3.first_under(key + "/")
+            exists, has_marker, newest = self.s3.dir_summary(key + "/")
+            marker = self.s3.head(key + "/") if has_marker else None
         except S3Error as err:
             raise _s3_errno(err, f"lookup {path}") from err
-        if first is not None:
-            # A marker object sorts first under its prefix; its time is the directory's.
-            result = DirInfo(first.mtime if first.key == key + "/" else None)
+        if exists:
+            # A directory's mtime is its creation time, kept in its marker (mkdir makes one,
+            # rename carries it over): directories sort in creation order, across remounts,
+            # as checkpoint rotation needs. Without a marker (made by another tool): the
+            # newest of its entries.
+            if marker is not None:
+                mtime: float | None = marker.mtime
+            else:
+                mtimes = [t for t in [newest, *(f.mtime for f in self._staged_children(path))] if t is not None]
+                mtime = max(mtimes) if mtimes else None
+            result = DirInfo(mtime)
             self.meta.put_if_unchanged(path, result, token)
             return result
         with self._lock:  # committed and retired while we asked?
             staged = self._staged.get(path)
             if staged is not None and not staged.deleted:
                 return self._staged_info(staged)
-            if self._staged_under_locked(path):
-                return DirInfo(None)
+            staged_children = [f for f in self._staged_under_locked(path) if not f.deleted]
+            if staged_children:
+                return DirInfo(max(f.mtime for f in staged_children))
         self.meta.put_if_unchanged(path, MISSING, token)
         return None
 
@@ -597,7 +613,7 @@ class Filesystem:
         """
         with self._lock:
             with file.lock:
-                if (file.handles or file.dirty or file.deleted or file.commit_queued
+                if (file.handles or file.dirty or file.deleted or file.commit_queued or file.inflight
                         or self._staged.get(file.path) is not file):
                     return
                 del self._staged[file.path]
@@ -657,7 +673,14 @@ class Filesystem:
             raise FsError(errno.EBUSY, path)
         entry = self._lookup(path)
         if entry is None:
-            return  # already gone (an implicit directory vanishes with its last object)
+            # Already gone: an implicit directory vanishes with its last object. Some
+            # servers keep an empty folder until its key is deleted, so delete it anyway.
+            try:
+                self.s3.delete(self.key_for(path) + "/")
+            except S3Error as err:
+                log.debug("rmdir %s: %s", path, err)
+            self.meta.forget_tree(path)
+            return
         if not isinstance(entry, DirInfo):
             raise FsError(errno.ENOTDIR, path)
         with self._lock:
@@ -747,26 +770,41 @@ class Filesystem:
     def _rename_dir(self, old: str, new: str) -> None:
         old_prefix = self.key_for(old) + "/"
         new_prefix = self.key_for(new) + "/"
-        # Staged files first, so that a commit racing with us lands under the new name,
-        # or has landed under the old one before the listing below sees it.
-        with self._lock:
-            for file in self._staged_under_locked(old):
-                del self._staged[file.path]
-                new_path = new + file.path[len(old):]
-                self._retarget_locked(file, new_path)
-                self._staged[new_path] = file
         try:
-            for info in list(self.s3.list_all(old_prefix)):
-                target = new_prefix + info.key[len(old_prefix):]
-                self.key_for("/" + target[len(self.prefix):])  # ENAMETOOLONG before any change
-                if info.key.endswith("/") and info.size == 0:
-                    # A directory marker holds no data: make a new one (some servers
-                    # cannot copy a marker, as they store it as a directory).
-                    self.s3.put(target, b"", object_metadata(time.time(), DIR_MODE))
-                else:
-                    self.s3.copy(info.key, target, info.size)
+            objects = list(self.s3.list_all(old_prefix))
+        except S3Error as err:
+            raise _s3_errno(err, f"rename {old} -> {new}") from err
+        for info in objects:  # ENAMETOOLONG before any change
+            self.key_for("/" + (new_prefix + info.key[len(old_prefix):])[len(self.prefix):])
+        markers = [info for info in objects if info.key.endswith("/") and info.size == 0]
+        files = [info for info in objects if info not in markers]
+        try:
+            # Markers first at the destination (a directory keeps its creation time), so
+            # that no server has made an implicit folder there before the marker lands.
+            for marker in sorted(markers, key=lambda m: m.key):
+                original = self.s3.head(marker.key)
+                mtime = original.mtime if original else marker.mtime
+                self.s3.put(new_prefix + marker.key[len(old_prefix):], b"", object_metadata(mtime, DIR_MODE))
+            # Staged files next, so that a commit racing with us lands under the new name,
+            # or has landed under the old one and is in the listing taken above.
+            with self._lock:
+                for file in self._staged_under_locked(old):
+                    del self._staged[file.path]
+                    new_path = new + file.path[len(old):]
+                    self._retarget_locked(file, new_path)
+                    self._staged[new_path] = file
+            listed = {info.key for info in objects}
+            late = [info for info in self.s3.list_all(old_prefix)  # committed before the retarget
+                    if info.key not in listed and not info.key.endswith("/")]
+            for info in files + late:
+                self.s3.copy(info.key, new_prefix + info.key[len(old_prefix):], info.size)
                 self.s3.delete(info.key)
                 self.objects.invalidate(info.key)
+            # Markers last, deepest first, then the directory's own key: some servers keep
+            # an empty folder listed until the folder key itself is deleted.
+            for marker in sorted(markers, key=lambda m: m.key, reverse=True):
+                self.s3.delete(marker.key)
+            self.s3.delete(old_prefix)
         except S3Error as err:
             raise _s3_errno(err, f"rename {old} -> {new}") from err
 

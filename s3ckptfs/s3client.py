@@ -179,6 +179,21 @@ class S3Client:
         except Exception as exc:
             raise translate(exc, f"LIST {prefix}") from exc
 
+    def dir_summary(self, prefix: str) -> tuple[bool, bool, float | None]:
+        """(anything under ``prefix``, a ``prefix`` marker object exists, newest LastModified of
+        its direct children) from the first page of a delimited listing."""
+        try:
+            response = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, Delimiter="/",
+                                                    MaxKeys=1000)
+        except Exception as exc:
+            raise translate(exc, f"LIST {prefix}") from exc
+        contents = response.get("Contents", [])
+        exists = bool(contents or response.get("CommonPrefixes"))
+        marker = any(item["Key"] == prefix for item in contents)
+        newest = max((item["LastModified"].timestamp() for item in contents if item["Key"] != prefix),
+                     default=None)
+        return exists, marker, newest
+
     def first_under(self, prefix: str) -> ObjectInfo | None:
         """The first object whose key starts with ``prefix`` (a ``dir/`` marker sorts first), or None."""
         try:

@@ -140,7 +140,10 @@ class Uploader:
 
     def _submit_eager(self, file: StagedFile, number: int) -> None:
         with file.lock:
-            claimed = not file.deleted and number not in file.inflight and not file.part_up_to_date_locked(number)
+            # A part queued while the file was written may come up after the file was
+            # committed (and its staging fd closed): then there is nothing left to do.
+            claimed = (file.dirty and file.fd >= 0 and not file.deleted and number not in file.inflight
+                       and not file.part_up_to_date_locked(number))
             if claimed:
                 file.inflight.add(number)
         if claimed:
@@ -186,7 +189,7 @@ class Uploader:
         upload_id = None
         try:
             with file.lock:
-                if (file.deleted or number > file.part_count_locked()
+                if (file.deleted or not file.dirty or file.fd < 0 or number > file.part_count_locked()
                         or file.part_up_to_date_locked(number)):
                     return
                 self._ensure_upload_locked(file)
