@@ -53,6 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="key=value,...",
                        help="options, e.g. -o write_mode=sync,upload_concurrency=8")
 
+    watch = sub.add_parser("watch", help="without FUSE: upload files closed in LOCAL_DIR to s3://BUCKET[/PREFIX]")
+    watch.add_argument("mountpoint", metavar="LOCAL_DIR", nargs="?")
+    watch.add_argument("source", metavar="s3://BUCKET[/PREFIX]", nargs="?")
+    watch.add_argument("--config", help="TOML file (source, local_dir, cache_dir, ..., [options])")
+    watch.add_argument("--cache-dir", help="journal and staging (default: /var/cache/s3ckptfs/<bucket>-<hash>)")
+    watch.add_argument("--endpoint-url", help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
+    watch.add_argument("--region", help="S3 region")
+    watch.add_argument("--profile", help="AWS profile for credentials")
+    watch.add_argument("--log-level", choices=LOG_LEVELS)
+    watch.add_argument("--delete", action="store_true", help="mirror deletes of local files to S3")
+    watch.add_argument("--settle", type=float, default=1.0,
+                       help="seconds a closed file waits before upload, to follow a rename (default 1)")
+    watch.add_argument("-o", dest="options", action="append", default=[], metavar="key=value,...",
+                       help="options, as for mount")
+    watch.add_argument("--foreground", action="store_true", help=argparse.SUPPRESS)
+
     unmount = sub.add_parser("unmount", help="wait for pending uploads, then unmount")
     unmount.add_argument("mountpoint", metavar="MOUNTPOINT")
     unmount.add_argument("--force", action="store_true", help="do not wait for pending uploads")
@@ -84,11 +100,14 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
 
     def pick(name: str) -> str | None:
         cli_value = getattr(args, name, None)
+        if name == "mountpoint" and not cli_value:
+            cli_value = from_file.get("local_dir")  # watch mode's name for it
         return cli_value or from_options.get(name) or from_file.get(name)
 
     source, mountpoint_arg = pick("source"), pick("mountpoint")
     if not source or not mountpoint_arg:
-        raise ConfigError("mount needs s3://BUCKET[/PREFIX] and MOUNTPOINT (arguments or --config)")
+        raise ConfigError(f"{args.command} needs s3://BUCKET[/PREFIX] and "
+                          f"{'LOCAL_DIR' if args.command == 'watch' else 'MOUNTPOINT'} (arguments or --config)")
     bucket, prefix = parse_s3_url(source)
     options = parse_options(file_options + environment_options() + option_items)
     log_level = pick("log_level") or "info"
@@ -113,9 +132,10 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _mountpoint(path: str) -> str:
+    """The mountpoint (or watched directory) of a running daemon."""
     mountpoint = os.path.abspath(path)
-    if not daemon.is_mounted(mountpoint):
-        raise ConfigError(f"{mountpoint} is not mounted")
+    if not daemon.is_mounted(mountpoint) and control.read_info(mountpoint) is None:
+        raise ConfigError(f"{mountpoint} is not mounted (nor watched)")
     return mountpoint
 
 
@@ -206,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "mount":
             return cmd_mount(args, argv)
+        if args.command == "watch":
+            config = mount_config(args)
+            configure_logging(config.log_level)
+            return daemon.run_watch(config, settle=args.settle, delete=args.delete)
         if args.command == "unmount":
             return cmd_unmount(args)
         if args.command == "sync":

@@ -186,7 +186,7 @@ class MountConfig:
 
 # Keys of a config file besides the [options] table; the same names work as -o keys,
 # which is how an fstab line passes them.
-MOUNT_KEYS = ("source", "mountpoint", "cache_dir", "endpoint_url", "region", "profile", "log_level")
+MOUNT_KEYS = ("source", "mountpoint", "local_dir", "cache_dir", "endpoint_url", "region", "profile", "log_level")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 # Options that mount(8) and fstab pass to every filesystem; they mean nothing to S3.
@@ -209,7 +209,7 @@ def split_mount_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
         for pair in filter(None, (p.strip() for p in item.split(","))):
             key, sep, value = pair.partition("=")
             name = key.strip().replace("-", "_")
-            if name in MOUNT_KEYS and name not in ("source", "mountpoint"):
+            if name in MOUNT_KEYS and name not in ("source", "mountpoint", "local_dir"):
                 if not sep or not value:
                     raise ConfigError(f"option {name} needs a value ({name}=...)")
                 mount[name] = value

@@ -339,3 +339,53 @@ def start_background(argv: list[str], config: MountConfig, timeout: float = 60.0
     if message.startswith("error: "):
         raise ConfigError(message[len("error: "):])
     raise ConfigError(f"the daemon exited during start-up; see {log_path}")
+
+
+def run_watch(config: MountConfig, *, settle: float, delete: bool) -> int:
+    """Watch mode: ship files closed under ``config.mountpoint`` (a local directory) until signalled."""
+    from .filesystem import Filesystem
+    from .watch import Watcher
+
+    local = config.mountpoint
+    if not local.is_dir():
+        raise ConfigError(f"{local} is not a directory")
+    check_cache_dir(config.cache_dir, local)
+    check_s3(config)
+    cache = CacheDir(config.cache_dir)
+    cache.prepare()
+    (config.cache_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+    metrics = Metrics()
+    fs = Filesystem(config, make_client(config), cache, metrics)
+    metrics.add_state(fs.state_metrics)
+    if config.options.metrics_port:
+        metrics.serve(config.options.metrics_port, config.options.metrics_addr)
+    recovered = fs.recover()
+    control = ControlServer(str(local), _control_handler(fs),
+                            {"pid": os.getpid(), "mountpoint": str(local), "cache_dir": str(config.cache_dir),
+                             "source": config.source, "mode": "watch"})
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    watcher = Watcher(fs, local, settle=settle, delete=delete)
+    watcher.start()  # before reconciling, so that nothing closed meanwhile is missed
+    reconciled = watcher.reconcile()
+    log.info("watching %s -> %s (cache %s, %d upload(s) resumed, %d file(s) to reconcile)", local,
+             config.source, config.cache_dir, recovered, reconciled)
+    sd_notify(f"READY=1\nSTATUS=watching {local}")
+    notifier = threading.Thread(target=_notify_loop, args=(fs, config.source, stop), daemon=True)
+    if os.environ.get("NOTIFY_SOCKET"):
+        notifier.start()
+    stop.wait()
+    sd_notify("STOPPING=1")
+    watcher.stop()
+    control.close()
+    drained = fs.shutdown(config.options.drain_timeout)
+    if not drained:
+        log.warning("stopped with uploads pending; they are journaled in %s and resume on the next start",
+                    config.cache_dir)
+    cache.release()
+    try:
+        (config.cache_dir / PID_FILE).unlink()
+    except FileNotFoundError:
+        pass
+    return 0
