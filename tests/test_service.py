@@ -25,11 +25,12 @@ def s3ckptfs_bin() -> str:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_unit_passes_systemd_analyze_verify(tmp_path):
-    unit = tmp_path / "s3ckptfs@.service"
+@pytest.mark.parametrize("unit_name", ["s3ckptfs@.service", "s3ckptfs-watch@.service"])
+def test_unit_passes_systemd_analyze_verify(tmp_path, unit_name):
+    unit = tmp_path / unit_name
     # Point ExecStart at this checkout's command, which verify checks for existence.
-    unit.write_text(UNIT.read_text().replace("/usr/local/bin/s3ckptfs", s3ckptfs_bin()))
-    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "s3ckptfs@ckpt.service")],
+    unit.write_text((UNIT.parent / unit_name).read_text().replace("/usr/local/bin/s3ckptfs", s3ckptfs_bin()))
+    result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit_name.replace("@", "@ckpt"))],
                             capture_output=True, text=True)
     problems = [line for line in result.stderr.splitlines() if "s3ckptfs" in line]
     assert result.returncode == 0 and not problems, result.stderr
