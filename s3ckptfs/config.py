@@ -79,8 +79,8 @@ class Options:
     cache_size: int = 0                # bytes of clean cached data kept (0: half the free disk)
     metadata_ttl: float = 5.0          # seconds a HEAD/LIST answer is trusted
     negative_ttl: float = 5.0          # seconds a "does not exist" answer is trusted
-    read_block: int = 16 * MiB         # ranged GET size for reads of remote objects
-    read_ahead: int = 64 * MiB         # bytes fetched ahead of a sequential reader
+    read_block: int = 32 * MiB         # ranged GET size for reads of remote objects
+    read_ahead: int = 128 * MiB        # bytes fetched ahead of a sequential reader
     download_concurrency: int = 8      # parallel ranged GETs
     retry_attempts: int = 8            # attempts per request for transient errors
     retry_window: float = 0.0          # seconds to keep retrying a closed file's upload (0: no limit)

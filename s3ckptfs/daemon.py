@@ -216,7 +216,7 @@ def _control_handler(fs):
 def run(config: MountConfig) -> int:
     """Serve the mount in this process until it is unmounted or signalled."""
     from .filesystem import Filesystem
-    from .fuse_ops import serve
+    from .fuse_ops import raise_readahead, serve
 
     ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
 
@@ -257,6 +257,7 @@ def run(config: MountConfig) -> int:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if is_mounted(config.mountpoint):
+                raise_readahead(str(config.mountpoint))
                 log.info("mounted %s at %s (cache %s, %d upload(s) resumed)", config.source,
                          config.mountpoint, config.cache_dir, recovered)
                 became_ready.set()

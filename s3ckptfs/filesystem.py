@@ -360,16 +360,27 @@ class Filesystem:
             raise FsError(exc.errno or errno.EIO, f"download {file.path}: {exc}") from exc
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
+        fd, start, length = self.read_source(fh, size, offset)
+        return os.pread(fd, length, start) if length else b""
+
+    def read_source(self, fh: int, size: int, offset: int) -> tuple[int, int, int]:
+        """Where the bytes of a read are: (fd, offset, length), present on local disk.
+
+        The FUSE layer hands this to libfuse, which moves the bytes to the kernel
+        without a copy in Python. The fd stays valid while the handle is open (a
+        staged file is not retired and a cached copy is not evicted while open).
+        """
         handle = self.handles.get(fh)
         if handle.staged is not None:
-            return handle.staged.read(size, offset)
+            file = handle.staged
+            return file.fd, offset, max(0, min(size, file.size - offset))
         return self._read_remote(handle, size, offset)
 
-    def _read_remote(self, handle: Handle, size: int, offset: int) -> bytes:
+    def _read_remote(self, handle: Handle, size: int, offset: int) -> tuple[int, int, int]:
         info, entry = handle.remote, handle.cached
         assert info is not None and entry is not None
         if offset >= info.size or size <= 0:
-            return b""
+            return entry.fd, offset, 0
         end = min(offset + size, info.size)
         block = entry.block_size
         # Sequential means near where the last read ended: the kernel's own read-ahead
@@ -397,7 +408,7 @@ class Filesystem:
                 raise _s3_errno(err, f"read {handle.path}") from err
             except OSError as exc:
                 raise FsError(exc.errno or errno.EIO, f"read {handle.path}: {exc}") from exc
-        return os.pread(entry.fd, end - offset, offset)
+        return entry.fd, offset, end - offset
 
     def _start_download(self, entry: CachedObject, number: int) -> Future:
         return self.downloads.submit(self._download_block, entry, number)

@@ -63,6 +63,22 @@ _fuse_buf_copy.argtypes = [ctypes.POINTER(_FuseBufVec), ctypes.c_void_p, ctypes.
 _fuse_buf_copy.restype = ctypes.c_ssize_t
 
 
+_libc = ctypes.CDLL(None)
+_libc.malloc.restype = ctypes.c_void_p
+_libc.malloc.argtypes = [ctypes.c_size_t]
+
+
+def _fd_bufvec(fd: int, offset: int, size: int) -> int:
+    """A malloc'd fuse_bufvec naming ``size`` bytes of ``fd`` at ``offset`` (libfuse frees it)."""
+    address = _libc.malloc(ctypes.sizeof(_FuseBufVec))
+    if not address:
+        raise MemoryError("malloc failed")
+    vec = _FuseBufVec.from_address(address)
+    vec.count, vec.idx, vec.off = 1, 0, 0
+    vec.buf[0] = _FuseBuf(size=size, flags=_FUSE_BUF_IS_FD | _FUSE_BUF_FD_SEEK, mem=None, fd=fd, pos=offset)
+    return address
+
+
 def _copy_bufvec(source: int, size: int, fd: int, offset: int) -> int:
     """Move a FUSE write's data into ``fd`` at ``offset`` inside libfuse (spliced when possible)."""
     target = _FuseBufVec(count=1, idx=0, off=0)
@@ -128,11 +144,9 @@ class FuseOperations(mfusepy.Operations):
 
     def init_with_config(self, conn_info, config_3) -> None:
         if conn_info is not None:
-            # Larger kernel read-ahead: fewer, bigger read requests for sequential loads.
-            conn_info.max_readahead = max(conn_info.max_readahead, KERNEL_READAHEAD)
             max_write = getattr(conn_info, "max_write", 0)
-            log.info("FUSE ready: %s (libfuse %d), max write %d KiB, read-ahead %d KiB", LIBFUSE_PATH,
-                     LIBFUSE_MAJOR, max_write // 1024, conn_info.max_readahead // 1024)
+            log.info("FUSE ready: %s (libfuse %d), max write %d KiB", LIBFUSE_PATH, LIBFUSE_MAJOR,
+                     max_write // 1024)
         if self._on_ready is not None:
             self._on_ready()
 
@@ -158,6 +172,13 @@ class FuseOperations(mfusepy.Operations):
     @_translate
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         return self.fs.read(fh, size, offset)
+
+    @_translate
+    def read_buf(self, path: str | None, bufpp, size: int, offset: int, fh: int) -> int:
+        # Used by libfuse instead of read(): it reads (or splices) the bytes from our file itself.
+        fd, start, length = self.fs.read_source(fh, size, offset)
+        bufpp[0] = ctypes.cast(_fd_bufvec(fd, start, length), ctypes.POINTER(mfusepy.fuse_bufvec))
+        return 0
 
     @_translate
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
@@ -248,12 +269,32 @@ class FuseOperations(mfusepy.Operations):
         return 0
 
 
+def raise_readahead(mountpoint: str, kib: int = KERNEL_READAHEAD // 1024) -> None:
+    """Let the kernel read ahead ``kib`` on this mount (default 128 KiB: 8x more, smaller requests).
+
+    The kernel proposes the read-ahead at FUSE init and a filesystem may only lower it;
+    the mount's bdi setting in sysfs can raise it (root only; best effort).
+    """
+    device = os.stat(mountpoint).st_dev
+    path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+    try:
+        with open(path, "w") as setting:
+            setting.write(str(kib))
+        log.info("kernel read-ahead on %s: %d KiB", mountpoint, kib)
+    except OSError as exc:
+        log.info("kernel read-ahead left as it is (%s: %s)", path, exc.strerror)
+
+
 class _FUSE(mfusepy.FUSE):
-    """mfusepy's FUSE with write_buf accepting a NULL path (a file unlinked while open)."""
+    """mfusepy's FUSE with write_buf/read_buf accepting a NULL path (a file unlinked while open)."""
 
     def write_buf(self, path, buf, offset, fip):  # noqa: D102 - same contract as mfusepy's
         decoded = None if path is None else path.decode(self.encoding, self.errors)
         return self.operations.write_buf(decoded, buf, offset, fip.contents.fh)
+
+    def read_buf(self, path, bufpp, size, offset, fip):  # noqa: D102 - same contract as mfusepy's
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        return self.operations.read_buf(decoded, bufpp, size, offset, fip.contents.fh)
 
 
 def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool, metrics: Metrics,

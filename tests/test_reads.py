@@ -12,7 +12,7 @@ from conftest import wait_for
 from faultproxy import FaultProxy
 
 MiB = 1 << 20
-BLOCK = 16 * MiB  # the default read_block
+BLOCK = 32 * MiB  # the default read_block
 
 
 def cached_bytes(cache_dir) -> int:
