@@ -36,6 +36,18 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
+def _add_daemon_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by mount and watch (each also has a key in the config file)."""
+    parser.add_argument("--config", help="TOML file with the settings (the command line wins)")
+    parser.add_argument("--cache-dir", help="local cache (default: /var/cache/s3ckptfs/<bucket>-<hash>)")
+    parser.add_argument("--endpoint-url", help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
+    parser.add_argument("--region", help="S3 region")
+    parser.add_argument("--profile", help="AWS profile for credentials")
+    parser.add_argument("--log-level", choices=LOG_LEVELS)
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="key=value,...",
+                        help="options, e.g. -o write_mode=sync,upload_concurrency=8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Mount an S3 prefix as a checkpoint directory.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -43,30 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     mount = sub.add_parser("mount", help="mount s3://BUCKET[/PREFIX] at MOUNTPOINT")
     mount.add_argument("source", metavar="s3://BUCKET[/PREFIX]", nargs="?")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
-    mount.add_argument("--config", help="TOML file with the mount's settings (command line wins)")
-    mount.add_argument("--cache-dir", help="local cache (default: /var/cache/s3ckptfs/<bucket>-<hash>)")
-    mount.add_argument("--endpoint-url", help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
-    mount.add_argument("--region", help="S3 region")
-    mount.add_argument("--profile", help="AWS profile for credentials")
+    _add_daemon_arguments(mount)
     mount.add_argument("--foreground", "-f", action="store_true", help="stay attached (systemd uses this)")
-    mount.add_argument("--log-level", choices=LOG_LEVELS)
-    mount.add_argument("-o", dest="options", action="append", default=[], metavar="key=value,...",
-                       help="options, e.g. -o write_mode=sync,upload_concurrency=8")
 
     watch = sub.add_parser("watch", help="without FUSE: upload files closed in LOCAL_DIR to s3://BUCKET[/PREFIX]")
     watch.add_argument("mountpoint", metavar="LOCAL_DIR", nargs="?")
     watch.add_argument("source", metavar="s3://BUCKET[/PREFIX]", nargs="?")
-    watch.add_argument("--config", help="TOML file (source, local_dir, cache_dir, ..., [options])")
-    watch.add_argument("--cache-dir", help="journal and staging (default: /var/cache/s3ckptfs/<bucket>-<hash>)")
-    watch.add_argument("--endpoint-url", help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
-    watch.add_argument("--region", help="S3 region")
-    watch.add_argument("--profile", help="AWS profile for credentials")
-    watch.add_argument("--log-level", choices=LOG_LEVELS)
+    _add_daemon_arguments(watch)
     watch.add_argument("--delete", action="store_true", help="mirror deletes of local files to S3")
     watch.add_argument("--settle", type=float, default=1.0,
                        help="seconds a closed file waits before upload, to follow a rename (default 1)")
-    watch.add_argument("-o", dest="options", action="append", default=[], metavar="key=value,...",
-                       help="options, as for mount")
     watch.add_argument("--foreground", action="store_true", help=argparse.SUPPRESS)
 
     unmount = sub.add_parser("unmount", help="wait for pending uploads, then unmount")

@@ -297,16 +297,20 @@ def run(config: MountConfig) -> int:
         if pending:
             log.info("unmounted; waiting up to %.0fs for %d pending upload(s)", config.options.drain_timeout,
                      pending)
-        drained = fs.shutdown(config.options.drain_timeout)
-        if not drained:
-            log.warning("stopped with uploads pending; they are journaled in %s and resume on the next start",
-                        config.cache_dir)
-        cache.release()
-        try:
-            (config.cache_dir / PID_FILE).unlink()
-        except FileNotFoundError:
-            pass
+        _drain_and_release(fs, cache, config)
     return exit_code
+
+
+def _drain_and_release(fs, cache: CacheDir, config: MountConfig) -> None:
+    """Upload what is pending (up to drain_timeout), then give up the cache dir."""
+    if not fs.shutdown(config.options.drain_timeout):
+        log.warning("stopped with uploads pending; they are journaled in %s and resume on the next start",
+                    config.cache_dir)
+    cache.release()
+    try:
+        (config.cache_dir / PID_FILE).unlink()
+    except FileNotFoundError:
+        pass
 
 
 def start_background(argv: list[str], config: MountConfig, timeout: float = 60.0) -> None:
@@ -380,13 +384,5 @@ def run_watch(config: MountConfig, *, settle: float, delete: bool) -> int:
     sd_notify("STOPPING=1")
     watcher.stop()
     control.close()
-    drained = fs.shutdown(config.options.drain_timeout)
-    if not drained:
-        log.warning("stopped with uploads pending; they are journaled in %s and resume on the next start",
-                    config.cache_dir)
-    cache.release()
-    try:
-        (config.cache_dir / PID_FILE).unlink()
-    except FileNotFoundError:
-        pass
+    _drain_and_release(fs, cache, config)
     return 0
