@@ -35,6 +35,16 @@ ensure_fuse() {
     fi
 }
 
+ensure_systemd_analyze() {
+    # Only the unit-file test needs it; without it that test is skipped.
+    if ! command -v systemd-analyze >/dev/null 2>&1; then
+        log "installing systemd (for systemd-analyze verify)"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd >/dev/null 2>&1 \
+            || log "warning: systemd-analyze unavailable; the unit-file test will be skipped"
+    fi
+}
+
 ensure_venv() {
     local python="$VENV/bin/python"
     local stamp="$VENV/.s3ckptfs-installed"
@@ -63,6 +73,7 @@ ensure_venv() {
 
 ensure_env() {
     ensure_fuse
+    ensure_systemd_analyze
     ensure_venv
     export PATH="$VENV/bin:$PATH"
 }

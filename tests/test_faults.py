@@ -188,6 +188,8 @@ def test_server_down_mid_checkpoint(fault_proxy, bucket, mount_factory, s3):
     fault_proxy.passthrough()
     up_since = time.monotonic()
     assert "failed" not in states, f"the daemon gave up during a {OUTAGE:.0f}s outage: {states}"
+    assert states and all(state in ("pending", "retrying") for state in states), \
+        f"status should show the file pending or retrying during the outage: {states}"
     try:
         wait_for(lambda: object_exists(s3, bucket, key), timeout=90, interval=0.5)
     except TimeoutError:
