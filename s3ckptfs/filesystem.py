@@ -126,7 +126,7 @@ class Filesystem:
 
     # -- lookup ------------------------------------------------------------------------
 
-    def _lookup(self, path: str) -> ObjectInfo | DirInfo | None:
+    def _lookup(self, path: str, attempts: int = 3) -> ObjectInfo | DirInfo | None:
         """What exists at ``path`` in S3 (or staged here): ObjectInfo, DirInfo or None."""
         if path == "/":
             return DirInfo(self.mount_time)
@@ -168,14 +168,20 @@ class Filesystem:
             result = DirInfo(mtime)
             self.meta.put_if_unchanged(path, result, token)
             return result
-        with self._lock:  # committed and retired while we asked?
+        with self._lock:
             staged = self._staged.get(path)
             if staged is not None and not staged.deleted:
                 return self._staged_info(staged)
             staged_children = [f for f in self._staged_under_locked(path) if not f.deleted]
             if staged_children:
                 return DirInfo(max(f.mtime for f in staged_children))
-        self.meta.put_if_unchanged(path, MISSING, token)
+            # A file committed (and retired from the staged table) while we asked S3 would
+            # be in neither answer: if anything changed meanwhile, ask again.
+            changed = self.meta.token() != token
+            if not changed:
+                self.meta.put_if_unchanged(path, MISSING, token)
+        if changed and attempts > 1:
+            return self._lookup(path, attempts - 1)
         return None
 
     @staticmethod
@@ -208,38 +214,60 @@ class Filesystem:
             raise FsError(errno.ENOENT, path)
         if not isinstance(entry, DirInfo):
             raise FsError(errno.ENOTDIR, path)
-        children = self.meta.get_listing(path)
-        if children is None:
-            dir_key = self.prefix if path == "/" else self.key_for(path) + "/"
-            for _attempt in range(3):  # again if a local change raced with the listing
-                token = self.meta.token()
-                try:
-                    files, dirs = self.s3.list_dir(dir_key)
-                except S3Error as err:
-                    raise _s3_errno(err, f"list {path}") from err
-                if self.meta.token() == token:
+        # The listing and the staged files must be one consistent view: a commit retires a
+        # staged file (under self._lock) once it is in S3, so the S3 listing must be at
+        # least as new as the last local change when the staged files are merged into it.
+        dir_key = self.prefix if path == "/" else self.key_for(path) + "/"
+        children: dict[str, object] | None = None
+        for _attempt in range(5):
+            with self._lock:
+                cached = self.meta.get_listing(path)
+                if cached is not None:
+                    children = self._merge_staged_locked(path, cached)
                     break
-            children = {}
-            for info in files:
-                name = info.key[len(dir_key):]
-                if name:  # "" is this directory's own marker
-                    children[name] = info
-            for name in dirs:
-                if name:
-                    children[name] = DirInfo(None)  # a prefix shadows an object of the same name
-            self.meta.put_listing(path, children, token)
+                token = self.meta.token()
+            try:
+                files, dirs = self.s3.list_dir(dir_key)
+            except S3Error as err:
+                raise _s3_errno(err, f"list {path}") from err
+            listed = self._listing_children(dir_key, files, dirs)
+            with self._lock:
+                if self.meta.token() == token:  # no local change while we listed
+                    self.meta.put_listing(path, listed, token)
+                    children = self._merge_staged_locked(path, listed)
+                    break
+        if children is None:  # changes kept racing with the listing: list once more, then trust it
+            files, dirs = self.s3.list_dir(dir_key)
+            with self._lock:
+                children = self._merge_staged_locked(path, self._listing_children(dir_key, files, dirs))
         prefix = "/" if path == "/" else path + "/"
-        with self._lock:
-            for staged_path, file in self._staged.items():
-                if staged_path.startswith(prefix) and not file.deleted:
-                    rest = staged_path[len(prefix):]
-                    name, sep, _ = rest.partition("/")
-                    children[name] = DirInfo(None) if sep else self._staged_info(file)
         result = []
         for name, child in sorted(children.items()):
             child_path = prefix + name
             result.append((name, self._stat_of(child_path, child) if child is not MISSING else None))
         return result
+
+    @staticmethod
+    def _listing_children(dir_key: str, files: list[ObjectInfo], dirs: list[str]) -> dict[str, object]:
+        children: dict[str, object] = {}
+        for info in files:
+            name = info.key[len(dir_key):]
+            if name:  # "" is this directory's own marker
+                children[name] = info
+        for name in dirs:
+            if name:
+                children[name] = DirInfo(None)  # a prefix shadows an object of the same name
+        return children
+
+    def _merge_staged_locked(self, path: str, children: dict[str, object]) -> dict[str, object]:
+        """``children`` plus the files staged under ``path`` (call with self._lock held)."""
+        merged = dict(children)
+        prefix = "/" if path == "/" else path + "/"
+        for staged_path, file in self._staged.items():
+            if staged_path.startswith(prefix) and not file.deleted:
+                name, sep, _ = staged_path[len(prefix):].partition("/")
+                merged[name] = DirInfo(None) if sep else self._staged_info(file)
+        return merged
 
     # -- open, create, read, write ----------------------------------------------------
 

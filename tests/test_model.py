@@ -177,13 +177,13 @@ def test_mount_behaves_like_a_local_directory(model_mounts, tmp_path):
         @invariant()
         def same_names(self):
             if hasattr(self, "real"):
-                assert sorted(tree_names(self.real)) == sorted(tree_names(self.model)), self.steps
+                assert sorted(tree_names(self.real)) == sorted(tree_names(self.model)), "\n".join(self.steps)
 
         def teardown(self):
             if not hasattr(self, "real"):
                 return
             mount.sync()
-            assert tree(fresh.path / self.real.name) == tree(self.model), self.steps
+            assert tree(fresh.path / self.real.name) == tree(self.model), "\n".join(self.steps)
             shutil.rmtree(self.real)
             shutil.rmtree(self.model)
 
