@@ -97,9 +97,6 @@ class CacheDir:
         st = os.statvfs(self.root)
         return st.f_bavail * st.f_frsize
 
-    def disk_size(self) -> int:
-        st = os.statvfs(self.root)
-        return st.f_blocks * st.f_frsize
 
 
 class Journal:

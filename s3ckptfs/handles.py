@@ -58,7 +58,3 @@ class HandleTable:
         if handle is None:
             raise FsError(errno.EBADF, f"unknown file handle {fh}")
         return handle
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self._handles)

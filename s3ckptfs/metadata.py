@@ -25,7 +25,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .s3client import ObjectInfo
 
 
 @dataclass(frozen=True)

@@ -194,17 +194,6 @@ class S3Client:
                      default=None)
         return exists, marker, newest
 
-    def first_under(self, prefix: str) -> ObjectInfo | None:
-        """The first object whose key starts with ``prefix`` (a ``dir/`` marker sorts first), or None."""
-        try:
-            response = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
-        except Exception as exc:
-            raise translate(exc, f"LIST {prefix}") from exc
-        for item in response.get("Contents", []):
-            return ObjectInfo(key=item["Key"], size=item["Size"], etag=item.get("ETag", ""),
-                              mtime=item["LastModified"].timestamp(), mode=None)
-        return None
-
     def get_range_into(self, key: str, start: int, length: int, fd: int, etag: str | None = None,
                        file_offset: int | None = None) -> int:
         """Download ``[start, start+length)`` of ``key`` into ``fd`` at ``file_offset`` (default ``start``).
@@ -325,18 +314,6 @@ class S3Client:
                     found.append((part["PartNumber"], part["Size"], part["ETag"], part.get("ChecksumCRC32C")))
         except Exception as exc:
             raise translate(exc, f"ListParts {key}") from exc
-        return found
-
-    def list_multipart_uploads(self, prefix: str) -> list[tuple[str, str]]:
-        """(key, upload_id) of every unfinished multipart upload under ``prefix``."""
-        found: list[tuple[str, str]] = []
-        try:
-            paginator = self._client.get_paginator("list_multipart_uploads")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
-                for upload in page.get("Uploads", []):
-                    found.append((upload["Key"], upload["UploadId"]))
-        except Exception as exc:
-            raise translate(exc, f"ListMultipartUploads {prefix}") from exc
         return found
 
     def copy(self, src_key: str, dst_key: str, size: int) -> None:

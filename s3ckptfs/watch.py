@@ -23,7 +23,6 @@ import logging
 import os
 import stat
 import threading
-import time
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
