@@ -219,6 +219,7 @@ def run(config: MountConfig) -> int:
     from .fuse_ops import raise_readahead, serve
 
     ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
+    leave_working_dir()
 
     def report(message: str) -> None:
         nonlocal ready_fd
@@ -313,6 +314,19 @@ def _drain_and_release(fs, cache: CacheDir, config: MountConfig) -> None:
         pass
 
 
+def _caller_dir() -> str:
+    """Where relative paths in argv are meant from (the daemon leaves it once they are resolved)."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        return "/"
+
+
+def leave_working_dir() -> None:
+    """Do not keep the caller's directory busy (it may be a mount an admin wants to unmount)."""
+    os.chdir("/")
+
+
 def start_background(argv: list[str], config: MountConfig, timeout: float = 60.0) -> None:
     """Run ``s3ckptfs mount ... --foreground`` detached; return once it reports the mount live."""
     read_fd, write_fd = os.pipe()
@@ -321,7 +335,7 @@ def start_background(argv: list[str], config: MountConfig, timeout: float = 60.0
     with open(log_path, "ab") as log_file:
         child = subprocess.Popen([sys.executable, "-m", "s3ckptfs", *argv, "--foreground"], env=env,
                                  stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                 pass_fds=(write_fd,), start_new_session=True, cwd="/")
+                                 pass_fds=(write_fd,), start_new_session=True, cwd=_caller_dir())
     os.close(write_fd)
     deadline = time.monotonic() + timeout
     buffer = b""

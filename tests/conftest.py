@@ -162,11 +162,13 @@ def cli_env(server: devserver.SeaweedServer,
     return env
 
 
-def run_cli(args: Iterable[str], env: Mapping[str, str], timeout: float = 120.0) -> CliResult:
+def run_cli(args: Iterable[str], env: Mapping[str, str], timeout: float = 120.0,
+            cwd: Path | None = None) -> CliResult:
     """Run ``python -m s3ckptfs ARGS``; stdout and stderr go through files, not pipes."""
     argv = [sys.executable, "-m", "s3ckptfs", *args]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=dict(env))
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=dict(env),
+                                   cwd=cwd)
         try:
             returncode = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -90,6 +90,25 @@ def test_config_file_mount_and_precedence(bucket, s3server, s3, tmp_path, mount_
         run_cli(["unmount", str(mountpoint)], env)
 
 
+def test_relative_mountpoint_and_cache_dir(bucket, s3server, s3, mount_factory):
+    # The background daemon resolves them from the caller's directory, then leaves it.
+    mountpoint = mount_factory.fresh_dir("relmnt")
+    cache = mount_factory.fresh_dir("relcache", create=False)
+    assert mountpoint.parent == cache.parent
+    env = cli_env(s3server)
+    result = run_cli(["mount", f"s3://{bucket}/rel", mountpoint.name, "--cache-dir", cache.name,
+                      "-o", "write_mode=sync"], env, cwd=mountpoint.parent)
+    try:
+        assert result.returncode == 0, result.describe()
+        (mountpoint / "f.txt").write_bytes(b"relative")
+        assert get_bytes(s3, bucket, "rel/f.txt") == b"relative"
+        assert (cache / "s3ckptfs.log").exists()
+        pid = int((cache / "s3ckptfs.pid").read_text())
+        assert os.readlink(f"/proc/{pid}/cwd") == "/"
+    finally:
+        run_cli(["unmount", mountpoint.name], env, cwd=mountpoint.parent)
+
+
 @pytest.mark.parametrize("content, expected", [
     ('source = "s3://b/p"\nbogus = 1\n', "unknown key 'bogus'"),
     ('[options]\nwrite_mode = "sometimes"\n', "write_mode"),
