@@ -302,6 +302,11 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool, me
     """Mount and serve until unmounted or signalled (blocks)."""
     options: dict[str, Any] = {"fsname": fsname, "subtype": "s3ckptfs", "hard_remove": True,
                                "foreground": True, "auto_cache": True}
+    if fs.options.negative_ttl > 0:
+        # The kernel remembers absent names as long as we do: a stat storm of missing
+        # names (imports, exists() checks) then stays in the kernel. Names created
+        # through this mount replace the kernel's negative entry at once.
+        options["negative_timeout"] = fs.options.negative_ttl
     if allow_other:
         options["allow_other"] = True
     _FUSE(FuseOperations(fs, metrics, on_ready), mountpoint, **options)
