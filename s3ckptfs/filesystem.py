@@ -207,7 +207,10 @@ class Filesystem:
         ahead = min(max(file.size, PT_RESERVE_MIN), PT_RESERVE_MAX)
         if file.reserved_end - file.size >= ahead // 2:
             return
-        if not file.reserve_locked(file.size + ahead) and not file.reserve_locked(file.size):
+        for amount in (ahead, ahead // 8, 0):
+            if file.reserve_locked(file.size + amount):
+                break
+        if amount < ahead:  # less than a full window left on the disk
             file.at_risk_from = file.reserved_end
             log.warning("cache disk full: writes to %s past %d bytes may fail; if they do it will not be "
                         "uploaded", file.path, file.reserved_end)

@@ -168,7 +168,8 @@ def test_metrics_are_served_and_change_as_files_are_written(bucket, mount_factor
     from s3ckptfs.devserver import free_port_pairs
 
     port = free_port_pairs(1)[0]
-    mount = mount_factory(bucket, "metrics", options={"metrics_port": port})
+    # Without passthrough, so that writes pass through the daemon and are counted.
+    mount = mount_factory(bucket, "metrics", options={"metrics_port": port, "passthrough": "off"})
 
     def scrape() -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
