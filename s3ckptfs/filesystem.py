@@ -119,6 +119,7 @@ class Filesystem:
         self._pt_wake = threading.Event()
         self._pt_stop = threading.Event()
         self._pt_refused: set[str] = set()   # reasons already logged for not using passthrough
+        self._opened_versions: dict[str, tuple[str, str]] = {}  # path -> (key, ETag) at its last open
 
     # -- FUSE passthrough ---------------------------------------------------------------
 
@@ -130,6 +131,25 @@ class Filesystem:
 
     def backing_id(self, fh: int) -> int:
         return self.handles.get(fh).backing_id
+
+    def keep_cache(self, fh: int) -> bool:
+        """Whether the kernel may keep its page cache of this file at open (FUSE keep_cache).
+
+        Yes for an object read through the daemon whose ETag is the one seen at the last
+        open of its path; never for staged files (written here, possibly behind the
+        daemon's back).
+        """
+        handle = self.handles.get(fh)
+        version = (handle.remote.key, handle.remote.etag) if handle.remote is not None else None
+        with self._lock:
+            previous = self._opened_versions.get(handle.path)
+            if version is None:
+                self._opened_versions.pop(handle.path, None)
+            else:
+                if len(self._opened_versions) > 100_000:  # bounded: forgetting only costs a re-read
+                    self._opened_versions.clear()
+                self._opened_versions[handle.path] = version
+        return version is not None and bool(version[1]) and previous == version
 
     def _pt_refuse(self, reason: str) -> bool:
         if reason not in self._pt_refused:
@@ -487,6 +507,8 @@ class Filesystem:
             if writable:
                 file.writers += 1
         fh = self.handles.add(Handle(path=path, flags=flags, writable=writable, staged=file, backing_id=backing))
+        log.debug("open %s (fh %d, %s): %s", path, fh, "rw" if writable else "ro",
+                  f"passthrough, backing id {backing}" if backing else "through the daemon")
         if backing and writable:
             self._pt_wake.set()
         return fh

@@ -377,10 +377,13 @@ class _FUSE(mfusepy.FUSE):
     """mfusepy's FUSE with write_buf/read_buf accepting a NULL path (a file unlinked while open),
     and open/create that hand the kernel a passthrough backing id when the file has one."""
 
+    own_keep_cache = False
+
     def open(self, path, fip):  # noqa: D102 - same contract as mfusepy's
         fi = fip.contents
         fi.fh = self.operations.open(path.decode(self.encoding, self.errors), fi.flags)
-        self._pass_through(fi)
+        if not self._pass_through(fi) and self.own_keep_cache:
+            fi.keep_cache = self.operations.fs.keep_cache(fi.fh)
         return 0
 
     def create(self, path, mode, fip):  # noqa: D102 - same contract as mfusepy's
@@ -389,10 +392,11 @@ class _FUSE(mfusepy.FUSE):
         self._pass_through(fi)
         return 0
 
-    def _pass_through(self, fi) -> None:
+    def _pass_through(self, fi) -> bool:
         backing_id = self.operations.fs.backing_id(fi.fh)
         if backing_id:
             _set_backing_id(fi, backing_id)
+        return bool(backing_id)
 
     def write_buf(self, path, buf, offset, fip):  # noqa: D102 - same contract as mfusepy's
         decoded = None if path is None else path.decode(self.encoding, self.errors)
@@ -406,8 +410,13 @@ class _FUSE(mfusepy.FUSE):
 def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool, metrics: Metrics,
           on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled (blocks)."""
+    # libfuse's auto_cache sets keep_cache on opens after the filesystem answered, and the
+    # kernel refuses a passthrough open with keep_cache (EIO). Where passthrough may be used,
+    # the daemon keeps the page cache itself: for objects read through it, while the ETag stays.
+    own_keep_cache = LIBFUSE_VERSION >= (3, 17) and fs.options.passthrough != "off"
     options: dict[str, Any] = {"fsname": fsname, "subtype": "s3ckptfs", "hard_remove": True,
-                               "foreground": True, "auto_cache": True}
+                               "foreground": True, "auto_cache": not own_keep_cache}
     if allow_other:
         options["allow_other"] = True
+    _FUSE.own_keep_cache = own_keep_cache
     _FUSE(FuseOperations(fs, metrics, on_ready), mountpoint, **options)
