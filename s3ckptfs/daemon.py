@@ -14,6 +14,7 @@ parent through a pipe, and to systemd through NOTIFY_SOCKET if set).
 from __future__ import annotations
 
 import errno
+import faulthandler
 import logging
 import os
 import select
@@ -220,6 +221,8 @@ def run(config: MountConfig) -> int:
 
     ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
     leave_working_dir()
+    # A crash in native code (libfuse, ctypes) leaves a traceback in the log instead of nothing.
+    faulthandler.enable()
 
     def report(message: str) -> None:
         nonlocal ready_fd
@@ -299,6 +302,7 @@ def run(config: MountConfig) -> int:
             log.info("unmounted; waiting up to %.0fs for %d pending upload(s)", config.options.drain_timeout,
                      pending)
         _drain_and_release(fs, cache, config)
+    log.info("exiting with code %d", exit_code)
     return exit_code
 
 

@@ -416,6 +416,11 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool, me
     own_keep_cache = LIBFUSE_VERSION >= (3, 17) and fs.options.passthrough != "off"
     options: dict[str, Any] = {"fsname": fsname, "subtype": "s3ckptfs", "hard_remove": True,
                                "foreground": True, "auto_cache": not own_keep_cache}
+    if fs.options.negative_ttl > 0:
+        # The kernel remembers absent names as long as we do: a stat storm of missing
+        # names (imports, exists() checks) then stays in the kernel. Names created
+        # through this mount replace the kernel's negative entry at once.
+        options["negative_timeout"] = fs.options.negative_ttl
     if allow_other:
         options["allow_other"] = True
     _FUSE.own_keep_cache = own_keep_cache

@@ -25,6 +25,12 @@ Read side
   n: s3ckptfs_warm   torch.load of a file just written through the mount
   o: s3ckptfs_4proc  4 processes loading one checkpoint at once from one
                      fresh s3ckptfs mount (time until the last one is done)
+  p: local_4proc     the same 4 processes loading from local disk: the bound
+                     this machine's cores put on o
+  q: metadata        listing a prefix of 10,000 objects through a fresh mount
+                     (cold, then cached), stat of every listed file, and 10,000
+                     stats of absent names (cold, then from the negative
+                     cache); boto3 list_objects_v2 of the prefix as baseline
 
 *stall* is the time until torch.save returns; *durable* is the time until the
 object is complete in S3, found by polling HEAD every 20 ms for the expected
@@ -58,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -446,6 +453,7 @@ class Bench:
     checkpoint_bytes: int | None = None
     _state: dict[str, torch.Tensor] | None = None
     _read_bucket: str | None = None
+    _listing_bucket: str | None = None
     _download_cost: int | None = None
     _counter: int = 0
 
@@ -1010,6 +1018,67 @@ def measure_s3ckptfs_4proc(b: Bench) -> dict[str, float]:
         return result
 
 
+LISTING_OBJECTS = 10_000
+LISTING_DIR = "many"
+LISTING_OBJECT_BYTES = 8 * 1024  # small shards; at most 4 KiB would need a HEAD each to rule out a symlink
+ABSENT_NAMES = 20                # a stat storm: the same few missing names, over and over
+STORM_ROUNDS = 500
+
+
+def fill_listing_bucket(b: Bench) -> str:
+    """A bucket with LISTING_OBJECTS small objects under LISTING_DIR/ (made once per size)."""
+    if b._listing_bucket is None:
+        name = b.new_bucket_name("listing")
+        b.janitor.add(f"delete bucket {name}", lambda: delete_bucket(b.client, name))
+        b.client.create_bucket(Bucket=name)
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            body = b"x" * LISTING_OBJECT_BYTES
+            list(pool.map(lambda i: b.client.put_object(Bucket=name, Key=f"{LISTING_DIR}/obj-{i:05d}", Body=body),
+                          range(LISTING_OBJECTS)))
+        b._listing_bucket = name
+    return b._listing_bucket
+
+
+def timed(action: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def measure_metadata(b: Bench) -> dict[str, float]:
+    """Listing a 10,000-object prefix and a stat storm, cold and then from the metadata caches."""
+    bucket = fill_listing_bucket(b)
+    paginator = b.client.get_paginator("list_objects_v2")
+    result = {"boto3 list": timed(lambda: [page for page in paginator.paginate(
+        Bucket=bucket, Prefix=f"{LISTING_DIR}/", Delimiter="/")])}
+    with s3ckptfs_mount(b, bucket) as mount:
+        folder = mount.path / LISTING_DIR
+        names: list[str] = []
+        result["seconds"] = timed(lambda: names.extend(os.listdir(folder)))
+        if len(names) != LISTING_OBJECTS:
+            raise MeasurementError(f"listing gave {len(names)} names, expected {LISTING_OBJECTS}")
+        result["listing again"] = timed(lambda: os.listdir(folder))
+        result["stat every listed file"] = timed(lambda: [os.stat(folder / name) for name in names])
+        absent = [mount.path / f"absent-{i}.py" for i in range(ABSENT_NAMES)]
+
+        def stat_storm() -> None:
+            for _ in range(STORM_ROUNDS):
+                for path in absent:
+                    if path.exists():
+                        raise MeasurementError(f"{path} exists")
+        result[f"stat storm ({ABSENT_NAMES * STORM_ROUNDS:,} stats of {ABSENT_NAMES} absent names)"] = \
+            timed(stat_storm)
+    return result
+
+
+def measure_local_4proc(b: Bench) -> dict[str, float]:
+    # The same loaders on local disk: what this machine's cores allow, with no S3 or FUSE at all.
+    path = b.ensure_local_file()
+    with loader_processes(b, path, CONCURRENT_LOADERS) as loaders:
+        b.drop_cache()
+        return {"seconds": run_loaders(loaders, durable_timeout(b.size))}
+
+
 MEASUREMENTS = [
     Measurement("local_save", "a", "torch.save to local disk", "write", None, measure_local_save),
     Measurement("upload", "b", "upload floor (boto3 upload_file)", "write", None, measure_upload),
@@ -1027,6 +1096,10 @@ MEASUREMENTS = [
     Measurement("s3ckptfs_warm", "n", "s3ckptfs warm load", "read", "s3ckptfs", measure_s3ckptfs_warm),
     Measurement("s3ckptfs_4proc", "o", f"s3ckptfs {CONCURRENT_LOADERS} loaders at once", "read", "s3ckptfs",
                 measure_s3ckptfs_4proc),
+    Measurement("local_4proc", "p", f"{CONCURRENT_LOADERS} loaders at once from local disk", "read", None,
+                measure_local_4proc),
+    Measurement("metadata", "q", f"s3ckptfs listing of {LISTING_OBJECTS:,} objects", "read", "s3ckptfs",
+                measure_metadata),
 ]
 
 
@@ -1220,6 +1293,12 @@ def compute_ratios(outcomes: dict[str, Outcome]) -> list[Ratio]:
         _median(outcomes, "local_load", "seconds"), "≤ 1.2")
     add(f"s3ckptfs {CONCURRENT_LOADERS} loaders / 1 loader", _median(outcomes, "s3ckptfs_4proc", "seconds"),
         cold, "≤ 1.5")
+    add(f"local disk {CONCURRENT_LOADERS} loaders / 1 loader (this machine's bound)",
+        _median(outcomes, "local_4proc", "seconds"), _median(outcomes, "local_load", "seconds"), "report")
+    add(f"s3ckptfs {CONCURRENT_LOADERS} loaders / local disk {CONCURRENT_LOADERS} loaders",
+        _median(outcomes, "s3ckptfs_4proc", "seconds"), _median(outcomes, "local_4proc", "seconds"), "report")
+    add(f"s3ckptfs listing of {LISTING_OBJECTS:,} objects / boto3 list_objects_v2",
+        _median(outcomes, "metadata", "seconds"), _median(outcomes, "metadata", "boto3 list"), "report")
     return ratios
 
 

@@ -86,7 +86,11 @@ build_libfuse() {
     trap 'rm -rf "$work"' RETURN
     local apt_dir="$work/apt"
     mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
-    printf 'deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main\n' \
+    # The same Debian mirror the host's apt uses, for the next release's source package.
+    local mirror
+    mirror="$(apt-get indextargets --format '$(SITE)' 2>/dev/null | grep -v -- '-security' | sort -u | head -n 1)"
+    [ -n "$mirror" ] || { echo "no Debian mirror in the apt configuration"; return 1; }
+    printf 'deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s trixie main\n' "$mirror" \
         >"$apt_dir/sources.list"
     local apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
                     -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")

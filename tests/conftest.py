@@ -109,15 +109,35 @@ def read_pid(cache_dir: Path) -> int | None:
         return None
 
 
-def is_daemon(pid: int) -> bool:
-    """Whether ``pid`` is alive and looks like an s3ckptfs process (guards against pid reuse)."""
+def is_daemon(pid: int, cache_dir: Path | None = None) -> bool:
+    """Whether ``pid`` is a live s3ckptfs process (of ``cache_dir``, if given).
+
+    pid_max may be as low as 32768, so a pid recorded earlier can belong to another
+    test's daemon by now: with ``cache_dir``, only a process holding a file in that
+    cache dir (its log or lock) counts.
+    """
     if not pid_alive(pid):
         return False
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return b"s3ckptfs" in cmdline
+    if b"s3ckptfs" not in cmdline:
+        return False
+    if cache_dir is None:
+        return True
+    inside = str(cache_dir).rstrip("/") + "/"
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(inside):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def log_tail(cache_dir: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -211,7 +231,7 @@ def force_cleanup(mountpoint: Path, cache_dir: Path, known_pid: int | None = Non
             if is_mounted(mountpoint):
                 problems.append(f"{mountpoint} is still mounted after fusermount3 -uz")
     for pid in sorted(pids):
-        if not is_daemon(pid):
+        if not is_daemon(pid, cache_dir):
             continue
         if _wait_gone(pid, DAEMON_EXIT_TIMEOUT):
             continue
@@ -343,6 +363,8 @@ class Mount:
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Kill the daemon (a crash) and clear the dead mount, keeping the cache dir as it is."""
         assert self.pid is not None, "no daemon pid known"
+        assert is_daemon(self.pid, self.cache_dir), (f"daemon {self.pid} was not running before the kill\n"
+                                     f"--- {self.cache_dir / LOG_FILE} (tail) ---\n{self.log_tail()}")
         os.kill(self.pid, sig)
         _wait_gone(self.pid, 10.0)
         if self.mounted:

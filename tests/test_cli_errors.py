@@ -34,7 +34,7 @@ def attempt(mount: Mount) -> CliResult:
     stray = sorted(path for path in mounted_paths() if path.startswith(base))
     assert not stray, f"mounts left under the test dir: {stray}\n{result.describe()}"
     pid = read_pid(mount.cache_dir)
-    assert pid is None or not is_daemon(pid), f"daemon {pid} still running\n{result.describe()}"
+    assert pid is None or not is_daemon(pid, mount.cache_dir), f"daemon {pid} still running\n{result.describe()}"
     return result
 
 
@@ -152,7 +152,7 @@ def test_mountpoint_already_mounted(mount_factory: MountFactory, bucket: str) ->
     assert_error(result, ["already mounted", "already"])
     assert first.mounted, "the first mount must survive a refused second mount"
     pid = read_pid(second.cache_dir)
-    assert pid is None or not is_daemon(pid), f"second daemon {pid} still running"
+    assert pid is None or not is_daemon(pid, second.cache_dir), f"second daemon {pid} still running"
     (first.path / "alive.txt").write_text("still here\n")
     assert (first.path / "alive.txt").read_text() == "still here\n"
 
@@ -172,7 +172,7 @@ def test_cache_dir_in_use(mount_factory: MountFactory, bucket: str) -> None:
     result = second.start(check=False)
     assert_error(result, ["cache", "lock", "in use"])
     assert not second.mounted
-    assert first.mounted and is_daemon(first.pid or -1), "the first daemon must keep running"
+    assert first.mounted and is_daemon(first.pid or -1, first.cache_dir), "the first daemon must keep running"
 
 
 def test_unknown_option(mount_factory: MountFactory, bucket: str) -> None:
