@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from conftest import pid_alive
 from s3ckptfs import control
 
 MiB = 1 << 20
@@ -90,6 +91,9 @@ def model_mounts(s3server, tmp_path_factory):
     assert not problems, problems
 
 
+# pytest-timeout's default (600 s) would interrupt a long hand run in the middle of a
+# step (a kill without its restart), which then looks like a daemon that vanished.
+@pytest.mark.timeout(300 + 6 * EXAMPLES)
 def test_mount_behaves_like_a_local_directory(model_mounts, tmp_path):
     factory, mount, fresh = model_mounts
     counts = {"sequences": 0, "operations": 0, "restarts": 0}
@@ -208,7 +212,13 @@ def test_mount_behaves_like_a_local_directory(model_mounts, tmp_path):
 
 def sync_now(mount) -> None:
     """``s3ckptfs sync`` through the control socket (the CLI's start-up would dominate a sequence)."""
-    answer = control.request(str(mount.path), {"cmd": "sync", "path": "/"}, timeout=SYNC_TIMEOUT)
+    try:
+        answer = control.request(str(mount.path), {"cmd": "sync", "path": "/"}, timeout=SYNC_TIMEOUT)
+    except control.ControlError as exc:
+        socket = control.socket_path(mount.path)
+        raise AssertionError(
+            f"{exc}; mounted: {mount.mounted}, daemon {mount.pid} alive: {pid_alive(mount.pid or -1)}, "
+            f"socket exists: {socket.exists()}\n{mount.log_tail()}") from None
     assert answer.get("failed") == [], f"sync answered {answer}\n{mount.log_tail()}"
 
 
