@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import time
-import urllib.request
 
 import pytest
 
-from conftest import get_bytes, list_keys, wait_for
+from conftest import get_bytes, list_keys, scrape_metrics, tmpfs_dir, wait_for
 
 MiB = 1 << 20
 
@@ -26,22 +24,18 @@ def require_passthrough(mount) -> None:
         pytest.skip(f"no FUSE passthrough on this machine: {reason}")
 
 
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
-
-
-def test_writes_bypass_the_daemon(bucket, mount_factory, s3):
+def passthrough_mount(mount_factory, bucket: str, prefix: str):
+    """A mount serving metrics, with passthrough active (else the test is skipped)."""
     from s3ckptfs.devserver import free_port_pairs
 
     port = free_port_pairs(1)[0]
-    mount = mount_factory(bucket, "pt", options={"metrics_port": port})
+    mount = mount_factory(bucket, prefix, options={"metrics_port": port})
     require_passthrough(mount)
+    return mount, port
+
+
+def test_writes_bypass_the_daemon(bucket, mount_factory, s3):
+    mount, port = passthrough_mount(mount_factory, bucket, "pt")
     data = os.urandom(64 * MiB)
     with open(mount.path / "big.bin", "wb") as f:
         f.write(data[:32 * MiB])
@@ -54,7 +48,7 @@ def test_writes_bypass_the_daemon(bucket, mount_factory, s3):
     assert (mount.path / "big.bin").read_bytes() == data
     mount.sync()
     assert get_bytes(s3, bucket, mount.key("big.bin")) == data
-    metrics = scrape(port)
+    metrics = scrape_metrics(port)
     assert metrics.get('s3ckptfs_fuse_operations_total{operation="write_buf"}', 0) == 0
     assert metrics.get('s3ckptfs_fuse_operations_total{operation="write"}', 0) == 0
     assert metrics['s3ckptfs_fuse_operations_total{operation="create"}'] >= 1
@@ -94,11 +88,7 @@ def test_rewrite_of_an_eagerly_uploaded_part_ends_byte_identical(bucket, mount_f
 
 
 def test_fsync_then_close_uploads_once_and_truncate_rename_unlink_hold(bucket, mount_factory, s3):
-    from s3ckptfs.devserver import free_port_pairs
-
-    port = free_port_pairs(1)[0]
-    mount = mount_factory(bucket, "sem", options={"metrics_port": port})
-    require_passthrough(mount)
+    mount, port = passthrough_mount(mount_factory, bucket, "sem")
     data = os.urandom(20 * MiB)
     with open(mount.path / "tmp.safetensors", "wb") as f:
         f.truncate(20 * MiB)                      # size first, then the bytes (as safetensors does)
@@ -110,7 +100,7 @@ def test_fsync_then_close_uploads_once_and_truncate_rename_unlink_hold(bucket, m
     mount.sync()
     assert get_bytes(s3, bucket, mount.key("model.safetensors")) == data
     # The close after fsync found S3 holding these very bytes: no second upload.
-    assert scrape(port)["s3ckptfs_uploaded_objects_total"] == 1
+    assert scrape_metrics(port)["s3ckptfs_uploaded_objects_total"] == 1
     assert list_keys(s3, bucket, mount.key("")) == [mount.key("model.safetensors")]
     # Shrinking an open file and appending to it
     with open(mount.path / "model.safetensors", "r+b") as f:
@@ -136,15 +126,8 @@ def test_fsync_then_close_uploads_once_and_truncate_rename_unlink_hold(bucket, m
 @pytest.fixture
 def cache_disk_1g(tmp_path):
     """A tmpfs cache dir with just enough room for passthrough, that a big write fills."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path = tmp_path / "cache-disk"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400m", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs_dir(tmp_path / "cache-disk", "1400m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_enospc_of_a_passthrough_writer_never_becomes_an_object(bucket, mount_factory, s3, cache_disk_1g):
