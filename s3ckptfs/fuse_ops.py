@@ -7,29 +7,50 @@ EINVAL. No semantics live here, so the filesystem can be tested without FUSE.
 libfuse3 is selected explicitly before mfusepy is imported: mfusepy prefers
 libfuse2 when both are installed (s3fs-fuse pulls it in), and libfuse2 without
 big_writes sends 4 KiB writes, about ten times slower than libfuse3's 1 MiB.
+A libfuse 3.17 built by scripts/setup.sh into the environment
+(``<sys.prefix>/lib/s3ckptfs-libfuse``) is preferred to the system's: with it,
+files being written use FUSE passthrough (the kernel writes the staging file
+itself; see docs/design.md). ``FUSE_LIBRARY_PATH`` overrides the choice.
 """
 
 from __future__ import annotations
 
 import ctypes.util
 import errno
+import fcntl
 import functools
 import logging
 import os
+import struct
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 from .errors import FsError, S3Error
-from .filesystem import Filesystem, Stat
+from .filesystem import Filesystem, PassthroughBackend, Stat
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
+BUNDLED_LIBFUSE = Path(sys.prefix) / "lib" / "s3ckptfs-libfuse" / "libfuse3.so.4"
+_library_note = ""
+
+
 def _select_libfuse3() -> None:
-    if "FUSE_LIBRARY_PATH" not in os.environ:
-        path = ctypes.util.find_library("fuse3")
-        if path:
-            os.environ["FUSE_LIBRARY_PATH"] = path
+    global _library_note
+    if "FUSE_LIBRARY_PATH" in os.environ:
+        return
+    if BUNDLED_LIBFUSE.exists():
+        try:
+            ctypes.CDLL(str(BUNDLED_LIBFUSE))
+            os.environ["FUSE_LIBRARY_PATH"] = str(BUNDLED_LIBFUSE)
+            return
+        except OSError as exc:
+            _library_note = f"{BUNDLED_LIBFUSE} does not load ({exc}); "
+    path = ctypes.util.find_library("fuse3")
+    if path:
+        os.environ["FUSE_LIBRARY_PATH"] = path
 
 
 _select_libfuse3()
@@ -37,6 +58,7 @@ import mfusepy  # noqa: E402  (must follow the library selection above)
 
 LIBFUSE_PATH = os.environ.get("FUSE_LIBRARY_PATH", "?")
 LIBFUSE_MAJOR = mfusepy.fuse_version_major
+LIBFUSE_VERSION = (mfusepy.fuse_version_major, mfusepy.fuse_version_minor)
 KERNEL_READAHEAD = 1 << 20
 
 _FUSE_BUF_IS_FD = 1 << 1
@@ -87,6 +109,44 @@ def _copy_bufvec(source: int, size: int, fd: int, offset: int) -> int:
     if copied < 0:
         raise OSError(-copied, os.strerror(-copied))
     return copied
+
+
+# FUSE passthrough (libfuse >= 3.17, Linux >= 6.9)
+FUSE_CAP_PASSTHROUGH = 1 << 29          # fuse_common.h
+
+
+def _fuse_ioctl_w(number: int, size: int) -> int:
+    return (1 << 30) | (size << 16) | (229 << 8) | number   # _IOW(FUSE_DEV_IOC_MAGIC, number, size)
+
+
+FUSE_DEV_IOC_BACKING_OPEN = _fuse_ioctl_w(1, 16)    # struct fuse_backing_map {int32 fd; uint32 flags; uint64 padding}
+FUSE_DEV_IOC_BACKING_CLOSE = _fuse_ioctl_w(2, 4)    # uint32 backing id
+# struct fuse_file_info in 3.17: flags, bits, 2 x padding, fh, lock_owner, poll_events (u32), backing_id (i32), ...
+# mfusepy's declaration ends before backing_id; it is written by offset.
+FI_BACKING_ID_OFFSET = 36
+
+_libfuse = mfusepy._libfuse
+_libfuse.fuse_get_session.restype = ctypes.c_void_p
+_libfuse.fuse_get_session.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_session_fd.restype = ctypes.c_int
+_libfuse.fuse_session_fd.argtypes = [ctypes.c_void_p]
+
+
+class _KernelBacking(PassthroughBackend):
+    """Backing files registered with the kernel through ioctls on /dev/fuse."""
+
+    def __init__(self, device_fd: int) -> None:
+        self.device_fd = device_fd
+
+    def open(self, fd: int) -> int:
+        return fcntl.ioctl(self.device_fd, FUSE_DEV_IOC_BACKING_OPEN, bytearray(struct.pack("iIQ", fd, 0, 0)), True)
+
+    def close(self, backing_id: int) -> None:
+        fcntl.ioctl(self.device_fd, FUSE_DEV_IOC_BACKING_CLOSE, bytearray(struct.pack("I", backing_id)), True)
+
+
+def _set_backing_id(fi: Any, backing_id: int) -> None:
+    ctypes.c_int32.from_address(ctypes.addressof(fi) + FI_BACKING_ID_OFFSET).value = backing_id
 
 
 def _translate(method: Callable) -> Callable:
@@ -145,10 +205,38 @@ class FuseOperations(mfusepy.Operations):
     def init_with_config(self, conn_info, config_3) -> None:
         if conn_info is not None:
             max_write = getattr(conn_info, "max_write", 0)
-            log.info("FUSE ready: %s (libfuse %d), max write %d KiB", LIBFUSE_PATH, LIBFUSE_MAJOR,
+            log.info("FUSE ready: %s (libfuse %d.%d), max write %d KiB", LIBFUSE_PATH, *LIBFUSE_VERSION,
                      max_write // 1024)
+        why_not = self._enable_passthrough(conn_info)
+        if why_not:
+            log.info("FUSE passthrough: off (%s%s)", _library_note, why_not)
+        else:
+            log.info("FUSE passthrough: active (files being written bypass the daemon)")
         if self._on_ready is not None:
             self._on_ready()
+
+    def _enable_passthrough(self, conn_info) -> str | None:
+        """Ask the kernel for passthrough; returns why it is off, or None if it is on."""
+        if self.fs.options.passthrough == "off":
+            return "-o passthrough=off"
+        if LIBFUSE_VERSION < (3, 17):
+            return (f"libfuse {LIBFUSE_VERSION[0]}.{LIBFUSE_VERSION[1]} at {LIBFUSE_PATH} has none; "
+                    f"scripts/setup.sh builds 3.17 into {BUNDLED_LIBFUSE.parent}")
+        if conn_info is None or not getattr(conn_info, "capable_ext", 0) & FUSE_CAP_PASSTHROUGH:
+            return "the kernel does not offer it: needs Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH"
+        if os.geteuid() != 0:
+            return "registering backing files needs root (CAP_SYS_ADMIN)"
+        try:
+            fuse = _libfuse.fuse_get_context().contents.fuse
+            device_fd = _libfuse.fuse_session_fd(_libfuse.fuse_get_session(fuse))
+        except Exception as exc:  # noqa: BLE001 - any failure here only means no passthrough
+            return f"no FUSE session fd: {exc}"
+        if device_fd < 0:
+            return "no FUSE session fd"
+        conn_info.want_ext |= FUSE_CAP_PASSTHROUGH
+        conn_info.want |= FUSE_CAP_PASSTHROUGH   # libfuse reconciles want with want_ext
+        self.fs.enable_passthrough(_KernelBacking(device_fd))
+        return None
 
     @_translate
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
@@ -286,7 +374,29 @@ def raise_readahead(mountpoint: str, kib: int = KERNEL_READAHEAD // 1024) -> Non
 
 
 class _FUSE(mfusepy.FUSE):
-    """mfusepy's FUSE with write_buf/read_buf accepting a NULL path (a file unlinked while open)."""
+    """mfusepy's FUSE with write_buf/read_buf accepting a NULL path (a file unlinked while open),
+    and open/create that hand the kernel a passthrough backing id when the file has one."""
+
+    own_keep_cache = False
+
+    def open(self, path, fip):  # noqa: D102 - same contract as mfusepy's
+        fi = fip.contents
+        fi.fh = self.operations.open(path.decode(self.encoding, self.errors), fi.flags)
+        if not self._pass_through(fi) and self.own_keep_cache:
+            fi.keep_cache = self.operations.fs.keep_cache(fi.fh)
+        return 0
+
+    def create(self, path, mode, fip):  # noqa: D102 - same contract as mfusepy's
+        fi = fip.contents
+        fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode, fi.flags)
+        self._pass_through(fi)
+        return 0
+
+    def _pass_through(self, fi) -> bool:
+        backing_id = self.operations.fs.backing_id(fi.fh)
+        if backing_id:
+            _set_backing_id(fi, backing_id)
+        return bool(backing_id)
 
     def write_buf(self, path, buf, offset, fip):  # noqa: D102 - same contract as mfusepy's
         decoded = None if path is None else path.decode(self.encoding, self.errors)
@@ -300,8 +410,12 @@ class _FUSE(mfusepy.FUSE):
 def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool, metrics: Metrics,
           on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled (blocks)."""
+    # libfuse's auto_cache sets keep_cache on opens after the filesystem answered, and the
+    # kernel refuses a passthrough open with keep_cache (EIO). Where passthrough may be used,
+    # the daemon keeps the page cache itself: for objects read through it, while the ETag stays.
+    own_keep_cache = LIBFUSE_VERSION >= (3, 17) and fs.options.passthrough != "off"
     options: dict[str, Any] = {"fsname": fsname, "subtype": "s3ckptfs", "hard_remove": True,
-                               "foreground": True, "auto_cache": True}
+                               "foreground": True, "auto_cache": not own_keep_cache}
     if fs.options.negative_ttl > 0:
         # The kernel remembers absent names as long as we do: a stat storm of missing
         # names (imports, exists() checks) then stays in the kernel. Names created
@@ -309,4 +423,5 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool, me
         options["negative_timeout"] = fs.options.negative_ttl
     if allow_other:
         options["allow_other"] = True
+    _FUSE.own_keep_cache = own_keep_cache
     _FUSE(FuseOperations(fs, metrics, on_ready), mountpoint, **options)

@@ -29,6 +29,7 @@ class Handle:
     cached: CachedObject | None = None
     next_offset: int = 0       # where a sequential reader would read next
     window: int = 0            # current read-ahead, grows while reads stay sequential
+    backing_id: int = 0        # FUSE passthrough: the kernel reads and writes the staging file itself
 
 
 class HandleTable:
@@ -51,6 +52,11 @@ class HandleTable:
         if handle is None:
             raise FsError(errno.EBADF, f"unknown file handle {fh}")
         return handle
+
+    def open_on(self, path: str) -> list[Handle]:
+        """The handles opened under ``path``."""
+        with self._lock:
+            return [h for h in self._handles.values() if h.path == path]
 
     def remove(self, fh: int) -> Handle:
         with self._lock:

@@ -11,6 +11,13 @@ was uploaded for the current upload id, at the current generation and length.
 ``version`` counts every change to content or metadata; ``committed_version``
 is the version S3 holds. The file is dirty while they differ.
 
+With FUSE passthrough (see docs/design.md) the kernel writes into the staging
+file itself and the daemon never sees the writes: size and mtime are then
+read from the staging file (``observe_locked``), and ``pt_epoch`` counts the
+moments after which any byte may have changed (a writer opened, synced or
+closed). A part uploaded at an older epoch is checked against the staging
+file's bytes (CRC32C) before the upload completes.
+
 Lock order: Filesystem._lock -> StagedFile.lock -> ObjectCache._lock.
 Network calls made under ``lock`` are limited to the short completion step
 (PUT of a small file, CreateMultipartUpload, CompleteMultipartUpload), so that
@@ -33,6 +40,8 @@ from .errors import S3Error
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _SYNC_FILE_RANGE_WRITE = 2
+_FALLOC_FL_KEEP_SIZE = 1
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -53,6 +62,19 @@ def pwrite_all(fd: int, data: bytes, offset: int) -> int:
     return done
 
 
+def reserve_space(fd: int, offset: int, length: int) -> None:
+    """Allocate disk blocks for a range beyond (or within) the file without changing its size.
+
+    Writes into the range cannot then fail for lack of space. Raises OSError
+    (ENOSPC, or EOPNOTSUPP where the filesystem cannot do it).
+    """
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
 @dataclass(frozen=True)
 class UploadedPart:
     generation: int
@@ -60,6 +82,18 @@ class UploadedPart:
     etag: str
     upload_id: str
     checksum: str | None = None   # CRC32C of the bytes sent, checked by the server
+    epoch: int = 0                # the file's pt_epoch when the bytes were read (or last verified)
+    crc: str | None = None        # CRC32C of the bytes sent, whether or not the server got it
+
+
+@dataclass(frozen=True)
+class Digest:
+    """What the last commit put in S3, to tell whether a passthrough file really changed since."""
+    key: str
+    size: int
+    mode: int
+    mtime: float
+    crcs: tuple[str, ...]         # per part (or one for a single PUT)
 
 
 class StagedFile:
@@ -98,6 +132,17 @@ class StagedFile:
         self.writeback_from = 0           # disk writeback was started for bytes before this offset
         self.write_error: int | None = None  # sticky: a failed write means never publish this file
         self.created = time.time()
+        self.committed_digest: Digest | None = None
+        # FUSE passthrough (decided when the first handle opens; all open handles share one mode)
+        self.passthrough = False
+        self.backing_id = 0               # kernel backing id while passthrough handles are open
+        self.pt_handles = 0
+        self.pt_writers = 0
+        self.pt_epoch = 0                 # bumped whenever unseen writes may have happened
+        self.observed: tuple[int, int] = (-1, -1)  # (size, mtime_ns) of the staging file last seen
+        self.reserved_end = 0             # disk blocks are reserved up to here
+        self.at_risk_from: int | None = None  # a reservation failed here: writes past it may have failed
+        self.pt_filled = 0                # parts handed to eager upload by the passthrough poller
 
     # -- state derived under lock --------------------------------------------------
 
@@ -127,6 +172,54 @@ class StagedFile:
         last = partplan.part_number(end - 1, self.part_base)
         for number in range(first, last + 1):
             self.part_generation[number] = self.part_generation.get(number, 0) + 1
+
+    def observe_locked(self) -> bool:
+        """Passthrough: take size and mtime from the staging file. True (and a new version) if they changed."""
+        if self.fd < 0:
+            return False
+        st = os.fstat(self.fd)
+        seen = (st.st_size, st.st_mtime_ns)
+        if seen == self.observed:
+            return False
+        self.observed = seen
+        self.size = st.st_size
+        self.mtime = st.st_mtime_ns / 1e9
+        self.version += 1
+        return True
+
+    def may_have_changed_locked(self) -> None:
+        """A passthrough writer synced or closed: any byte may have changed, unseen by the daemon."""
+        self.observe_locked()
+        self.version += 1
+        self.pt_epoch += 1
+
+    def set_mtime_locked(self, mtime: float) -> None:
+        if self.passthrough and self.fd >= 0:
+            # Keep the staging file's mtime equal, since passthrough files take theirs from it.
+            self.observe_locked()
+            ns = int(mtime * 1e9)
+            os.utime(self.fd, ns=(ns, ns))
+            self.observed = (self.size, ns)
+        self.mtime = mtime
+
+    def reserve_locked(self, end: int) -> bool:
+        """Reserve disk blocks up to ``end``. False if the disk cannot hold them."""
+        if end <= self.reserved_end:
+            return True
+        try:
+            reserve_space(self.fd, self.reserved_end, end - self.reserved_end)
+        except OSError:
+            return False
+        self.reserved_end = end
+        return True
+
+    def release_reservation_locked(self) -> None:
+        """Give back the blocks reserved past the end of the file (keeping its mtime)."""
+        if self.reserved_end > self.size and self.fd >= 0:
+            st = os.fstat(self.fd)
+            os.ftruncate(self.fd, st.st_size)   # also drops preallocated blocks past the end
+            os.utime(self.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self.reserved_end = 0
 
     def forget_upload_locked(self) -> tuple[str, str] | None:
         """Drop the multipart upload (its key changed, or it completed); returns (key, id) to abort."""
@@ -158,6 +251,8 @@ class StagedFile:
         os.ftruncate(self.fd, length)
         old = self.size
         self.size = length
+        self.pt_filled = min(self.pt_filled, partplan.part_number(length, self.part_base) - 1)
+        self.reserved_end = min(self.reserved_end, length)  # a shrink frees blocks reserved past the end
         low, high = min(old, length), max(old, length)
         # The part holding the new end changes; parts past it fall out of the object.
         self.touch_locked(max(0, low - 1), max(low, min(high, low + 1)))

@@ -23,12 +23,19 @@ order holds. A permanent error (AccessDenied, NoSuchBucket, bad credentials)
 marks the file failed at once, keeps its data and journal record, and fails
 the waiters with the cause; ``sync`` or a restart tries it again.
 
+Files written through FUSE passthrough (docs/design.md) get their eager parts
+from a guess (sequential writing), so before such a file's upload completes,
+every part read while a writer may still have changed it is compared (CRC32C)
+with the staging file's bytes, and uploaded again if they differ. A commit of
+such a file whose bytes equal what its last commit put in S3 does nothing.
+
 Every multipart upload started is recorded in the ``UploadRegistry`` until it
 is completed or aborted, so a crash never leaves an orphan behind for long.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -45,7 +52,7 @@ from .cache import UploadRegistry
 from .errors import S3Error
 from .metrics import Metrics
 from .s3client import S3Client, composite_crc32c, crc32c, object_metadata
-from .staging import StagedFile, UploadedPart
+from .staging import Digest, StagedFile, UploadedPart
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +201,20 @@ class Uploader:
                     return
                 self._ensure_upload_locked(file)
                 generation = file.part_generation.get(number, 0)
+                epoch = file.pt_epoch
                 start, _ = partplan.part_range(number, file.part_base)
                 length = partplan.part_length(number, file.size, file.part_base)
                 key, upload_id = file.upload_key, file.upload_id
             data = os.pread(file.fd, length, start)
             if len(data) < length:  # a hole at the end of a sparse staging file reads short
                 data += bytes(length - len(data))
-            checksum = crc32c(data) if self.checksums else None
+            crc = crc32c(data)
+            checksum = crc if self.checksums else None
             etag = self.s3.upload_part(key, upload_id, number, data, checksum)
             with file.lock:
                 if file.upload_id == upload_id:
-                    file.uploaded[number] = UploadedPart(generation, length, etag, upload_id, checksum)
+                    file.uploaded[number] = UploadedPart(generation, length, etag, upload_id, checksum,
+                                                         epoch=epoch, crc=crc)
                     file.bytes_uploaded += length
         except S3Error as err:
             with file.lock:
@@ -258,7 +268,8 @@ class Uploader:
                 else:
                     same = hashlib.md5(data, usedforsecurity=False).hexdigest() == etag.strip('"')
                 if same:
-                    kept[number] = UploadedPart(0, size, etag, upload_id, local_crc if self.checksums else None)
+                    kept[number] = UploadedPart(0, size, etag, upload_id, local_crc if self.checksums else None,
+                                                epoch=file.pt_epoch, crc=local_crc)
             if kept:
                 file.upload_id, file.upload_key = upload_id, file.key
                 file.uploaded.update(kept)
@@ -373,7 +384,10 @@ class Uploader:
 
         Returns True if an object was written, False if there was nothing to do.
         """
+        if file.pt_epoch and self._passthrough_unchanged(file):
+            return False
         while True:
+            unverified: list[tuple[int, UploadedPart]] = []
             with file.lock:
                 file.commit_queued = False
                 if file.deleted or file.write_error is not None:
@@ -389,15 +403,20 @@ class Uploader:
                     self.abort_later(file.forget_upload_locked())  # renamed: restart under the new key
                 stale = self._schedule_stale_locked(file)
                 if not stale and not file.inflight:
-                    if file.part_error is not None:
-                        file.part_error = None
-                    self._complete_locked(file)
-                    result = (file.key, file.last_etag, file.committed_version)
-                    break
-                file.changed.wait_for(lambda: not file.inflight or file.deleted, timeout=5.0)
-                if not file.inflight and file.part_error is not None:
-                    error, file.part_error = file.part_error, None
-                    raise error
+                    unverified = self._unverified_parts_locked(file)
+                    if not unverified:
+                        if file.part_error is not None:
+                            file.part_error = None
+                        self._complete_locked(file)
+                        result = (file.key, file.last_etag, file.committed_version)
+                        break
+                else:
+                    file.changed.wait_for(lambda: not file.inflight or file.deleted, timeout=5.0)
+                    if not file.inflight and file.part_error is not None:
+                        error, file.part_error = file.part_error, None
+                        raise error
+            if unverified:
+                self._verify_parts(file, unverified)
         self.objects_committed += 1
         self.bytes_committed += file.size
         self.metrics.uploaded_objects.inc()
@@ -405,15 +424,87 @@ class Uploader:
         self._on_committed(file, *result)
         return True
 
+    # -- files written through FUSE passthrough ----------------------------------------
+
+    @staticmethod
+    def _unverified_parts_locked(file: StagedFile) -> list[tuple[int, UploadedPart]]:
+        """Uploaded parts whose bytes a passthrough writer may have changed since they were read."""
+        if not file.pt_epoch:
+            return []
+        return [(number, part) for number, part in sorted(file.uploaded.items())
+                if part.epoch != file.pt_epoch and part.upload_id == file.upload_id]
+
+    def _verify_parts(self, file: StagedFile, parts: list[tuple[int, UploadedPart]]) -> None:
+        """Keep each part whose CRC32C still matches the staging file; drop the others (uploaded again)."""
+        changed = 0
+        for number, part in parts:
+            with file.lock:
+                if file.deleted or file.fd < 0 or file.uploaded.get(number) is not part:
+                    continue
+                epoch, fd = file.pt_epoch, file.fd
+            start, _ = partplan.part_range(number, file.part_base)
+            data = os.pread(fd, part.length, start)
+            if len(data) < part.length:
+                data += bytes(part.length - len(data))
+            same = part.crc is not None and crc32c(data) == part.crc
+            with file.lock:
+                if file.uploaded.get(number) is not part:
+                    continue
+                if same:
+                    file.uploaded[number] = dataclasses.replace(part, epoch=epoch)
+                else:
+                    del file.uploaded[number]
+                    file.bytes_uploaded -= part.length
+                    changed += 1
+        if changed:
+            log.info("%s: %d part(s) uploaded early were rewritten since; uploading them again", file.path, changed)
+
+    def _passthrough_unchanged(self, file: StagedFile) -> bool:
+        """Before committing a passthrough file: if S3 already holds exactly these bytes, mark it clean."""
+        with file.lock:
+            if file.fd >= 0 and not file.deleted:
+                file.observe_locked()
+                if file.pt_writers:  # a writer is still open (fsync): parts read so far need a check
+                    file.pt_epoch += 1
+            digest = file.committed_digest
+            if (digest is None or not file.dirty or file.deleted or file.write_error is not None or file.fd < 0
+                    or (digest.key, digest.size, digest.mode, digest.mtime)
+                    != (file.key, file.size, file.mode, file.mtime)):
+                return False
+            version, fd, size = file.version, file.fd, file.size
+        if self._crcs(fd, size, file.part_base) != digest.crcs:
+            return False
+        with file.lock:
+            if file.committed_digest is not digest or file.size != size or file.version != version:
+                return False
+            file.committed_version = version
+            result = (file.key, file.last_etag, version)
+        log.debug("%s: unchanged since its last commit", file.path)
+        self._on_committed(file, *result)
+        return True
+
+    def _crcs(self, fd: int, size: int, base: int) -> tuple[str, ...]:
+        """CRC32C of the object's parts (one for a file uploaded with a single PUT)."""
+        if size <= self.single_put_limit:
+            return (crc32c(os.pread(fd, size, 0).ljust(size, b"\0")),)
+        crcs = []
+        for number in range(1, partplan.part_count(size, base) + 1):
+            start, _ = partplan.part_range(number, base)
+            length = partplan.part_length(number, size, base)
+            crcs.append(crc32c(os.pread(fd, length, start).ljust(length, b"\0")))
+        return tuple(crcs)
+
     def _put_small_locked(self, file: StagedFile) -> None:
         self.abort_later(file.forget_upload_locked())
         version = file.version
         data = os.pread(file.fd, file.size, 0) if file.size else b""
         if len(data) < file.size:
             data += bytes(file.size - len(data))
+        crc = crc32c(data)
         file.last_etag = self.s3.put(file.key, data, object_metadata(file.mtime, file.mode),
-                                     crc32c(data) if self.checksums else None)
+                                     crc if self.checksums else None)
         file.committed_version = version
+        file.committed_digest = Digest(file.key, file.size, file.mode, file.mtime, (crc,))
 
     def _complete_locked(self, file: StagedFile) -> None:
         version = file.version
@@ -430,6 +521,8 @@ class Uploader:
                 file.forget_upload_locked()
                 raise S3Error("ChecksumMismatch", f"{file.key}: {server_checksum} != {expected}", transient=True)
         file.committed_version = version
+        crcs = tuple(file.uploaded[n].crc or "" for n in range(1, count + 1))
+        file.committed_digest = Digest(file.key, file.size, file.mode, file.mtime, crcs) if all(crcs) else None
         file.upload_id = None
         file.upload_key = None
         file.uploaded.clear()

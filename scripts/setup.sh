@@ -6,10 +6,16 @@
 # (torch pinned to 2.13.0, installed first so that no other build is pulled
 # in) and puts .venv/bin first on PATH. Re-running is cheap: the install is
 # skipped while pyproject.toml is unchanged and the packages still import.
+#
+# Optionally (ensure_libfuse) it builds libfuse 3.17.2 into the venv, which
+# lets the daemon use FUSE passthrough for files being written (kernel >= 6.9).
+# Any failure there is one warning line: mounts then use the system libfuse3.
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO_ROOT/.venv"
 TORCH_PIN="torch==2.13.0"
+LIBFUSE_VERSION="3.17.2"
+LIBFUSE_DEB_VERSION="3.17.2-3"   # Debian trixie's source package
 
 log() {
     printf '[setup] %s\n' "$*" >&2
@@ -71,9 +77,64 @@ ensure_venv() {
     printf '%s\n' "$want" >"$stamp"
 }
 
+build_libfuse() {
+    # Build libfuse $LIBFUSE_VERSION from Debian's source package into $1. Prints a log, returns non-zero
+    # on any failure. The host's apt configuration is not touched: a private sources list,
+    # lists and cache in a temporary dir; the download is checked against Debian's signed index.
+    local dest="$1" work
+    work="$(mktemp -d)"
+    trap 'rm -rf "$work"' RETURN
+    local apt_dir="$work/apt"
+    mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
+    # The same Debian mirror the host's apt uses, for the next release's source package.
+    local mirror
+    mirror="$(apt-get indextargets --format '$(SITE)' 2>/dev/null | grep -v -- '-security' | sort -u | head -n 1)"
+    [ -n "$mirror" ] || { echo "no Debian mirror in the apt configuration"; return 1; }
+    printf 'deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s trixie main\n' "$mirror" \
+        >"$apt_dir/sources.list"
+    local apt_opts=(-o "Dir::Etc::sourcelist=$apt_dir/sources.list" -o "Dir::Etc::sourceparts=-"
+                    -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache")
+    command -v cc >/dev/null && command -v pkg-config >/dev/null && command -v dpkg-source >/dev/null \
+        || { echo "needs cc, pkg-config and dpkg-source (dpkg-dev)"; return 1; }
+    apt-get "${apt_opts[@]}" update || return 1
+    (cd "$work" && apt-get "${apt_opts[@]}" source --download-only "fuse3=$LIBFUSE_DEB_VERSION") || return 1
+    (cd "$work" && dpkg-source -x "fuse3_${LIBFUSE_DEB_VERSION}.dsc" src) || return 1
+    python3 -m venv "$work/tools" && "$work/tools/bin/pip" install -q meson ninja || return 1
+    (cd "$work/src" && PATH="$work/tools/bin:$PATH" \
+        meson setup build --buildtype=release -Dutils=false -Dexamples=false -Dtests=false -Duseroot=false \
+        && PATH="$work/tools/bin:$PATH" ninja -C build) || return 1
+    local built="$work/src/build/lib/libfuse3.so.$LIBFUSE_VERSION"
+    [ -f "$built" ] || { echo "no $built after the build"; return 1; }
+    mkdir -p "$dest" && cp "$built" "$dest/" && ln -sf "libfuse3.so.$LIBFUSE_VERSION" "$dest/libfuse3.so.4.tmp" \
+        && mv -T "$dest/libfuse3.so.4.tmp" "$dest/libfuse3.so.4" || return 1
+    python3 -c 'import ctypes, sys; ctypes.CDLL(sys.argv[1])' "$dest/libfuse3.so.4" \
+        || { rm -f "$dest/libfuse3.so.4"; return 1; }
+}
+
+ensure_libfuse() {
+    # Optional: libfuse $LIBFUSE_VERSION in $VENV/lib/s3ckptfs-libfuse, which the daemon prefers over
+    # the system libfuse3 (see s3ckptfs/fuse_ops.py). Skipped once present, or once failed
+    # (delete the .failed file to try again). Never fails the set-up.
+    local dest="$VENV/lib/s3ckptfs-libfuse"
+    local failed="$dest/.failed-$LIBFUSE_VERSION"
+    [ -e "$dest/libfuse3.so.4" ] && return 0
+    if [ -e "$failed" ]; then
+        log "warning: libfuse $LIBFUSE_VERSION unavailable (an earlier build failed, see $failed); no FUSE passthrough"
+        return 0
+    fi
+    log "building libfuse $LIBFUSE_VERSION for FUSE passthrough (optional, about a minute)"
+    mkdir -p "$dest"
+    if ! build_libfuse "$dest" >"$dest/build.log" 2>&1; then
+        mv "$dest/build.log" "$failed"
+        log "warning: could not build libfuse $LIBFUSE_VERSION (log: $failed); mounts use the system libfuse3 without FUSE passthrough"
+    fi
+    return 0
+}
+
 ensure_env() {
     ensure_fuse
     ensure_systemd_analyze
     ensure_venv
+    ensure_libfuse
     export PATH="$VENV/bin:$PATH"
 }

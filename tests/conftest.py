@@ -13,6 +13,7 @@ daemon which keeps an inherited descriptor open cannot hang the test.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -138,6 +139,32 @@ def is_daemon(pid: int, cache_dir: Path | None = None) -> bool:
         except OSError:
             continue
     return False
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The daemon's Prometheus metrics on ``port``: sample name (with labels) -> value."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+@contextlib.contextmanager
+def tmpfs_dir(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (a small disk that fills up); root only."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def log_tail(cache_dir: Path, lines: int = LOG_TAIL_LINES) -> str:

@@ -44,8 +44,9 @@ def wait_arrival(mount, s3, key: str, timeout: float) -> None:
 
 
 def test_kill_while_writing_leaves_nothing(bucket, mount_factory, s3):
-    """Killed while the checkpoint is written: the writer gets an error; after the restart nothing
-    of it is in S3, not even a multipart upload of its early parts."""
+    """Killed while the checkpoint is written: the writer gets an error (with FUSE passthrough,
+    where the kernel writes the cache file itself, at close); after the restart nothing of it is
+    in S3, not even a multipart upload of its early parts."""
     mount = mount_factory(bucket, "p")
     key = mount.key("partial.pt")
     f = open(mount.path / "partial.pt", "wb")
@@ -58,6 +59,7 @@ def test_kill_while_writing_leaves_nothing(bucket, mount_factory, s3):
             for _ in range(64):
                 f.write(os.urandom(4 * MiB))
                 f.flush()
+            f.close()
         assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ENODEV), info.value
     finally:
         try:

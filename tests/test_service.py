@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, get_bytes, is_mounted, run_cli, wait_for
+from conftest import cli_env, get_bytes, is_mounted, run_cli, scrape_metrics, wait_for
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
@@ -162,26 +162,16 @@ def test_fstab_style_mount(bucket, s3server, s3, mount_factory, installed_comman
 
 
 def test_metrics_are_served_and_change_as_files_are_written(bucket, mount_factory):
-    import urllib.request
-
     from s3ckptfs.devserver import free_port_pairs
 
     port = free_port_pairs(1)[0]
-    mount = mount_factory(bucket, "metrics", options={"metrics_port": port})
+    # Without passthrough, so that writes pass through the daemon and are counted.
+    mount = mount_factory(bucket, "metrics", options={"metrics_port": port, "passthrough": "off"})
 
-    def scrape() -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
-
-    before = scrape()
+    before = scrape_metrics(port)
     (mount.path / "a.bin").write_bytes(os.urandom(12 * MiB))
     mount.sync()
-    after = scrape()
+    after = scrape_metrics(port)
     assert after["s3ckptfs_uploaded_objects_total"] == before.get("s3ckptfs_uploaded_objects_total", 0) + 1
     assert after["s3ckptfs_uploaded_bytes_total"] >= 12 * MiB
     assert after['s3ckptfs_fuse_operations_total{operation="write_buf"}'] >= 12
@@ -189,4 +179,4 @@ def test_metrics_are_served_and_change_as_files_are_written(bucket, mount_factor
     assert "s3ckptfs_upload_duration_seconds_count" in after
     with pytest.raises(FileNotFoundError):
         (mount.path / "missing").read_bytes()
-    assert scrape().get('s3ckptfs_fuse_errors_total{errno="ENOENT",operation="getattr"}', 0) >= 1
+    assert scrape_metrics(port).get('s3ckptfs_fuse_errors_total{errno="ENOENT",operation="getattr"}', 0) >= 1

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import threading
 import time
 
 import pytest
 
-from conftest import get_bytes, list_keys, wait_for
+from conftest import get_bytes, list_keys, tmpfs_dir, wait_for
 
 MiB = 1 << 20
 
@@ -101,15 +100,8 @@ def test_cache_limit_blocks_writers_until_uploads_drain(bucket, mount_factory, s
 @pytest.fixture
 def small_cache_disk(tmp_path):
     """A 48 MiB tmpfs as cache dir: a disk that fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path = tmp_path / "tiny-cache"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(path)], check=True)
-    try:
+    with tmpfs_dir(tmp_path / "tiny-cache", "48m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_full_cache_disk_gives_enospc_and_no_object(bucket, mount_factory, s3, small_cache_disk):
