@@ -7,6 +7,8 @@ on that same state dict:
 
 Write side (letter: key)
   a: local_save      torch.save to local disk (same disk as every cache dir)
+  r: local_save_fsync  torch.save to local disk, then fsync: the durability
+                     s3ckptfs gives at close
   b: upload          upload floor: boto3 ``upload_file`` of that file, tuned
                      TransferConfig, file already in the page cache
   c: save_upload     torch.save to local disk, then upload_file (timed as one)
@@ -800,6 +802,27 @@ def measure_local_save(b: Bench) -> dict[str, float]:
     return {"seconds": seconds}
 
 
+def measure_local_save_fsync(b: Bench) -> dict[str, float]:
+    # torch.save, then fsync: the durability s3ckptfs gives at close (the staging file is
+    # on disk before close returns, so a crash of the node cannot lose a closed checkpoint).
+    path = b.work_dir / "local" / f"{b.label}-fsync" / CHECKPOINT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    state = b.state()
+    b.drop_cache()
+    try:
+        start = time.perf_counter()
+        torch.save(state, path)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return {"seconds": time.perf_counter() - start}
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def measure_upload(b: Bench) -> dict[str, float]:
     path = b.ensure_local_file()
     with b.bucket("upload") as bucket:
@@ -1081,6 +1104,8 @@ def measure_local_4proc(b: Bench) -> dict[str, float]:
 
 MEASUREMENTS = [
     Measurement("local_save", "a", "torch.save to local disk", "write", None, measure_local_save),
+    Measurement("local_save_fsync", "r", "torch.save to local disk, then fsync", "write", None,
+                measure_local_save_fsync),
     Measurement("upload", "b", "upload floor (boto3 upload_file)", "write", None, measure_upload),
     Measurement("save_upload", "c", "torch.save then upload_file", "write", None, measure_save_upload),
     Measurement("s3tc_write", "d", "s3torchconnector writer", "write", "s3torchconnector", measure_s3tc_write),
@@ -1275,6 +1300,7 @@ def compute_ratios(outcomes: dict[str, Outcome]) -> list[Ratio]:
         stall = outcome.median("stall")
         durable = outcome.median("durable")
         add(f"{name} stall / local save", stall, _median(outcomes, "local_save", "seconds"), "≤ 1.25")
+        add(f"{name} stall / local save + fsync", stall, _median(outcomes, "local_save_fsync", "seconds"), "report")
         add(f"{name} durable / upload floor", durable, _median(outcomes, "upload", "seconds"), "≤ 1.15")
         add(f"{name} durable / save then upload", durable, _median(outcomes, "save_upload", "seconds"), "< 1")
         add(f"{name} durable / s3torchconnector durable", durable, _median(outcomes, "s3tc_write", "durable"),
