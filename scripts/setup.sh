@@ -81,9 +81,15 @@ build_libfuse() {
     # Build libfuse $LIBFUSE_VERSION from Debian's source package into $1. Prints a log, returns non-zero
     # on any failure. The host's apt configuration is not touched: a private sources list,
     # lists and cache in a temporary dir; the download is checked against Debian's signed index.
-    local dest="$1" work
+    local work status=0
     work="$(mktemp -d)"
-    trap 'rm -rf "$work"' RETURN
+    build_libfuse_in "$1" "$work" || status=$?
+    rm -rf "$work"
+    return "$status"
+}
+
+build_libfuse_in() {
+    local dest="$1" work="$2"
     local apt_dir="$work/apt"
     mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial"
     # The same Debian mirror the host's apt uses, for the next release's source package.
