@@ -141,6 +141,17 @@ def is_daemon(pid: int, cache_dir: Path | None = None) -> bool:
     return False
 
 
+def assert_enospc_left_nothing(mount: Mount, s3: Any, bucket: str) -> None:
+    """After a writer's ENOSPC: no object and no multipart upload in S3, and the mount still works."""
+    mount.sync()
+    time.sleep(0.5)
+    assert list_keys(s3, bucket, mount.key("")) == []
+    wait_for(lambda: not s3.list_multipart_uploads(Bucket=bucket).get("Uploads"), timeout=30)
+    (mount.path / "ok.bin").write_bytes(b"fine")
+    mount.sync()
+    assert get_bytes(s3, bucket, mount.key("ok.bin")) == b"fine"
+
+
 def scrape_metrics(port: int) -> dict[str, float]:
     """The daemon's Prometheus metrics on ``port``: sample name (with labels) -> value."""
     import urllib.request
