@@ -43,6 +43,17 @@ def wait_arrival(mount, s3, key: str, timeout: float) -> None:
         pytest.fail(f"{key} not in S3 {timeout:.0f}s after the restart: {status(mount)}")
 
 
+def restart_and_check_arrival(mount, fault_proxy, s3, key: str, digest: str, timeout: float) -> None:
+    """Heal the proxy, restart on the same cache dir: the object arrives whole, nothing is left over."""
+    fault_proxy.passthrough()
+    fault_proxy.requests.clear()
+    mount.remount()
+    wait_arrival(mount, s3, key, timeout=timeout)
+    mount.sync()
+    assert s3_sha256(s3, mount.bucket, key) == digest
+    assert_no_orphan_uploads(s3, mount.bucket)
+
+
 def test_kill_while_writing_leaves_nothing(bucket, mount_factory, s3):
     """Killed while the checkpoint is written: the writer gets an error (with FUSE passthrough,
     where the kernel writes the cache file itself, at close); after the restart nothing of it is
@@ -90,13 +101,7 @@ def test_kill_after_close_during_upload(fault_proxy, bucket, mount_factory, s3, 
     assert not object_exists(s3, bucket, key), "upload finished before the kill; make it slower"
     done_before = parts_done(s3, bucket, key)
     assert done_before < total_parts
-    fault_proxy.passthrough()
-    fault_proxy.requests.clear()
-    mount.remount()
-    wait_arrival(mount, s3, key, timeout=180)
-    mount.sync()
-    assert s3_sha256(s3, bucket, key) == digest
-    assert_no_orphan_uploads(s3, bucket)
+    restart_and_check_arrival(mount, fault_proxy, s3, key, digest, timeout=180)
     reuploaded = part_uploads(fault_proxy)
     assert reuploaded <= total_parts - done_before, (
         f"{reuploaded} parts uploaded after the restart; {done_before} of {total_parts} were already in S3")
@@ -115,13 +120,7 @@ def test_kill_between_parts_and_completion(fault_proxy, bucket, mount_factory, s
              timeout=120, interval=0.5)
     mount.kill()
     assert not object_exists(s3, bucket, key)
-    fault_proxy.passthrough()
-    fault_proxy.requests.clear()
-    mount.remount()
-    wait_arrival(mount, s3, key, timeout=120)
-    mount.sync()
-    assert s3_sha256(s3, bucket, key) == digest
-    assert_no_orphan_uploads(s3, bucket)
+    restart_and_check_arrival(mount, fault_proxy, s3, key, digest, timeout=120)
     assert part_uploads(fault_proxy) == 0, f"parts uploaded again after the restart: {fault_proxy.requests}"
 
 
