@@ -40,6 +40,7 @@ from .errors import FsError, S3Error
 from .handles import Handle, HandleTable
 from .metadata import MISSING, DirInfo, MetadataCache
 from .metrics import Metrics
+from .passthrough import PassthroughBackend, PassthroughWriters
 from .s3client import ObjectInfo, S3Client, object_metadata
 from .staging import StagedFile, pwrite_all, start_writeback
 from .uploader import Ticket, Uploader
@@ -50,23 +51,6 @@ MAX_KEY_BYTES = 1024
 SYMLINK_MAX = 4096       # objects larger than this cannot be symlinks: no HEAD needed to tell
 DIR_MODE = stat.S_IFDIR | 0o755
 FILE_MODE = stat.S_IFREG | 0o644
-
-# FUSE passthrough (see docs/design.md): writes bypass the daemon, so it polls the
-# staging files of open writers, and reserves disk blocks ahead of them.
-PT_POLL_INTERVAL = 0.15
-PT_RESERVE_MIN = 64 << 20     # reserved ahead of a passthrough writer at first...
-PT_RESERVE_MAX = 1 << 30      # ...growing with the file up to this
-PT_HEADROOM = 1 << 30         # free disk beyond what the clean cache may still take
-
-
-class PassthroughBackend:
-    """Kernel backing files for FUSE passthrough (implemented by the FUSE layer)."""
-
-    def open(self, fd: int) -> int:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def close(self, backing_id: int) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -114,20 +98,14 @@ class Filesystem:
         self._mtime_overrides: dict[str, float] = {}
         self._room = threading.Condition()  # notified when staged data leaves the cache
         self.mount_time = time.time()
-        self.backing: PassthroughBackend | None = None
-        self.passthrough_active = False      # new open sessions may use passthrough
-        self._pt_wake = threading.Event()
-        self._pt_stop = threading.Event()
-        self._pt_refused: set[str] = set()   # reasons already logged for not using passthrough
+        self.passthrough = PassthroughWriters(self)
         self._opened_versions: dict[str, tuple[str, str]] = {}  # path -> (key, ETag) at its last open
 
     # -- FUSE passthrough ---------------------------------------------------------------
 
     def enable_passthrough(self, backend: PassthroughBackend) -> None:
         """Called by the FUSE layer once the kernel has agreed to passthrough."""
-        self.backing = backend
-        self.passthrough_active = True
-        threading.Thread(target=self._pt_poll_loop, name="s3ckptfs-pt-poll", daemon=True).start()
+        self.passthrough.enable(backend)
 
     def backing_id(self, fh: int) -> int:
         return self.handles.get(fh).backing_id
@@ -150,106 +128,6 @@ class Filesystem:
                     self._opened_versions.clear()
                 self._opened_versions[handle.path] = version
         return version is not None and bool(version[1]) and previous == version
-
-    def _pt_refuse(self, reason: str) -> bool:
-        if reason not in self._pt_refused:
-            self._pt_refused.add(reason)
-            log.info("FUSE passthrough not used for some files: %s", reason)
-        return False
-
-    def _pt_choose_locked(self, file: StagedFile, path: str) -> bool:
-        """Whether a file's next open session uses passthrough (Filesystem._lock and file.lock held).
-
-        Only with room to spare: a passthrough writer's ENOSPC reaches the writer alone,
-        and cache_size cannot hold back a writer the daemon does not see.
-        """
-        if not self.passthrough_active or not stat.S_ISREG(file.mode) or file.fd < 0:
-            return False
-        # The kernel refuses to mix passthrough and ordinary opens of one inode.
-        if any(h.staged is not file for h in self.handles.open_on(path)):
-            return False
-        if self.options.cache_size and self.staged_bytes() + PT_RESERVE_MIN > self.options.cache_size:
-            return self._pt_refuse("cache_size reached (such writes wait for uploads, through the daemon)")
-        clean_room = max(0, self.objects.limit_bytes - self.objects.used_bytes())
-        if self.cache_dir.disk_free() - clean_room < PT_HEADROOM + PT_RESERVE_MIN:
-            return self._pt_refuse("cache disk nearly full (a failed write must be seen by the daemon)")
-        file.reserved_end = file.size
-        file.at_risk_from = None
-        if not file.reserve_locked(file.size + PT_RESERVE_MIN):
-            return self._pt_refuse("cannot reserve space in the cache dir (fallocate)")
-        ns = int(file.mtime * 1e9)
-        os.utime(file.fd, ns=(ns, ns))
-        file.observed = (os.fstat(file.fd).st_size, ns)
-        file.pt_filled = partplan.part_number(file.size, file.part_base) - 1
-        return True
-
-    def _pt_poll_loop(self) -> None:
-        """Drive eager uploads and disk writeback of passthrough writers, which the daemon does not see."""
-        while not self._pt_stop.is_set():
-            files = [f for f in self.staged_files() if f.pt_writers > 0]
-            if not files:
-                self._pt_wake.wait()
-                self._pt_wake.clear()
-                continue
-            for file in files:
-                try:
-                    self._pt_poll(file)
-                except Exception:  # never let the poller die
-                    log.exception("passthrough poll of %s failed", file.path)
-            self._pt_stop.wait(PT_POLL_INTERVAL)
-
-    def _pt_poll(self, file: StagedFile) -> None:
-        with file.lock:
-            if file.deleted or file.fd < 0 or not file.pt_writers:
-                return
-            file.observe_locked()
-            size, base = file.size, file.part_base
-            self._pt_reserve_locked(file)
-            # Writers of checkpoints write sequentially: parts a whole part below the end
-            # are taken as written. A guess only: commit checks them (CRC32C) before completing.
-            last = partplan.part_number(size - base, base) - 1 if size > base else 0
-            first, file.pt_filled = file.pt_filled + 1, max(file.pt_filled, last)
-            fd = file.fd
-        for number in range(first, last + 1):
-            self.uploader.part_filled(file, number)
-        if last >= 1:
-            filled_end = partplan.part_range(last, base)[1]
-            if filled_end > file.writeback_from:
-                start_writeback(fd, file.writeback_from, filled_end - file.writeback_from)
-                file.writeback_from = filled_end
-        if self.options.cache_size:
-            self.objects.evict(self.options.cache_size - self.staged_bytes())
-
-    def _pt_reserve_locked(self, file: StagedFile) -> None:
-        """Keep disk blocks reserved ahead of a passthrough writer; note where that failed."""
-        if file.at_risk_from is not None:
-            return
-        ahead = min(max(file.size, PT_RESERVE_MIN), PT_RESERVE_MAX)
-        if file.reserved_end - file.size >= ahead // 2:
-            return
-        for amount in (ahead, ahead // 8, 0):
-            if file.reserve_locked(file.size + amount):
-                break
-        if amount < ahead:  # less than a full window left on the disk
-            file.at_risk_from = file.reserved_end
-            log.warning("cache disk full: writes to %s past %d bytes may fail; if they do it will not be "
-                        "uploaded", file.path, file.reserved_end)
-
-    def _pt_settle(self, file: StagedFile) -> None:
-        """A passthrough writer syncs or closes: take what it wrote; refuse to publish a possibly failed write."""
-        with file.lock:
-            if file.deleted or file.fd < 0:
-                return
-            file.may_have_changed_locked()
-            if file.size > file.reserved_end and file.at_risk_from is None and not file.reserve_locked(file.size):
-                file.at_risk_from = file.reserved_end
-            if file.write_error is None and file.at_risk_from is not None and file.size >= file.at_risk_from:
-                # The writer may have got ENOSPC past the reserved blocks; only it knows.
-                file.write_error = errno.ENOSPC
-                log.error("%s grew past the space that could be reserved in the cache; a write may have failed "
-                          "(ENOSPC), so it will not be uploaded", file.path)
-            elif file.size > partplan.max_object_size(file.part_base):
-                file.write_error = errno.EFBIG
 
     # -- paths and keys ----------------------------------------------------------------
 
@@ -484,25 +362,8 @@ class Filesystem:
             raise FsError(errno.ENOTDIR, self._parent(path))
 
     def _open_handle_locked(self, file: StagedFile, path: str, flags: int, writable: bool) -> int:
-        backing = 0
         with file.lock:
-            if file.handles == 0:
-                file.passthrough = self._pt_choose_locked(file, path)
-            if file.passthrough:
-                if not file.backing_id:  # first handle of this session
-                    try:
-                        file.backing_id = self.backing.open(file.fd)  # type: ignore[union-attr]
-                    except OSError as exc:
-                        log.warning("FUSE passthrough turned off: the kernel refused a backing file (%s)", exc)
-                        self.passthrough_active = False
-                        file.passthrough = False
-                        file.release_reservation_locked()
-            if file.passthrough:
-                backing = file.backing_id
-                file.pt_handles += 1
-                if writable:
-                    file.pt_writers += 1
-                    file.pt_epoch += 1
+            backing = self.passthrough.attach_locked(file, path, writable)
             file.handles += 1
             if writable:
                 file.writers += 1
@@ -510,7 +371,7 @@ class Filesystem:
         log.debug("open %s (fh %d, %s): %s", path, fh, "rw" if writable else "ro",
                   f"passthrough, backing id {backing}" if backing else "through the daemon")
         if backing and writable:
-            self._pt_wake.set()
+            self.passthrough.wake()
         return fh
 
     def open(self, path: str, flags: int) -> int:
@@ -697,7 +558,7 @@ class Filesystem:
                 with handle.staged.lock:
                     handle.staged.truncate_locked(length)
                     if handle.staged.pt_writers:
-                        self._pt_reserve_locked(handle.staged)
+                        self.passthrough.reserve_locked(handle.staged)
                 return
         with self._lock:
             file = self._staged.get(path)
@@ -705,7 +566,7 @@ class Filesystem:
                 with file.lock:
                     file.truncate_locked(length)
                     if file.pt_writers:
-                        self._pt_reserve_locked(file)
+                        self.passthrough.reserve_locked(file)
                     idle = file.writers == 0
                 if idle:
                     self._make_durable(file)
@@ -754,7 +615,7 @@ class Filesystem:
         if file is None or not handle.writable:
             return
         if handle.backing_id:
-            self._pt_settle(file)
+            self.passthrough.settle(file)
         with file.lock:
             if file.write_error is not None:
                 raise FsError(file.write_error, f"{file.path}: an earlier write failed; not uploaded")
@@ -775,7 +636,7 @@ class Filesystem:
         if file is None:
             return
         if handle.backing_id and handle.writable:
-            self._pt_settle(file)
+            self.passthrough.settle(file)
         with file.lock:
             if file.deleted:
                 return
@@ -808,7 +669,7 @@ class Filesystem:
                 if handle.writable:
                     file.writers -= 1
                 if handle.backing_id:
-                    self._pt_release_locked(file, handle)
+                    self.passthrough.release_locked(file, handle)
                 unused = file.handles == 0
                 needs_commit = unused and file.dirty and not file.deleted and not file.commit_queued \
                     and file.failure is None
@@ -824,23 +685,6 @@ class Filesystem:
             self._make_durable(file)
             self.uploader.request_commit(file)
         self._retire_if_clean(file)
-
-    def _pt_release_locked(self, file: StagedFile, handle: Handle) -> None:
-        file.pt_handles -= 1
-        if handle.writable:
-            file.pt_writers -= 1
-            # Written after close through a shared mapping (seen only as a change of the file)?
-            if not file.deleted and file.observe_locked():
-                file.pt_epoch += 1
-            if file.pt_writers == 0:
-                file.release_reservation_locked()
-        if file.pt_handles == 0 and file.backing_id:
-            backing_id, file.backing_id = file.backing_id, 0
-            try:
-                if self.backing is not None:
-                    self.backing.close(backing_id)
-            except OSError as exc:
-                log.warning("closing passthrough backing file %d of %s failed: %s", backing_id, file.path, exc)
 
     def _on_committed(self, file: StagedFile, key: str, etag: str, version: int) -> None:
         """Uploader callback: ``file`` at ``version`` is now object ``key`` with ``etag``."""
@@ -1194,8 +1038,7 @@ class Filesystem:
         return count
 
     def shutdown(self, drain_timeout: float) -> bool:
-        self._pt_stop.set()
-        self._pt_wake.set()
+        self.passthrough.stop()
         drained = self.uploader.shutdown(drain_timeout)
         self.downloads.shutdown(wait=False, cancel_futures=True)
         return drained

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import FsError, S3Error
-from .filesystem import Filesystem, PassthroughBackend, Stat
+from .filesystem import Filesystem, Stat
+from .passthrough import PassthroughBackend
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
