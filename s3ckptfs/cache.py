@@ -190,6 +190,9 @@ class CachedObject:
     present: set[int] = field(default_factory=set)
     inflight: dict[int, Future] = field(default_factory=dict)
     readers: int = 0
+    backing_id: int = 0        # FUSE passthrough of a complete copy (guarded by Filesystem._lock)
+    pt_handles: int = 0        # open handles using that backing id
+    taken: bool = False        # handed over to a writer as its staging file (no longer in the cache)
 
     def block_count(self) -> int:
         return (self.size + self.block_size - 1) // self.block_size
@@ -257,7 +260,26 @@ class ObjectCache:
     def release(self, entry: CachedObject) -> None:
         with self._lock:
             entry.readers -= 1
+            if entry.taken and entry.readers == 0:
+                os.close(entry.fd)  # the file itself now belongs to the writer
         self.evict()
+
+    def take(self, key: str, etag: str, only_if: Callable[[CachedObject], bool]) -> CachedObject | None:
+        """Remove the complete copy of ``key``@``etag`` from the cache, for a writer to use as is.
+
+        Saves downloading what is already here. None unless it is complete, idle
+        and ``only_if(entry)`` holds; its open readers keep their descriptor.
+        """
+        with self._lock:
+            entry = self._entries.get((key, etag))
+            if entry is None or not entry.complete or entry.inflight or not only_if(entry):
+                return None
+            del self._entries[(key, etag)]
+            self._bytes -= entry.size
+            entry.taken = True
+            if entry.readers == 0:
+                os.close(entry.fd)
+            return entry
 
     def fetch_block(self, entry: CachedObject, block: int, start: Callable[[CachedObject, int], Future]) -> Future | None:
         """A future for ``block`` of ``entry``: None if present, else the shared in-flight download."""

@@ -89,7 +89,7 @@ class Options:
     drain_timeout: float = 600.0       # seconds to wait for uploads on unmount/stop
     metrics_port: int = 0              # serve Prometheus metrics on this port (0: off)
     metrics_addr: str = "127.0.0.1"    # address the metrics server listens on
-    passthrough: str = "auto"          # auto: FUSE passthrough for written files when possible; off: never
+    passthrough: str = "auto"          # auto: FUSE passthrough for written and cached files; writes: written only; off
 
     def __post_init__(self) -> None:
         if self.write_mode not in ("async", "sync"):
@@ -116,8 +116,8 @@ class Options:
             raise ConfigError("option read_ahead: must not be negative")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError("option metrics_port: must be a TCP port (1-65535), or 0 for off")
-        if self.passthrough not in ("auto", "off"):
-            raise ConfigError(f"option passthrough: '{self.passthrough}' must be auto or off")
+        if self.passthrough not in ("auto", "writes", "off"):
+            raise ConfigError(f"option passthrough: '{self.passthrough}' must be auto, writes or off")
         if self.retry_attempts < 1:
             raise ConfigError("option retry_attempts: must be at least 1")
 

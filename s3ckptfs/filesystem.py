@@ -40,7 +40,7 @@ from .errors import FsError, S3Error
 from .handles import Handle, HandleTable
 from .metadata import MISSING, DirInfo, MetadataCache
 from .metrics import Metrics
-from .passthrough import PassthroughBackend, PassthroughWriters
+from .passthrough import PassthroughBackend, PassthroughFiles
 from .s3client import ObjectInfo, S3Client, object_metadata
 from .staging import StagedFile, pwrite_all, start_writeback
 from .uploader import Ticket, Uploader
@@ -98,7 +98,7 @@ class Filesystem:
         self._mtime_overrides: dict[str, float] = {}
         self._room = threading.Condition()  # notified when staged data leaves the cache
         self.mount_time = time.time()
-        self.passthrough = PassthroughWriters(self)
+        self.passthrough = PassthroughFiles(self)
         self._opened_versions: dict[str, tuple[str, str]] = {}  # path -> (key, ETag) at its last open
 
     # -- FUSE passthrough ---------------------------------------------------------------
@@ -361,9 +361,18 @@ class Filesystem:
         if not isinstance(parent, DirInfo):
             raise FsError(errno.ENOTDIR, self._parent(path))
 
+    def _refuse_if_passed_through_locked(self, path: str) -> None:
+        """The kernel would fail this open (EIO): other opens pass its inode through to another file."""
+        if self.passthrough.kernel_backed_locked(path, 0):
+            log.warning("%s: refused an open while readers here have another version of it open "
+                        "(FUSE passthrough allows one file per inode); retry once they close", path)
+            raise FsError(errno.EBUSY, path)
+
     def _open_handle_locked(self, file: StagedFile, path: str, flags: int, writable: bool) -> int:
         with file.lock:
             backing = self.passthrough.attach_locked(file, path, writable)
+            if not backing:
+                self._refuse_if_passed_through_locked(path)
             file.handles += 1
             if writable:
                 file.writers += 1
@@ -391,7 +400,21 @@ class Filesystem:
             raise FsError(errno.EISDIR, path)
         if not writable:
             cached = self.objects.acquire(entry.key, entry.etag, entry.size)
-            return self.handles.add(Handle(path=path, flags=flags, writable=False, remote=entry, cached=cached))
+            try:
+                with self._lock:
+                    backing = self.passthrough.attach_cached_locked(cached, path)
+                    if not backing:
+                        self._refuse_if_passed_through_locked(path)
+                    return self.handles.add(Handle(path=path, flags=flags, writable=False, remote=entry,
+                                                   cached=cached, backing_id=backing))
+            except FsError:
+                self.objects.release(cached)
+                raise
+        with self._lock:
+            fh = self._open_cached_copy_for_write_locked(path, entry, flags, truncate)
+            if fh:
+                return fh
+            self._refuse_if_passed_through_locked(path)
         # Writing an existing object: bring it into the cache first, unless it is truncated anyway.
         file = self._new_staged(path, entry.mode or FILE_MODE)
         if not truncate:
@@ -407,7 +430,48 @@ class Filesystem:
                 self._free_staging(file)
                 return self._open_handle_locked(existing, path, flags, writable)
             self._register_locked(file)
-            return self._open_handle_locked(file, path, flags, writable)
+            try:
+                return self._open_handle_locked(file, path, flags, writable)
+            except FsError:
+                self._discard_locked(file)  # a local copy only: S3 keeps the object
+                raise
+
+    def _open_cached_copy_for_write_locked(self, path: str, entry: ObjectInfo, flags: int, truncate: bool) -> int:
+        """Open ``path`` for writing on its complete cached copy, moved to staging: no download.
+
+        Only while every open of the path reads that copy through passthrough (or none
+        is open); the writer then shares their backing file. Returns the fh, or 0.
+        """
+        existing = self._staged.get(path)
+        if existing is not None:  # staged since the lookup
+            if truncate:
+                with existing.lock:
+                    existing.truncate_locked(0)
+            return self._open_handle_locked(existing, path, flags, writable=True)
+        others = self.handles.open_on(path)  # new opens of path wait for Filesystem._lock
+
+        def idle_or_passed_through(cached: CachedObject) -> bool:
+            return cached.readers == cached.pt_handles and all(h.cached is cached and h.backing_id for h in others)
+
+        cached = self.objects.take(entry.key, entry.etag, idle_or_passed_through) if entry.etag else None
+        if cached is None:
+            return 0
+        file_id = uuid.uuid4().hex
+        staging_path = self.cache_dir.staging_path(file_id)
+        try:
+            os.rename(cached.path, staging_path)
+            fd = os.open(staging_path, os.O_RDWR)
+        except OSError as exc:
+            raise FsError(exc.errno or errno.EIO, f"cannot stage {path} from the cache: {exc}") from exc
+        file = StagedFile(file_id, path, self.key_for(path), staging_path, fd, size=entry.size,
+                          mode=entry.mode or FILE_MODE, mtime=entry.mtime, part_base=self.options.part_size)
+        with file.lock:
+            file.committed_version = file.version  # identical to the object until written
+            file.last_etag = entry.etag
+            if truncate:
+                file.truncate_locked(0)
+        self._register_locked(file)
+        return self._open_handle_locked(file, path, flags, writable=True)
 
     def _hydrate(self, file: StagedFile, entry: ObjectInfo) -> None:
         """Fill a new staging file with the whole object (parallel ranged GETs)."""
@@ -659,6 +723,9 @@ class Filesystem:
     def release(self, fh: int) -> None:
         handle = self.handles.remove(fh)
         if handle.cached is not None:
+            if handle.backing_id:
+                with self._lock:
+                    self.passthrough.release_cached_locked(handle.cached)
             self.objects.release(handle.cached)
         file = handle.staged
         if file is None:
@@ -726,6 +793,7 @@ class Filesystem:
 
     def unlink(self, path: str) -> None:
         key = self.key_for(path)
+        self.handles.unname(path)
         with self._lock:
             file = self._staged.get(path)
             if file is not None:
@@ -809,6 +877,8 @@ class Filesystem:
                 raise FsError(errno.EISDIR, new)
             self._check_parent_is_dir(new)
             self._rename_file(old, new, new_key, source)
+        self.handles.unname(new)     # a replaced file lives on in its open handles, nameless
+        self.handles.move(old, new)  # the kernel keeps open files on their inode, now named new
         self.meta.forget_tree(old)
         self.meta.forget_tree(new)
 

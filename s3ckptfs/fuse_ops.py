@@ -9,8 +9,8 @@ libfuse2 when both are installed (s3fs-fuse pulls it in), and libfuse2 without
 big_writes sends 4 KiB writes, about ten times slower than libfuse3's 1 MiB.
 A libfuse 3.17 built by scripts/setup.sh into the environment
 (``<sys.prefix>/lib/s3ckptfs-libfuse``) is preferred to the system's: with it,
-files being written use FUSE passthrough (the kernel writes the staging file
-itself; see docs/design.md). ``FUSE_LIBRARY_PATH`` overrides the choice.
+files being written, and complete cached copies opened for reading, use FUSE
+passthrough (the kernel reads and writes the local file itself; see docs/design.md). ``FUSE_LIBRARY_PATH`` overrides the choice.
 """
 
 from __future__ import annotations

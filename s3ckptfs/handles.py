@@ -29,7 +29,8 @@ class Handle:
     cached: CachedObject | None = None
     next_offset: int = 0       # where a sequential reader would read next
     window: int = 0            # current read-ahead, grows while reads stay sequential
-    backing_id: int = 0        # FUSE passthrough: the kernel reads and writes the staging file itself
+    backing_id: int = 0        # FUSE passthrough: the kernel reads and writes the backing file itself
+    named: bool = True         # False once its name was unlinked or renamed over (the open file lives on)
 
 
 class HandleTable:
@@ -56,7 +57,26 @@ class HandleTable:
     def open_on(self, path: str) -> list[Handle]:
         """The handles opened under ``path``."""
         with self._lock:
-            return [h for h in self._handles.values() if h.path == path]
+            return [h for h in self._handles.values() if h.path == path and h.named]
+
+    def unname(self, path: str) -> None:
+        """``path`` was unlinked or replaced: handles open on it no longer refer to that name."""
+        with self._lock:
+            for handle in self._handles.values():
+                if handle.path == path:
+                    handle.named = False
+
+    def move(self, old: str, new: str) -> None:
+        """A rename: handles opened under ``old`` (or below it) now live under ``new``."""
+        below = old.rstrip("/") + "/"
+        with self._lock:
+            for handle in self._handles.values():
+                if not handle.named:
+                    continue
+                if handle.path == old:
+                    handle.path = new
+                elif handle.path.startswith(below):
+                    handle.path = new.rstrip("/") + "/" + handle.path[len(below):]
 
     def remove(self, fh: int) -> Handle:
         with self._lock:

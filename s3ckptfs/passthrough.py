@@ -1,6 +1,13 @@
-"""FUSE passthrough for files being written: the kernel writes the staging file itself.
+"""FUSE passthrough: the kernel reads and writes local files itself, bypassing the daemon.
 
-The daemon then sees no write, so this module does what the write path did:
+Two kinds of files are handed to the kernel: staging files of files being written
+(and read while staged), and complete downloaded copies of objects opened for
+reading (a checkpoint written or read once on this node is then loaded at local
+disk speed). The kernel fails (EIO) any open of an inode it passes through to a
+file that is not passed through to that same file, so every open of such an inode
+shares its backing file: a writer takes over the cached copy its readers use.
+
+For writers the daemon sees no write, so this module does what the write path did:
 it decides per open session whether a staged file may be handed to the kernel
 (room on the cache disk, cache_size, no ordinary open of the same inode), keeps
 one refcounted kernel backing id per staged file, reserves disk blocks ahead of
@@ -20,6 +27,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from . import partplan
+from .cache import CachedObject
 from .handles import Handle
 from .staging import StagedFile, start_writeback
 
@@ -36,6 +44,11 @@ PT_RESERVE_MAX = 1 << 30      # ...growing with the file up to this
 PT_HEADROOM = 1 << 30         # free disk beyond what the clean cache may still take
 
 
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 class PassthroughBackend:
     """Kernel backing files for FUSE passthrough (implemented by the FUSE layer)."""
 
@@ -46,7 +59,7 @@ class PassthroughBackend:
         raise NotImplementedError
 
 
-class PassthroughWriters:
+class PassthroughFiles:
     """The passthrough side of one Filesystem: backing ids, reservations, the poller."""
 
     def __init__(self, fs: Filesystem) -> None:
@@ -56,6 +69,13 @@ class PassthroughWriters:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._refused: set[str] = set()      # reasons already logged for not using passthrough
+        # Kernel backing ids, one per local file (the kernel allows one per inode): holders
+        # are a staged file, a cached copy, or both when a writer took over the cached copy
+        # that readers are passed through to.
+        self._holders: dict[int, int] = {}
+        self._file_of: dict[int, tuple[int, int]] = {}     # backing id -> (st_dev, st_ino)
+        self._backing_of: dict[tuple[int, int], int] = {}
+        self._holders_lock = threading.Lock()
 
     def enable(self, backend: PassthroughBackend) -> None:
         self.backing = backend
@@ -71,14 +91,11 @@ class PassthroughWriters:
 
     def attach_locked(self, file: StagedFile, path: str, writable: bool) -> int:
         """A handle of ``file`` opens (file.lock held): its backing id, or 0 for the ordinary path."""
-        if file.handles == 0:
+        if file.handles == 0 and not file.backing_id:  # (else taken over from passed-through readers)
             file.passthrough = self.choose_locked(file, path)
         if file.passthrough and not file.backing_id:  # first handle of this session
-            try:
-                file.backing_id = self.backing.open(file.fd)  # type: ignore[union-attr]
-            except OSError as exc:
-                log.warning("FUSE passthrough turned off: the kernel refused a backing file (%s)", exc)
-                self.active = False
+            file.backing_id = self._open_backing(file.fd)
+            if not file.backing_id:
                 file.passthrough = False
                 file.release_reservation_locked()
         if not file.passthrough:
@@ -88,6 +105,80 @@ class PassthroughWriters:
             file.pt_writers += 1
             file.pt_epoch += 1
         return file.backing_id
+
+    def attach_cached_locked(self, entry: CachedObject, path: str) -> int:
+        """A read-only open of a downloaded object (Filesystem._lock held): its backing id, or 0.
+
+        Only a complete copy qualifies (the kernel would serve the holes of a partial
+        one as zeros), and only while every other open of the path shares it.
+        """
+        if not self.active or self.fs.options.passthrough != "auto" or not entry.complete \
+                or self._others_on(path, entry.fd) == "other":
+            return 0
+        if not entry.backing_id:
+            entry.backing_id = self._open_backing(entry.fd)
+            if not entry.backing_id:
+                return 0
+        entry.pt_handles += 1
+        return entry.backing_id
+
+    def release_cached_locked(self, entry: CachedObject) -> None:
+        """A passthrough reader of ``entry`` closed (Filesystem._lock held)."""
+        entry.pt_handles -= 1
+        if entry.pt_handles == 0 and entry.backing_id:
+            backing_id, entry.backing_id = entry.backing_id, 0
+            self._drop_backing(backing_id, entry.key)
+
+    def _others_on(self, path: str, fd: int) -> str:
+        """Other opens of ``path``: "none", all passed through to the file of ``fd`` ("same"), or "other"."""
+        others = self.fs.handles.open_on(path)
+        if not others:
+            return "none"
+        identity = _identity(fd)
+        with self._holders_lock:
+            same = all(h.backing_id and self._file_of.get(h.backing_id) == identity for h in others)
+        return "same" if same else "other"
+
+    def kernel_backed_locked(self, path: str, backing_id: int) -> bool:
+        """Whether another open of ``path`` has the kernel pass it through to another file.
+
+        The kernel fails (EIO) any open of such an inode that is not passed through to
+        that same file, so the daemon refuses it first, with a reason.
+        """
+        return any(h.backing_id and h.backing_id != backing_id for h in self.fs.handles.open_on(path))
+
+    def _open_backing(self, fd: int) -> int:
+        """The backing id of ``fd``'s file (registered with the kernel once), or 0 (passthrough is then off)."""
+        identity = _identity(fd)
+        with self._holders_lock:
+            backing_id = self._backing_of.get(identity)
+            if backing_id:
+                self._holders[backing_id] += 1
+                return backing_id
+        try:
+            backing_id = self.backing.open(fd)  # type: ignore[union-attr]
+        except OSError as exc:
+            log.warning("FUSE passthrough turned off: the kernel refused a backing file (%s)", exc)
+            self.active = False
+            return 0
+        with self._holders_lock:
+            self._holders[backing_id] = 1
+            self._file_of[backing_id] = identity
+            self._backing_of[identity] = backing_id
+        return backing_id
+
+    def _drop_backing(self, backing_id: int, what: str) -> None:
+        with self._holders_lock:
+            self._holders[backing_id] -= 1
+            if self._holders[backing_id] > 0:
+                return
+            del self._holders[backing_id]
+            del self._backing_of[self._file_of.pop(backing_id)]
+        try:
+            if self.backing is not None:
+                self.backing.close(backing_id)
+        except OSError as exc:
+            log.warning("closing passthrough backing file %d of %s failed: %s", backing_id, what, exc)
 
     def _refuse(self, reason: str) -> bool:
         if reason not in self._refused:
@@ -104,22 +195,34 @@ class PassthroughWriters:
         if not self.active or not stat.S_ISREG(file.mode) or file.fd < 0:
             return False
         # The kernel refuses to mix passthrough and ordinary opens of one inode.
-        if any(h.staged is not file for h in self.fs.handles.open_on(path)):
+        others = self._others_on(path, file.fd)
+        if others == "other":
             return False
+        file.reserved_end = file.size
+        file.at_risk_from = None
+        if others == "same":
+            # Readers are passed through to this very file (a writer took over their cached
+            # copy): it must be passed through too. Space is reserved as far as it goes.
+            self.reserve_locked(file)
+            self._watch_locked(file)
+            return True
         if self.fs.options.cache_size and self.fs.staged_bytes() + PT_RESERVE_MIN > self.fs.options.cache_size:
             return self._refuse("cache_size reached (such writes wait for uploads, through the daemon)")
         clean_room = max(0, self.fs.objects.limit_bytes - self.fs.objects.used_bytes())
         if self.fs.cache_dir.disk_free() - clean_room < PT_HEADROOM + PT_RESERVE_MIN:
             return self._refuse("cache disk nearly full (a failed write must be seen by the daemon)")
-        file.reserved_end = file.size
-        file.at_risk_from = None
         if not file.reserve_locked(file.size + PT_RESERVE_MIN):
             return self._refuse("cannot reserve space in the cache dir (fallocate)")
+        self._watch_locked(file)
+        return True
+
+    @staticmethod
+    def _watch_locked(file: StagedFile) -> None:
+        """Start noticing writes the daemon will not see: by size and mtime, and parts filled."""
         ns = int(file.mtime * 1e9)
         os.utime(file.fd, ns=(ns, ns))
         file.observed = (os.fstat(file.fd).st_size, ns)
         file.pt_filled = partplan.part_number(file.size, file.part_base) - 1
-        return True
 
     def _poll_loop(self) -> None:
         """Drive eager uploads and disk writeback of passthrough writers, which the daemon does not see."""
@@ -200,8 +303,4 @@ class PassthroughWriters:
                 file.release_reservation_locked()
         if file.pt_handles == 0 and file.backing_id:
             backing_id, file.backing_id = file.backing_id, 0
-            try:
-                if self.backing is not None:
-                    self.backing.close(backing_id)
-            except OSError as exc:
-                log.warning("closing passthrough backing file %d of %s failed: %s", backing_id, file.path, exc)
+            self._drop_backing(backing_id, file.path)

@@ -23,12 +23,12 @@ def require_passthrough(mount) -> None:
         pytest.skip(f"no FUSE passthrough on this machine: {reason}")
 
 
-def passthrough_mount(mount_factory, bucket: str, prefix: str):
+def passthrough_mount(mount_factory, bucket: str, prefix: str, **options):
     """A mount serving metrics, with passthrough active (else the test is skipped)."""
     from s3ckptfs.devserver import free_port_pairs
 
     port = free_port_pairs(1)[0]
-    mount = mount_factory(bucket, prefix, options={"metrics_port": port})
+    mount = mount_factory(bucket, prefix, options={"metrics_port": port, **options})
     require_passthrough(mount)
     return mount, port
 
@@ -120,6 +120,81 @@ def test_fsync_then_close_uploads_once_and_truncate_rename_unlink_hold(bucket, m
         f.close()
     mount.sync()
     assert mount.key("gone.bin") not in list_keys(s3, bucket, mount.key(""))
+
+
+def daemon_reads(port: int) -> float:
+    metrics = scrape_metrics(port)
+    return sum(metrics.get(f's3ckptfs_fuse_operations_total{{operation="{op}"}}', 0) for op in ("read", "read_buf"))
+
+
+def read_and_forget(path) -> bytes:
+    """The whole file, then drop the kernel's page cache of it (so that the next read asks again)."""
+    with open(path, "rb") as f:
+        data = f.read()
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return data
+
+
+def test_complete_cached_copies_are_read_through_passthrough(bucket, mount_factory, s3):
+    mount, port = passthrough_mount(mount_factory, bucket, "warm")
+    written = os.urandom(24 * MiB)
+    (mount.path / "written.pt").write_bytes(written)
+    mount.sync()
+    s3.put_object(Bucket=bucket, Key=mount.key("remote.pt"), Body=(remote := os.urandom(24 * MiB)))
+    # Written here and committed: read at local speed, the daemon sees no read.
+    assert read_and_forget(mount.path / "written.pt") == written
+    assert daemon_reads(port) == 0
+    # Downloaded by a first (ordinary) read; a second open passes through to the complete copy.
+    assert read_and_forget(mount.path / "remote.pt") == remote
+    after_download = daemon_reads(port)
+    assert after_download > 0
+    with open(mount.path / "remote.pt", "rb") as f:
+        import mmap
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as view:   # torch.load(mmap=True)
+            assert view[5 * MiB:6 * MiB] == remote[5 * MiB:6 * MiB]
+        assert f.read() == remote
+    assert daemon_reads(port) == after_download
+    assert 'passthrough, backing id' in mount.log_tail(400)
+
+
+def test_opens_of_a_passed_through_file_share_its_backing_file(bucket, mount_factory, s3):
+    mount, port = passthrough_mount(mount_factory, bucket, "mixed", metadata_ttl="1", negative_ttl="1")
+    old = os.urandom(8 * MiB)
+    (mount.path / "latest.pt").write_bytes(old)
+    mount.sync()
+    reader = open(mount.path / "latest.pt", "rb")          # passed through to the cached copy
+    try:
+        assert reader.read(MiB) == old[:MiB]
+        # Overwritten (torch.save truncates) while the reader is open: the writer takes the
+        # cached copy over, as on a local disk (no EIO, no download), and S3 gets the new bytes.
+        new = os.urandom(6 * MiB)
+        with open(mount.path / "latest.pt", "wb") as writer:
+            writer.write(new)
+            with open(mount.path / "latest.pt", "rb") as second:   # a reader of the staged file
+                assert second.read() == new
+        mount.sync()
+        assert get_bytes(s3, bucket, mount.key("latest.pt")) == new
+        assert daemon_reads(port) == 0
+        # Changed in S3 behind the mount while a reader here still has it open: the kernel allows
+        # one backing file per inode, so a new open is refused (EBUSY), never served stale bytes.
+        newer = os.urandom(5 * MiB)
+        assert (mount.path / "latest.pt").read_bytes() == new       # (the same file: shared, no refusal)
+        s3.put_object(Bucket=bucket, Key=mount.key("latest.pt"), Body=newer)
+
+        def refused() -> bool:
+            try:
+                (mount.path / "latest.pt").read_bytes()
+            except OSError as exc:
+                return exc.errno == errno.EBUSY
+            return False
+        wait_for(refused, timeout=30, interval=0.5)
+        reader.seek(0)
+        assert len(reader.read()) == 6 * MiB               # the open reader reads on, undisturbed
+    finally:
+        reader.close()
+    assert read_and_forget(mount.path / "latest.pt") == newer   # downloaded, through the daemon
+    assert read_and_forget(mount.path / "latest.pt") == newer   # then passed through
+    assert "refused an open while readers here have another version" in mount.log_tail(400)
 
 
 @pytest.fixture
