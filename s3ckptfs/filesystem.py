@@ -793,7 +793,6 @@ class Filesystem:
 
     def unlink(self, path: str) -> None:
         key = self.key_for(path)
-        self.handles.unname(path)
         with self._lock:
             file = self._staged.get(path)
             if file is not None:
@@ -813,6 +812,7 @@ class Filesystem:
             self.objects.invalidate(key)
             self._mtime_overrides.pop(path, None)
         self.meta.put(path, MISSING)
+        self.handles.unname(path)  # open handles live on, nameless
 
     def mkdir(self, path: str, mode: int) -> None:
         key = self.key_for(path) + "/"
