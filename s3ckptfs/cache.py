@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +41,19 @@ from typing import Callable
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+@functools.cache
+def boot_id() -> str:
+    """The kernel's id of this boot (random, new at every boot); '' if it cannot be read."""
+    try:
+        with open(BOOT_ID_PATH) as stream:
+            return stream.read().strip()
+    except OSError as exc:
+        log.warning("cannot read the boot id (%s): a record not yet synced counts as lost at start", exc)
+        return ""
 
 
 def fsync_dir(path: Path) -> None:
@@ -124,6 +138,19 @@ class Journal:
             os.unlink(self.directory / f"{file_id}.json")
         except FileNotFoundError:
             pass
+
+    @staticmethod
+    def data_may_be_torn(record: dict) -> bool:
+        """The record was written before its data was fsync'd, in an earlier boot of the machine.
+
+        Its bytes were in the page cache only, and the machine went down since: any
+        part of them may be missing on disk. (Same boot: the daemon died, the page
+        cache still holds them.)
+        """
+        if record.get("data_synced", True):
+            return False
+        current = boot_id()
+        return not current or record.get("boot_id") != current
 
     def load_all(self) -> list[dict]:
         """Every valid record; unreadable ones are logged and skipped (their data stays on disk)."""

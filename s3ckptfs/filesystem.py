@@ -31,6 +31,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 from . import partplan
@@ -59,6 +60,23 @@ class Stat:
     size: int
     mtime: float
     nlink: int = 1
+
+
+@dataclass(frozen=True)
+class LostFile:
+    """A closed file whose data had not reached the disk when the machine went down (local_sync=background).
+
+    Never uploaded; shown as failed by status and sync until its path is written
+    again, renamed or deleted through the mount. Its record and staging file stay
+    in the cache dir until then.
+    """
+    path: str
+    key: str
+    file_id: str
+    size: int
+    mtime: float
+    reason: str = ("lost: the machine restarted before its data reached the cache disk (local_sync=background); "
+                   "not uploaded, the object in S3 is unchanged; cleared when the path is written or deleted")
 
 
 def _s3_errno(err: S3Error, what: str) -> FsError:
@@ -92,6 +110,7 @@ class Filesystem:
                                  retry_window=opts.retry_window, checksums=opts.checksums, metrics=metrics)
         self.downloads = ThreadPoolExecutor(max_workers=opts.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
+        self._lost: dict[str, LostFile] = {}  # path -> file whose data a restart of the machine may have torn
         self.handles = HandleTable()
         self._lock = threading.RLock()
         self._staged: dict[str, StagedFile] = {}
@@ -321,6 +340,7 @@ class Filesystem:
         previous = self._staged.get(file.path)
         if previous is not None and previous is not file:
             self._discard_locked(previous)
+        self._clear_lost_locked(file.path, "written again")
         self._staged[file.path] = file
         self.meta.forget(file.path)
         self._mtime_overrides.pop(file.path, None)
@@ -727,6 +747,7 @@ class Filesystem:
     def unlink(self, path: str) -> None:
         key = self.key_for(path)
         with self._lock:
+            self._clear_lost_locked(path, "deleted")
             file = self._staged.get(path)
             if file is not None:
                 self._discard_locked(file)
@@ -834,6 +855,8 @@ class Filesystem:
     def _rename_file(self, old: str, new: str, new_key: str, source: ObjectInfo) -> None:
         old_key = self.key_for(old)
         with self._lock:
+            self._clear_lost_locked(old, "renamed")
+            self._clear_lost_locked(new, "replaced by a rename")
             file = self._staged.pop(old, None)
             replaced = self._staged.get(new)
             if replaced is not None:
@@ -986,7 +1009,8 @@ class Filesystem:
                 wanted = file.dirty and not file.deleted and file.writers == 0
             if wanted:
                 tickets.append((file, self.uploader.request_commit(file)))
-        failures = []
+        failures = [(lost.path, lost.reason) for lost in self.lost_files()
+                    if under == "/" or lost.path == under or lost.path.startswith(prefix)]
         deadline = None if timeout is None else time.monotonic() + timeout
         for file, ticket in tickets:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -1005,6 +1029,9 @@ class Filesystem:
             file_id = record.get("id", "")
             staging_path = self.cache_dir.staging_path(file_id)
             known.add(staging_path.name)
+            if self.journal.data_may_be_torn(record):
+                self._keep_lost(record, staging_path)
+                continue  # its leftover multipart uploads are aborted below; the object in S3 is not touched
             if not staging_path.exists():
                 log.error("journal record for %s has no staging file; dropping it", record.get("path"))
                 self.journal.remove(file_id)
@@ -1037,6 +1064,35 @@ class Filesystem:
                 leftover.unlink()  # never closed successfully: nobody was promised this data
         return count
 
+    def _keep_lost(self, record: dict, staging_path: Path) -> None:
+        """Recovery met a record whose data a restart of the machine may have torn: report it, never upload it."""
+        path = str(record.get("path", "?"))
+        kept = staging_path.exists()
+        size = staging_path.stat().st_size if kept else int(record.get("size", 0))
+        with self._lock:
+            self._lost[path] = LostFile(path=path, key=str(record.get("key", "")), file_id=str(record.get("id", "")),
+                                        size=size, mtime=float(record.get("mtime", 0)))
+        log.error("%s is not uploaded: its data may be incomplete (closed with local_sync=background, the machine "
+                  "restarted before the data reached the disk); the object in S3, if any, is left as it was; "
+                  "record %s, %s", path, self.journal.directory / f"{record.get('id', '')}.json",
+                  f"bytes kept in {staging_path}" if kept else "no bytes left")
+
+    def _clear_lost_locked(self, path: str, why: str) -> None:
+        """The path of a lost file is written, renamed or deleted: forget the loss (with self._lock held)."""
+        lost = self._lost.pop(path, None)
+        if lost is None:
+            return
+        self.journal.remove(lost.file_id)
+        try:
+            os.unlink(self.cache_dir.staging_path(lost.file_id))
+        except FileNotFoundError:
+            pass
+        log.info("%s, lost in a restart of the machine, is %s: no longer reported", path, why)
+
+    def lost_files(self) -> list[LostFile]:
+        with self._lock:
+            return list(self._lost.values())
+
     def shutdown(self, drain_timeout: float) -> bool:
         self.passthrough.stop()
         drained = self.uploader.shutdown(drain_timeout)
@@ -1047,7 +1103,7 @@ class Filesystem:
         """Gauges for the metrics endpoint, computed when scraped."""
         pending = list(self.iter_pending())
         return {"pending_uploads": sum(1 for f in pending if f.failure is None and not f.writers),
-                "failed_uploads": sum(1 for f in pending if f.failure is not None),
+                "failed_uploads": sum(1 for f in pending if f.failure is not None) + len(self.lost_files()),
                 "dirty_bytes": self.staged_bytes(), "clean_cache_bytes": self.objects.used_bytes()}
 
     def iter_pending(self) -> Iterable[StagedFile]:
