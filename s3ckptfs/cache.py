@@ -15,6 +15,14 @@ on disk always describes bytes that are on disk. Records are removed only after
 S3 has confirmed the object. Staging files without a record belong to files
 that were never closed successfully; they are discarded on start.
 
+The one exception is ``local_sync=background``: close then writes the record
+first, with ``data_synced: false`` and the kernel's boot id, and the staging
+file is fsync'd just after, on a background thread, which then rewrites the
+record with ``data_synced: true``. Until then the bytes are only in the page
+cache: they survive the daemon dying, not the machine. A record that is still
+unsynced and names another boot (``data_may_be_torn``) is never uploaded.
+Records without these fields (older versions) were written after the fsync.
+
 The object cache holds clean data only: it may be evicted at any time, least
 recently used first, and is rebuilt from S3 on demand. It is not kept across
 restarts (its index lives in memory).

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from . import partplan
-from .cache import CacheDir, CachedObject, Journal, ObjectCache, UploadRegistry
+from .cache import CacheDir, CachedObject, Journal, ObjectCache, UploadRegistry, fsync_dir
 from .config import MountConfig
 from .errors import FsError, S3Error
 from .handles import Handle, HandleTable
@@ -110,6 +110,8 @@ class Filesystem:
                                  retry_window=opts.retry_window, checksums=opts.checksums, metrics=metrics)
         self.downloads = ThreadPoolExecutor(max_workers=opts.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
+        # local_sync=background: staging files are fsync'd here after close, one at a time, in close order
+        self.datasync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3ckptfs-datasync")
         self._lost: dict[str, LostFile] = {}  # path -> file whose data a restart of the machine may have torn
         self.handles = HandleTable()
         self._lock = threading.RLock()
@@ -351,12 +353,17 @@ class Filesystem:
             file.deleted = True
             self.uploader.abort_later(file.forget_upload_locked())
             unused = file.handles == 0
-        self.journal.remove(file.id)
+            self._drop_record_locked(file)
         if self._staged.get(file.path) is file:
             del self._staged[file.path]
         if unused:
             self._free_staging(file)
         self._room_freed()
+
+    def _drop_record_locked(self, file: StagedFile) -> None:
+        """Remove the file's journal record. Under file.lock, so that a background sync cannot rewrite it."""
+        self.journal.remove(file.id)
+        file.journaled_version = 0
 
     @staticmethod
     def _free_staging(file: StagedFile) -> None:
@@ -610,23 +617,68 @@ class Filesystem:
     # -- close, fsync ------------------------------------------------------------------
 
     def _make_durable(self, file: StagedFile) -> None:
-        """fsync the staging file and journal it, so the data survives a crash of this daemon."""
+        """fsync the staging file and journal it, so the data survives a crash of this daemon.
+
+        With local_sync=background the record is written first, marked not yet synced,
+        and the fsync follows on the datasync thread (``_sync_data``): the data then
+        survives the daemon dying at once, and the machine going down once that is done.
+        """
         with file.lock:
             if file.deleted or not file.dirty or file.journaled_version == file.version:
                 return
             version = file.version
+        background = self.options.local_sync == "background"
         started = time.monotonic()
         try:
-            os.fsync(file.fd)
+            if not background:
+                os.fsync(file.fd)
             with file.lock:
-                record = file.journal_record_locked()
-                self.journal.write(file.id, record)
+                if file.deleted:
+                    return  # unlinked meanwhile: its record is gone and must stay gone
+                file.data_synced = not background
+                self.journal.write(file.id, file.journal_record_locked())
                 file.journaled_version = version
             log.debug("journaled %s (%d bytes) in %.3fs", file.path, file.size, time.monotonic() - started)
         except OSError as exc:
             with file.lock:
                 file.write_error = exc.errno or errno.EIO
             raise FsError(exc.errno or errno.EIO, f"cannot journal {file.path}: {exc}") from exc
+        if background:
+            self._sync_data_later(file, version)
+
+    def _sync_data_later(self, file: StagedFile, version: int) -> None:
+        try:
+            self.datasync.submit(self._sync_data, file, version, time.monotonic())
+        except RuntimeError:  # shutting down: no thread left to do it
+            self._sync_data(file, version, time.monotonic())
+
+    def _sync_data(self, file: StagedFile, version: int, queued: float) -> None:
+        """fsync the staging file journaled at ``version``, then mark its record synced.
+
+        Nothing to do if the record is gone meanwhile (committed, replaced, unlinked)
+        or was written again for a newer version (whose own sync is queued behind this one).
+        """
+        fd = -1
+        try:
+            with file.lock:
+                if file.deleted or file.fd < 0 or file.journaled_version != version:
+                    return
+                fd = os.dup(file.fd)  # the commit may close file.fd meanwhile
+            os.fsync(fd)
+            fsync_dir(self.cache_dir.staging)
+            with file.lock:
+                if file.deleted or file.journaled_version != version:
+                    return
+                file.data_synced = True
+                self.journal.write(file.id, file.journal_record_locked())
+        except OSError as exc:
+            log.error("background fsync of %s failed (%s): it is still uploaded from memory, but a restart "
+                      "of the machine before that would lose it", file.path, exc)
+            return
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        log.debug("data of %s on disk %.3fs after it was journaled", file.path, time.monotonic() - queued)
 
     def flush(self, fh: int) -> None:
         """close(2) of one descriptor: make the data safe per the write mode."""
@@ -710,9 +762,8 @@ class Filesystem:
         """Uploader callback: ``file`` at ``version`` is now object ``key`` with ``etag``."""
         self.objects.invalidate(key)
         with file.lock:
-            clean = not file.dirty and not file.deleted
-        if clean:
-            self.journal.remove(file.id)
+            if not file.dirty and not file.deleted:
+                self._drop_record_locked(file)
         self.meta.put(file.path, ObjectInfo(key=key, size=file.size, etag=etag, mtime=file.mtime, mode=file.mode))
         self._retire_if_clean(file)
 
@@ -1043,6 +1094,9 @@ class Filesystem:
                               mode=int(record.get("mode", FILE_MODE)), mtime=float(record.get("mtime", 0)),
                               part_base=self.options.part_size)
             file.journaled_version = file.version
+            file.data_synced = bool(record.get("data_synced", True))
+            if not file.data_synced:  # the daemon died before the fsync; the page cache still holds the data
+                self._sync_data_later(file, file.version)
             kept = 0
             for upload_id in [u for u, key in leftover_uploads.items() if key == file.key]:
                 del leftover_uploads[upload_id]
@@ -1095,6 +1149,7 @@ class Filesystem:
 
     def shutdown(self, drain_timeout: float) -> bool:
         self.passthrough.stop()
+        self.datasync.shutdown(wait=True)  # a clean stop leaves every record synced
         drained = self.uploader.shutdown(drain_timeout)
         self.downloads.shutdown(wait=False, cancel_futures=True)
         return drained
