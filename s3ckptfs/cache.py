@@ -141,6 +141,9 @@ class Journal:
         os.rename(tmp, path)
         fsync_dir(self.directory)
 
+    def exists(self, file_id: str) -> bool:
+        return (self.directory / f"{file_id}.json").exists()
+
     def remove(self, file_id: str) -> None:
         try:
             os.unlink(self.directory / f"{file_id}.json")

@@ -353,17 +353,12 @@ class Filesystem:
             file.deleted = True
             self.uploader.abort_later(file.forget_upload_locked())
             unused = file.handles == 0
-            self._drop_record_locked(file)
+            self.journal.remove(file.id)  # under file.lock, like every removal: see _sync_data
         if self._staged.get(file.path) is file:
             del self._staged[file.path]
         if unused:
             self._free_staging(file)
         self._room_freed()
-
-    def _drop_record_locked(self, file: StagedFile) -> None:
-        """Remove the file's journal record. Under file.lock, so that a background sync cannot rewrite it."""
-        self.journal.remove(file.id)
-        file.journaled_version = 0
 
     @staticmethod
     def _free_staging(file: StagedFile) -> None:
@@ -657,17 +652,20 @@ class Filesystem:
 
         Nothing to do if the record is gone meanwhile (committed, replaced, unlinked)
         or was written again for a newer version (whose own sync is queued behind this one).
+        Records are removed only under file.lock, so checking and rewriting under it
+        never brings back a removed record.
         """
         fd = -1
         try:
             with file.lock:
-                if file.deleted or file.fd < 0 or file.journaled_version != version:
+                if (file.deleted or file.fd < 0 or file.journaled_version != version
+                        or not self.journal.exists(file.id)):
                     return
                 fd = os.dup(file.fd)  # the commit may close file.fd meanwhile
             os.fsync(fd)
             fsync_dir(self.cache_dir.staging)
             with file.lock:
-                if file.deleted or file.journaled_version != version:
+                if file.deleted or file.journaled_version != version or not self.journal.exists(file.id):
                     return
                 file.data_synced = True
                 self.journal.write(file.id, file.journal_record_locked())
@@ -763,7 +761,7 @@ class Filesystem:
         self.objects.invalidate(key)
         with file.lock:
             if not file.dirty and not file.deleted:
-                self._drop_record_locked(file)
+                self.journal.remove(file.id)
         self.meta.put(file.path, ObjectInfo(key=key, size=file.size, etag=etag, mtime=file.mtime, mode=file.mode))
         self._retire_if_clean(file)
 

@@ -128,7 +128,7 @@ class StagedFile:
         self.failure: S3Error | None = None    # gave up: kept in the cache, shown by status
         self.retrying: S3Error | None = None   # the last transient error while retrying
         self.last_etag = ""
-        self.journaled_version = 0        # the version the journal record was written for (0: no record)
+        self.journaled_version = 0        # the version the journal record was last written for
         self.data_synced = True           # the staging file was fsync'd after the journaled version's writes
         self.bytes_uploaded = 0
         self.writeback_from = 0           # disk writeback was started for bytes before this offset
