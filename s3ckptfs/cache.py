@@ -15,6 +15,14 @@ on disk always describes bytes that are on disk. Records are removed only after
 S3 has confirmed the object. Staging files without a record belong to files
 that were never closed successfully; they are discarded on start.
 
+The one exception is ``local_sync=background``: close then writes the record
+first, with ``data_synced: false`` and the kernel's boot id, and the staging
+file is fsync'd just after, on a background thread, which then rewrites the
+record with ``data_synced: true``. Until then the bytes are only in the page
+cache: they survive the daemon dying, not the machine. A record that is still
+unsynced and names another boot (``data_may_be_torn``) is never uploaded.
+Records without these fields (older versions) were written after the fsync.
+
 The object cache holds clean data only: it may be evicted at any time, least
 recently used first, and is rebuilt from S3 on demand. It is not kept across
 restarts (its index lives in memory).
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -40,6 +49,19 @@ from typing import Callable
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+@functools.cache
+def boot_id() -> str:
+    """The kernel's id of this boot (random, new at every boot); '' if it cannot be read."""
+    try:
+        with open(BOOT_ID_PATH) as stream:
+            return stream.read().strip()
+    except OSError as exc:
+        log.warning("cannot read the boot id (%s): a record not yet synced counts as lost at start", exc)
+        return ""
 
 
 def fsync_dir(path: Path) -> None:
@@ -119,11 +141,27 @@ class Journal:
         os.rename(tmp, path)
         fsync_dir(self.directory)
 
+    def exists(self, file_id: str) -> bool:
+        return (self.directory / f"{file_id}.json").exists()
+
     def remove(self, file_id: str) -> None:
         try:
             os.unlink(self.directory / f"{file_id}.json")
         except FileNotFoundError:
             pass
+
+    @staticmethod
+    def data_may_be_torn(record: dict) -> bool:
+        """The record was written before its data was fsync'd, in an earlier boot of the machine.
+
+        Its bytes were in the page cache only, and the machine went down since: any
+        part of them may be missing on disk. (Same boot: the daemon died, the page
+        cache still holds them.)
+        """
+        if record.get("data_synced", True):
+            return False
+        current = boot_id()
+        return not current or record.get("boot_id") != current
 
     def load_all(self) -> list[dict]:
         """Every valid record; unreadable ones are logged and skipped (their data stays on disk)."""

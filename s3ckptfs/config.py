@@ -90,6 +90,7 @@ class Options:
     metrics_port: int = 0              # serve Prometheus metrics on this port (0: off)
     metrics_addr: str = "127.0.0.1"    # address the metrics server listens on
     passthrough: str = "auto"          # auto: FUSE passthrough for written and cached files; writes: written only; off
+    local_sync: str = "close"          # close: close fsyncs the data; background: it is fsync'd just after
 
     def __post_init__(self) -> None:
         if self.write_mode not in ("async", "sync"):
@@ -118,6 +119,8 @@ class Options:
             raise ConfigError("option metrics_port: must be a TCP port (1-65535), or 0 for off")
         if self.passthrough not in ("auto", "writes", "off"):
             raise ConfigError(f"option passthrough: '{self.passthrough}' must be auto, writes or off")
+        if self.local_sync not in ("close", "background"):
+            raise ConfigError(f"option local_sync: '{self.local_sync}' must be close or background")
         if self.retry_attempts < 1:
             raise ConfigError("option retry_attempts: must be at least 1")
 

@@ -167,8 +167,11 @@ def _notify_loop(fs, source: str, stop: threading.Event) -> None:
     while not stop.wait(interval):
         pending = list(fs.iter_pending())
         failed = sum(1 for f in pending if f.failure is not None)
+        lost = len(fs.lost_files())
         status = (f"{len(pending)} upload(s) pending ({sum(f.size for f in pending) / 2**20:.0f} MiB)"
                   + (f", {failed} failed" if failed else "") if pending else f"serving {source}, all in S3")
+        if lost:
+            status = f"{status}; {lost} file(s) lost in a restart of the machine"
         sd_notify(f"STATUS={status}" + ("\nWATCHDOG=1" if watchdog_usec else ""))
 
 
@@ -186,6 +189,9 @@ def _status(fs) -> dict:
                           else "retrying" if file.retrying else "pending"),
                 "error": str(file.failure or file.retrying) if (file.failure or file.retrying) else None,
             })
+    for lost in fs.lost_files():
+        files.append({"path": lost.path, "key": lost.key, "size": lost.size, "uploaded": 0,
+                      "age": round(now - lost.mtime, 1), "state": "failed", "error": lost.reason})
     return {"ok": True, "pending": files, "objects_committed": fs.uploader.objects_committed,
             "bytes_committed": fs.uploader.bytes_committed, "clean_cache_bytes": fs.objects.used_bytes()}
 

@@ -31,10 +31,11 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 from . import partplan
-from .cache import CacheDir, CachedObject, Journal, ObjectCache, UploadRegistry
+from .cache import CacheDir, CachedObject, Journal, ObjectCache, UploadRegistry, fsync_dir
 from .config import MountConfig
 from .errors import FsError, S3Error
 from .handles import Handle, HandleTable
@@ -59,6 +60,23 @@ class Stat:
     size: int
     mtime: float
     nlink: int = 1
+
+
+@dataclass(frozen=True)
+class LostFile:
+    """A closed file whose data had not reached the disk when the machine went down (local_sync=background).
+
+    Never uploaded; shown as failed by status and sync until its path is written
+    again, renamed or deleted through the mount. Its record and staging file stay
+    in the cache dir until then.
+    """
+    path: str
+    key: str
+    file_id: str
+    size: int
+    mtime: float
+    reason: str = ("lost: the machine restarted before its data reached the cache disk (local_sync=background); "
+                   "not uploaded, the object in S3 is unchanged; cleared when the path is written or deleted")
 
 
 def _s3_errno(err: S3Error, what: str) -> FsError:
@@ -92,6 +110,9 @@ class Filesystem:
                                  retry_window=opts.retry_window, checksums=opts.checksums, metrics=metrics)
         self.downloads = ThreadPoolExecutor(max_workers=opts.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
+        # local_sync=background: staging files are fsync'd here after close, one at a time, in close order
+        self.datasync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3ckptfs-datasync")
+        self._lost: dict[str, LostFile] = {}  # path -> file whose data a restart of the machine may have torn
         self.handles = HandleTable()
         self._lock = threading.RLock()
         self._staged: dict[str, StagedFile] = {}
@@ -321,6 +342,7 @@ class Filesystem:
         previous = self._staged.get(file.path)
         if previous is not None and previous is not file:
             self._discard_locked(previous)
+        self._clear_lost_locked(file.path, "written again")
         self._staged[file.path] = file
         self.meta.forget(file.path)
         self._mtime_overrides.pop(file.path, None)
@@ -331,7 +353,7 @@ class Filesystem:
             file.deleted = True
             self.uploader.abort_later(file.forget_upload_locked())
             unused = file.handles == 0
-        self.journal.remove(file.id)
+            self.journal.remove(file.id)  # under file.lock, like every removal: see _sync_data
         if self._staged.get(file.path) is file:
             del self._staged[file.path]
         if unused:
@@ -654,23 +676,71 @@ class Filesystem:
     # -- close, fsync ------------------------------------------------------------------
 
     def _make_durable(self, file: StagedFile) -> None:
-        """fsync the staging file and journal it, so the data survives a crash of this daemon."""
+        """fsync the staging file and journal it, so the data survives a crash of this daemon.
+
+        With local_sync=background the record is written first, marked not yet synced,
+        and the fsync follows on the datasync thread (``_sync_data``): the data then
+        survives the daemon dying at once, and the machine going down once that is done.
+        """
         with file.lock:
             if file.deleted or not file.dirty or file.journaled_version == file.version:
                 return
             version = file.version
+        background = self.options.local_sync == "background"
         started = time.monotonic()
         try:
-            os.fsync(file.fd)
+            if not background:
+                os.fsync(file.fd)
             with file.lock:
-                record = file.journal_record_locked()
-                self.journal.write(file.id, record)
+                if file.deleted:
+                    return  # unlinked meanwhile: its record is gone and must stay gone
+                file.data_synced = not background
+                self.journal.write(file.id, file.journal_record_locked())
                 file.journaled_version = version
             log.debug("journaled %s (%d bytes) in %.3fs", file.path, file.size, time.monotonic() - started)
         except OSError as exc:
             with file.lock:
                 file.write_error = exc.errno or errno.EIO
             raise FsError(exc.errno or errno.EIO, f"cannot journal {file.path}: {exc}") from exc
+        if background:
+            self._sync_data_later(file, version)
+
+    def _sync_data_later(self, file: StagedFile, version: int) -> None:
+        try:
+            self.datasync.submit(self._sync_data, file, version, time.monotonic())
+        except RuntimeError:  # shutting down: no thread left to do it
+            self._sync_data(file, version, time.monotonic())
+
+    def _sync_data(self, file: StagedFile, version: int, queued: float) -> None:
+        """fsync the staging file journaled at ``version``, then mark its record synced.
+
+        Nothing to do if the record is gone meanwhile (committed, replaced, unlinked)
+        or was written again for a newer version (whose own sync is queued behind this one).
+        Records are removed only under file.lock, so checking and rewriting under it
+        never brings back a removed record.
+        """
+        fd = -1
+        try:
+            with file.lock:
+                if (file.deleted or file.fd < 0 or file.journaled_version != version
+                        or not self.journal.exists(file.id)):
+                    return
+                fd = os.dup(file.fd)  # the commit may close file.fd meanwhile
+            os.fsync(fd)
+            fsync_dir(self.cache_dir.staging)
+            with file.lock:
+                if file.deleted or file.journaled_version != version or not self.journal.exists(file.id):
+                    return
+                file.data_synced = True
+                self.journal.write(file.id, file.journal_record_locked())
+        except OSError as exc:
+            log.error("background fsync of %s failed (%s): it is still uploaded from memory, but a restart "
+                      "of the machine before that would lose it", file.path, exc)
+            return
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        log.debug("data of %s on disk %.3fs after it was journaled", file.path, time.monotonic() - queued)
 
     def flush(self, fh: int) -> None:
         """close(2) of one descriptor: make the data safe per the write mode."""
@@ -757,9 +827,8 @@ class Filesystem:
         """Uploader callback: ``file`` at ``version`` is now object ``key`` with ``etag``."""
         self.objects.invalidate(key)
         with file.lock:
-            clean = not file.dirty and not file.deleted
-        if clean:
-            self.journal.remove(file.id)
+            if not file.dirty and not file.deleted:
+                self.journal.remove(file.id)
         self.meta.put(file.path, ObjectInfo(key=key, size=file.size, etag=etag, mtime=file.mtime, mode=file.mode))
         self._retire_if_clean(file)
 
@@ -794,6 +863,7 @@ class Filesystem:
     def unlink(self, path: str) -> None:
         key = self.key_for(path)
         with self._lock:
+            self._clear_lost_locked(path, "deleted")
             file = self._staged.get(path)
             if file is not None:
                 self._discard_locked(file)
@@ -904,6 +974,8 @@ class Filesystem:
     def _rename_file(self, old: str, new: str, new_key: str, source: ObjectInfo) -> None:
         old_key = self.key_for(old)
         with self._lock:
+            self._clear_lost_locked(old, "renamed")
+            self._clear_lost_locked(new, "replaced by a rename")
             file = self._staged.pop(old, None)
             replaced = self._staged.get(new)
             if replaced is not None:
@@ -1056,7 +1128,8 @@ class Filesystem:
                 wanted = file.dirty and not file.deleted and file.writers == 0
             if wanted:
                 tickets.append((file, self.uploader.request_commit(file)))
-        failures = []
+        failures = [(lost.path, lost.reason) for lost in self.lost_files()
+                    if under == "/" or lost.path == under or lost.path.startswith(prefix)]
         deadline = None if timeout is None else time.monotonic() + timeout
         for file, ticket in tickets:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -1075,6 +1148,9 @@ class Filesystem:
             file_id = record.get("id", "")
             staging_path = self.cache_dir.staging_path(file_id)
             known.add(staging_path.name)
+            if self.journal.data_may_be_torn(record):
+                self._keep_lost(record, staging_path)
+                continue  # its leftover multipart uploads are aborted below; the object in S3 is not touched
             if not staging_path.exists():
                 log.error("journal record for %s has no staging file; dropping it", record.get("path"))
                 self.journal.remove(file_id)
@@ -1086,6 +1162,9 @@ class Filesystem:
                               mode=int(record.get("mode", FILE_MODE)), mtime=float(record.get("mtime", 0)),
                               part_base=self.options.part_size)
             file.journaled_version = file.version
+            file.data_synced = bool(record.get("data_synced", True))
+            if not file.data_synced:  # the daemon died before the fsync; the page cache still holds the data
+                self._sync_data_later(file, file.version)
             kept = 0
             for upload_id in [u for u, key in leftover_uploads.items() if key == file.key]:
                 del leftover_uploads[upload_id]
@@ -1107,8 +1186,38 @@ class Filesystem:
                 leftover.unlink()  # never closed successfully: nobody was promised this data
         return count
 
+    def _keep_lost(self, record: dict, staging_path: Path) -> None:
+        """Recovery met a record whose data a restart of the machine may have torn: report it, never upload it."""
+        path = str(record.get("path", "?"))
+        kept = staging_path.exists()
+        size = staging_path.stat().st_size if kept else int(record.get("size", 0))
+        with self._lock:
+            self._lost[path] = LostFile(path=path, key=str(record.get("key", "")), file_id=str(record.get("id", "")),
+                                        size=size, mtime=float(record.get("mtime", 0)))
+        log.error("%s is not uploaded: its data may be incomplete (closed with local_sync=background, the machine "
+                  "restarted before the data reached the disk); the object in S3, if any, is left as it was; "
+                  "record %s, %s", path, self.journal.directory / f"{record.get('id', '')}.json",
+                  f"bytes kept in {staging_path}" if kept else "no bytes left")
+
+    def _clear_lost_locked(self, path: str, why: str) -> None:
+        """The path of a lost file is written, renamed or deleted: forget the loss (with self._lock held)."""
+        lost = self._lost.pop(path, None)
+        if lost is None:
+            return
+        self.journal.remove(lost.file_id)
+        try:
+            os.unlink(self.cache_dir.staging_path(lost.file_id))
+        except FileNotFoundError:
+            pass
+        log.info("%s, lost in a restart of the machine, is %s: no longer reported", path, why)
+
+    def lost_files(self) -> list[LostFile]:
+        with self._lock:
+            return list(self._lost.values())
+
     def shutdown(self, drain_timeout: float) -> bool:
         self.passthrough.stop()
+        self.datasync.shutdown(wait=True)  # a clean stop leaves every record synced
         drained = self.uploader.shutdown(drain_timeout)
         self.downloads.shutdown(wait=False, cancel_futures=True)
         return drained
@@ -1117,7 +1226,7 @@ class Filesystem:
         """Gauges for the metrics endpoint, computed when scraped."""
         pending = list(self.iter_pending())
         return {"pending_uploads": sum(1 for f in pending if f.failure is None and not f.writers),
-                "failed_uploads": sum(1 for f in pending if f.failure is not None),
+                "failed_uploads": sum(1 for f in pending if f.failure is not None) + len(self.lost_files()),
                 "dirty_bytes": self.staged_bytes(), "clean_cache_bytes": self.objects.used_bytes()}
 
     def iter_pending(self) -> Iterable[StagedFile]:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import partplan
+from .cache import boot_id
 from .errors import S3Error
 
 
@@ -127,7 +128,8 @@ class StagedFile:
         self.failure: S3Error | None = None    # gave up: kept in the cache, shown by status
         self.retrying: S3Error | None = None   # the last transient error while retrying
         self.last_etag = ""
-        self.journaled_version = 0
+        self.journaled_version = 0        # the version the journal record was last written for
+        self.data_synced = True           # the staging file was fsync'd after the journaled version's writes
         self.bytes_uploaded = 0
         self.writeback_from = 0           # disk writeback was started for bytes before this offset
         self.write_error: int | None = None  # sticky: a failed write means never publish this file
@@ -259,7 +261,8 @@ class StagedFile:
 
     def journal_record_locked(self) -> dict:
         return {"id": self.id, "path": self.path, "key": self.key, "size": self.size, "mode": self.mode,
-                "mtime": self.mtime, "upload_id": self.upload_id, "upload_key": self.upload_key}
+                "mtime": self.mtime, "upload_id": self.upload_id, "upload_key": self.upload_key,
+                "data_synced": self.data_synced, "boot_id": boot_id()}
 
     def close_fd(self) -> None:
         """Close the staging fd once (a second close could hit a reused descriptor number)."""

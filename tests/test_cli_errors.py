@@ -188,6 +188,7 @@ def test_unknown_option(mount_factory: MountFactory, bucket: str) -> None:
     ("part_size", "12XB"),
     ("cache_size", "lots"),
     ("metadata_ttl", "soon"),
+    ("local_sync", "later"),
 ])
 def test_bad_option_value(mount_factory: MountFactory, bucket: str, key: str, value: str) -> None:
     """A known -o key with a value it cannot take."""
