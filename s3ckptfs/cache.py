@@ -227,6 +227,7 @@ class CachedObject:
     complete: bool = False
     present: set[int] = field(default_factory=set)
     inflight: dict[int, Future] = field(default_factory=dict)
+    filled: dict[int, int] = field(default_factory=dict)  # in-flight block -> bytes from its start on disk
     readers: int = 0
     backing_id: int = 0        # FUSE passthrough of a complete copy (guarded by Filesystem._lock)
     pt_handles: int = 0        # open handles using that backing id
@@ -257,6 +258,7 @@ class ObjectCache:
         self.block_size = block_size
         self.limit_bytes = limit_bytes
         self._lock = threading.Lock()
+        self._progress = threading.Condition(self._lock)   # a block grew or finished
         self._entries: OrderedDict[tuple[str, str], CachedObject] = OrderedDict()
         self._bytes = 0
 
@@ -330,9 +332,35 @@ class ObjectCache:
                 entry.inflight[block] = future
             return future
 
+    def block_progress(self, entry: CachedObject, block: int, nbytes: int) -> None:
+        """The first ``nbytes`` of an in-flight ``block`` are on disk: readers of them may go on."""
+        with self._lock:
+            entry.filled[block] = nbytes
+            self._progress.notify_all()
+
+    def wait_for(self, entry: CachedObject, block: int, upto: int, download: Future) -> None:
+        """Wait until ``block`` holds its first ``upto`` bytes; raises the download's error if it failed.
+
+        A sequential reader follows the download as it streams, instead of waiting
+        for the whole block (32 MiB by default) to arrive.
+        """
+        download.add_done_callback(self._wake_all)
+        with self._lock:
+            while not (entry.has_block(block) or entry.filled.get(block, 0) >= upto or download.done()):
+                self._progress.wait()
+            if entry.has_block(block) or entry.filled.get(block, 0) >= upto:
+                return
+        download.result()  # raises what failed; a success has marked the block present
+
+    def _wake_all(self, _: Future) -> None:
+        with self._lock:
+            self._progress.notify_all()
+
     def block_done(self, entry: CachedObject, block: int, ok: bool, nbytes: int) -> None:
         with self._lock:
+            self._progress.notify_all()
             entry.inflight.pop(block, None)
+            entry.filled.pop(block, None)
             if ok and not entry.complete and block not in entry.present:
                 entry.present.add(block)
                 self._bytes += nbytes

@@ -546,14 +546,14 @@ class Filesystem:
         handle.next_offset = max(end, handle.next_offset) if handle.window else end
         ahead_end = min(info.size, end + handle.window)
         needed_last = (end - 1) // block
-        waits: list[Future] = []
+        waits: list[tuple[int, Future]] = []
         for number in range(offset // block, (ahead_end - 1) // block + 1):
             future = self.objects.fetch_block(entry, number, self._start_download)
             if future is not None and number <= needed_last:
-                waits.append(future)
-        for future in waits:
+                waits.append((number, future))
+        for number, future in waits:
             try:
-                future.result()
+                self.objects.wait_for(entry, number, min(end - number * block, block), future)
             except S3Error as err:
                 if err.code == "PreconditionFailed":
                     self.meta.forget(handle.path)
@@ -572,7 +572,8 @@ class Filesystem:
         length = min(entry.block_size, entry.size - start)
         ok = False
         try:
-            self.s3.get_range_into(entry.key, start, length, entry.fd, entry.etag or None)
+            self.s3.get_range_into(entry.key, start, length, entry.fd, entry.etag or None,
+                                   progress=lambda done: self.objects.block_progress(entry, number, done))
             ok = True
         finally:
             self.objects.block_done(entry, number, ok, length)

@@ -19,7 +19,7 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import base64
 import boto3
@@ -195,12 +195,13 @@ class S3Client:
         return exists, marker, newest
 
     def get_range_into(self, key: str, start: int, length: int, fd: int, etag: str | None = None,
-                       file_offset: int | None = None) -> int:
+                       file_offset: int | None = None, progress: Callable[[int], None] | None = None) -> int:
         """Download ``[start, start+length)`` of ``key`` into ``fd`` at ``file_offset`` (default ``start``).
 
-        Streams in 1 MiB pieces, so memory stays bounded. With ``etag`` the GET is
-        conditional: a changed object fails with PreconditionFailed instead of
-        mixing two versions. Returns the number of bytes written.
+        Streams in 1 MiB pieces, so memory stays bounded; ``progress(bytes written so
+        far)`` is called after each. With ``etag`` the GET is conditional: a changed
+        object fails with PreconditionFailed instead of mixing two versions. Returns
+        the number of bytes written.
         """
         if length <= 0:
             return 0
@@ -227,6 +228,8 @@ class S3Client:
                     n = os.pwrite(fd, view, position + written)
                     written += n
                     view = view[n:]
+                if progress is not None:
+                    progress(written)
         finally:
             body.close()
         if written != length:
