@@ -411,10 +411,14 @@ class Uploader:
                         result = (file.key, file.last_etag, file.committed_version)
                         break
                 else:
-                    file.changed.wait_for(lambda: not file.inflight or file.deleted, timeout=5.0)
-                    if not file.inflight and file.part_error is not None:
-                        error, file.part_error = file.part_error, None
-                        raise error
+                    # Check early parts while the last ones upload, not after: it is CPU and
+                    # page-cache reads that would otherwise add to the time until durable.
+                    unverified = self._unverified_parts_locked(file)
+                    if not unverified:
+                        file.changed.wait_for(lambda: not file.inflight or file.deleted, timeout=5.0)
+                        if not file.inflight and file.part_error is not None:
+                            error, file.part_error = file.part_error, None
+                            raise error
             if unverified:
                 self._verify_parts(file, unverified)
         self.objects_committed += 1
