@@ -64,7 +64,8 @@ TRANSIENT_CODES = frozenset({
     "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
     "500", "502", "503", "504", "Throttling", "ThrottlingException", "RequestLimitExceeded",
     "ConnectionError", "Timeout",
-    "BadDigest", "ChecksumMismatch",  # damaged in transit: sending it again fixes it
+    # damaged in transit: sending it again fixes it
+    "BadDigest", "ChecksumMismatch", "XAmzContentSHA256Mismatch",
 })
 
 

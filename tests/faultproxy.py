@@ -78,7 +78,7 @@ class FaultProxy:
         self._stopping = threading.Event()
         self._mode, self._params, self._epoch, self._counter = "pass", {}, 0, 0
         self.requests: list[str] = []
-        self.stats = {"connections": 0, "resets": 0, "errors": 0}
+        self.stats = {"connections": 0, "resets": 0, "errors": 0, "corrupted": 0}
         self._spawn(self._accept_loop)
 
     @property
@@ -105,6 +105,10 @@ class FaultProxy:
 
     def deny(self, match: str | None = None) -> None:
         self._set("deny", match=match)
+
+    def corrupt(self, every: int = 1, match: str | None = None) -> None:
+        """Flip the first body byte of every ``every``-th request with a body (bytes damaged in transit)."""
+        self._set("corrupt", every=every, match=match)
 
     def down(self) -> None:
         self._set("down")
@@ -174,7 +178,7 @@ class FaultProxy:
             pass
         self._kill(conn)
 
-    def _fault_for(self, conn: _Conn, line: str) -> str | None:
+    def _fault_for(self, conn: _Conn, line: str, has_body: bool) -> str | None:
         """Which fault (if any) the request starting with ``line`` gets; updates the doom of ``conn``."""
         with self._lock:
             mode, params = self._mode, self._params
@@ -187,6 +191,11 @@ class FaultProxy:
             if mode == "reset" and conn.doomed and conn.epoch == self._epoch:
                 conn.cut_at = params["after_bytes"]
                 return "reset"
+            if mode == "corrupt":
+                if not has_body:
+                    return None
+                self._counter += 1
+                return "corrupt" if self._counter % params["every"] == 0 else None
             if mode == "slowdown" and random.random() < params["fraction"]:
                 return "slowdown"
             return "deny" if mode == "deny" else None
@@ -202,6 +211,10 @@ class FaultProxy:
                         piece = buf if raw else buf[:body_left]
                         buf = buf[len(piece):]
                         body_left -= 0 if raw else len(piece)
+                        if fault == "corrupt" and piece:
+                            piece, fault = bytes([piece[0] ^ 0xFF]) + piece[1:], None
+                            with self._lock:
+                                self.stats["corrupted"] += 1
                     else:
                         end = buf.find(b"\r\n\r\n")
                         if end < 0:
@@ -214,7 +227,7 @@ class FaultProxy:
                         length = re.search(r"\r\ncontent-length:\s*(\d+)", fields)
                         body_left = int(length.group(1)) if length else 0
                         raw = "transfer-encoding: chunked" in fields
-                        fault, sent, piece = self._fault_for(conn, line), 0, head
+                        fault, sent, piece = self._fault_for(conn, line, bool(body_left or raw)), 0, head
                         if fault in ("slowdown", "deny"):
                             status, reason, code = ((503, "Slow Down", "SlowDown") if fault == "slowdown"
                                                     else (403, "Forbidden", "AccessDenied"))

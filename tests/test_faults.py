@@ -156,6 +156,27 @@ def test_resets_during_part_uploads(fault_proxy, bucket, mount_factory, s3):
     assert_no_orphan_uploads(s3, bucket)
 
 
+@pytest.mark.parametrize("checksums", ["true", "false"])
+def test_damaged_bodies_are_refused_and_sent_again(fault_proxy, bucket, mount_factory, s3, checksums):
+    """Bytes flipped in transit: the server refuses the body and it is sent again.
+
+    With checksums (the default) bodies go out as UNSIGNED-PAYLOAD and the CRC32C
+    each part and PUT carries is what catches the damage; without, the payload's
+    SHA-256 in the signature does.
+    """
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"checksums": checksums})
+    fault_proxy.corrupt(every=2, match=r"^PUT ")
+    with open(mount.path / "ckpt.pt", "wb") as f:
+        digest = write_random(f, 40 * MiB)
+    (mount.path / "latest").write_bytes(b"ckpt.pt")
+    mount.sync()
+    assert fault_proxy.stats["corrupted"] >= 2, f"the proxy damaged too few bodies: {fault_proxy.stats}"
+    assert s3_sha256(s3, bucket, mount.key("ckpt.pt")) == digest
+    assert s3.get_object(Bucket=bucket, Key=mount.key("latest"))["Body"].read() == b"ckpt.pt"
+    fault_proxy.passthrough()
+    assert_no_orphan_uploads(s3, bucket)
+
+
 OUTAGE = 30.0
 
 
