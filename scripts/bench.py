@@ -563,14 +563,22 @@ class Bench:
 
     # -- scratch directories
 
-    def fresh_dirs(self, tool: str) -> tuple[Path, Path]:
-        """A new (mountpoint, cache dir) pair for one mount."""
+    @contextlib.contextmanager
+    def fresh_dirs(self, tool: str) -> Iterator[tuple[Path, Path]]:
+        """A new (mountpoint, cache dir) pair for one mount, deleted once it is unmounted.
+
+        (A 4 GiB run makes dozens of mounts; their caches kept to the end filled the disk.)
+        """
         self._counter += 1
         base = self.work_dir / "mounts" / f"{tool}-{self.label}-{self._counter}"
         mountpoint, cache = base / "mnt", base / "cache"
         mountpoint.mkdir(parents=True)
         cache.mkdir()
-        return mountpoint, cache
+        try:
+            yield mountpoint, cache
+        finally:
+            if not os.path.ismount(mountpoint):
+                shutil.rmtree(base, ignore_errors=True)
 
 
 def delete_bucket(client: Any, bucket: str) -> None:
@@ -664,7 +672,11 @@ def foreground_mount(b: Bench, tool: str, command: list[str], mountpoint: Path,
 
 @contextlib.contextmanager
 def rclone_mount(b: Bench, bucket: str) -> Iterator[Path]:
-    mountpoint, cache = b.fresh_dirs("rclone")
+    with b.fresh_dirs("rclone") as (mountpoint, cache):
+        yield from _rclone_mount(b, bucket, mountpoint, cache)
+
+
+def _rclone_mount(b: Bench, bucket: str, mountpoint: Path, cache: Path) -> Iterator[Path]:
     config = mountpoint.parent / "rclone.conf"
     config.touch()
     env = dict(os.environ)
@@ -687,7 +699,11 @@ def rclone_mount(b: Bench, bucket: str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def s3fs_mount(b: Bench, bucket: str) -> Iterator[Path]:
-    mountpoint, cache = b.fresh_dirs("s3fs")
+    with b.fresh_dirs("s3fs") as (mountpoint, cache):
+        yield from _s3fs_mount(b, bucket, mountpoint, cache)
+
+
+def _s3fs_mount(b: Bench, bucket: str, mountpoint: Path, cache: Path) -> Iterator[Path]:
     passwd = mountpoint.parent / "passwd"
     passwd.write_text(f"{devserver.ADMIN_KEY}:{devserver.ADMIN_SECRET}\n")
     passwd.chmod(0o600)
@@ -744,7 +760,11 @@ def stop_s3ckptfs(b: Bench, mount: DaemonMount) -> None:
 def s3ckptfs_mount(b: Bench, bucket: str, options: str | None = None) -> Iterator[DaemonMount]:
     """A fresh s3ckptfs mount of ``bucket`` (-o ``options``, default the read-side ones)."""
     options = b.s3ckptfs_options if options is None else options
-    mountpoint, cache = b.fresh_dirs("s3ckptfs")
+    with b.fresh_dirs("s3ckptfs") as (mountpoint, cache):
+        yield from _s3ckptfs_mount(b, bucket, options, mountpoint, cache)
+
+
+def _s3ckptfs_mount(b: Bench, bucket: str, options: str, mountpoint: Path, cache: Path) -> Iterator[DaemonMount]:
     mount = DaemonMount(mountpoint, cache)
     assert b.tools.s3ckptfs is not None
     command = [b.tools.s3ckptfs, "mount", f"s3://{bucket}", str(mountpoint),
