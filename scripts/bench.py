@@ -37,11 +37,14 @@ Read side
 *stall* is the time until torch.save returns; *durable* is the time until the
 object is complete in S3, found by polling HEAD every 20 ms for the expected
 size. Before each timed step the page cache is dropped (when permitted), so
-every read is cold. Each repeat of a measurement gets its own bucket, deleted
-afterwards (SeaweedFS frees the space of a deleted bucket at once), and each
-mount its own mountpoint and cache dir under the work dir. Cold loads also
-report *downloads*: bytes the server sent during the load divided by what one
-plain GET of the object costs it (1.0 means the checkpoint was fetched once).
+every read is cold, and 1.25x the size of memory is faulted in and freed, so
+that no step waits for a VM's host to hand memory back (see warm_free_memory;
+--no-warm-memory turns it off). Each repeat of a measurement gets its own
+bucket, deleted afterwards (SeaweedFS frees the space of a deleted bucket at
+once), and each mount its own mountpoint and cache dir under the work dir. Cold
+loads also report *downloads*: bytes the server sent during the load divided by
+what one plain GET of the object costs it (1.0 means the checkpoint was fetched
+once).
 Every loaded state dict is checked against the original.
 
 A peer whose tool is missing is skipped with the reason printed. Everything
@@ -74,6 +77,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import mmap
 import os
 import platform
 import re
@@ -255,6 +259,21 @@ def drop_page_cache() -> bool:
     except OSError:
         return False
     return True
+
+
+def warm_free_memory(nbytes: int) -> None:
+    """Fault in ``nbytes`` of memory, then free it, so the next step finds it ready.
+
+    On a VM that reports freed memory to its host at once (free page reporting,
+    as on the development VM), a step that needs fresh memory (a checkpoint's page
+    cache) waits for the host to hand it back, by how long depending on when the
+    memory was freed, not on the tool measured: the same 1 GiB write took 0.4 s or
+    2.4 s there. Doing this right before every timed step gives each the same start.
+    """
+    if nbytes <= 0:
+        return
+    with mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE):
+        pass
 
 
 def read_whole_file(path: Path) -> None:
@@ -451,6 +470,7 @@ class Bench:
     work_dir: Path
     s3ckptfs_options: str = ""  # for the read side; each write variant brings its own
     page_cache_dropped: bool = True
+    warm_memory: bool = True    # see warm_free_memory
     checkpoint_bytes: int | None = None
     _state: dict[str, torch.Tensor] | None = None
     _read_bucket: str | None = None
@@ -497,7 +517,11 @@ class Bench:
         return self.checkpoint_bytes
 
     def drop_cache(self) -> None:
-        if not drop_page_cache() and self.page_cache_dropped:
+        """Before every timed step: a cold page cache, and free memory ready for use."""
+        dropped = drop_page_cache()
+        if self.warm_memory:
+            warm_free_memory(self.size + self.size // 4)
+        if not dropped and self.page_cache_dropped:
             self.page_cache_dropped = False
             log("warning: cannot drop the page cache (not root?); reads may be warm")
 
@@ -1471,6 +1495,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="scratch directory (default: a new one under $TMPDIR); it must have room "
                              "for about 4x the largest size")
     parser.add_argument("--keep-work-dir", action="store_true", help="do not delete the scratch directory")
+    parser.add_argument("--no-warm-memory", dest="warm_memory", action="store_false",
+                        help="do not fault in and free 1.25x the size's memory before each timed step "
+                             "(it evens out VMs that hand freed memory back to their host)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeat = "256MiB", 1
@@ -1514,7 +1541,7 @@ def run(args: argparse.Namespace, janitor: Janitor) -> int:
     page_cache_dropped = True
     for size in args.size_list:
         b = Bench(size=size, server=server, client=client, transfer=transfer, tools=tools, janitor=janitor,
-                  work_dir=work_dir, s3ckptfs_options=args.s3ckptfs_options[0])
+                  work_dir=work_dir, s3ckptfs_options=args.s3ckptfs_options[0], warm_memory=args.warm_memory)
         if args.tune_transfer:
             b.transfer = tune_transfer(b)
         outcomes = run_size(b, measurements, args.repeat)
