@@ -160,9 +160,9 @@ def test_resets_during_part_uploads(fault_proxy, bucket, mount_factory, s3):
 def test_damaged_bodies_are_refused_and_sent_again(fault_proxy, bucket, mount_factory, s3, checksums):
     """Bytes flipped in transit: the server refuses the body and it is sent again.
 
-    With checksums (the default) bodies go out as UNSIGNED-PAYLOAD and the CRC32C
-    each part and PUT carries is what catches the damage; without, the payload's
-    SHA-256 in the signature does.
+    Bodies go out as UNSIGNED-PAYLOAD: the CRC32C each part and PUT carries catches
+    the damage, or with checksums=false their Content-MD5 (SeaweedFS does not check
+    the payload SHA-256 of a signature, so that would not).
     """
     mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"checksums": checksums})
     fault_proxy.corrupt(every=2, match=r"^PUT ")
