@@ -37,9 +37,8 @@ Read side
 *stall* is the time until torch.save returns; *durable* is the time until the
 object is complete in S3, found by polling HEAD every 20 ms for the expected
 size. Before each timed step the page cache is dropped (when permitted), so
-every read is cold, and 1.25x the size of memory is faulted in and freed, so
-that no step waits for a VM's host to hand memory back (see warm_free_memory;
---no-warm-memory turns it off). Each repeat of a measurement gets its own
+every read is cold (with --warm-memory, 1.25x the size of memory is then faulted
+in and freed, see warm_free_memory). Each repeat of a measurement gets its own
 bucket, deleted afterwards (SeaweedFS frees the space of a deleted bucket at
 once), and each mount its own mountpoint and cache dir under the work dir. Cold
 loads also report *downloads*: bytes the server sent during the load divided by
@@ -268,7 +267,10 @@ def warm_free_memory(nbytes: int) -> None:
     as on the development VM), a step that needs fresh memory (a checkpoint's page
     cache) waits for the host to hand it back, by how long depending on when the
     memory was freed, not on the tool measured: the same 1 GiB write took 0.4 s or
-    2.4 s there. Doing this right before every timed step gives each the same start.
+    2.4 s there. Doing this right before every timed step is meant to give each the
+    same start. Off by default: measured there, it evened out the s3ckptfs stall in
+    the later rounds of a run but not the first ones, and a whole run with it was
+    no less noisy (docs/bench/1gib-warm-memory.md).
     """
     if nbytes <= 0:
         return
@@ -470,7 +472,7 @@ class Bench:
     work_dir: Path
     s3ckptfs_options: str = ""  # for the read side; each write variant brings its own
     page_cache_dropped: bool = True
-    warm_memory: bool = True    # see warm_free_memory
+    warm_memory: bool = False   # see warm_free_memory
     checkpoint_bytes: int | None = None
     _state: dict[str, torch.Tensor] | None = None
     _read_bucket: str | None = None
@@ -1495,9 +1497,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="scratch directory (default: a new one under $TMPDIR); it must have room "
                              "for about 4x the largest size")
     parser.add_argument("--keep-work-dir", action="store_true", help="do not delete the scratch directory")
-    parser.add_argument("--no-warm-memory", dest="warm_memory", action="store_false",
-                        help="do not fault in and free 1.25x the size's memory before each timed step "
-                             "(it evens out VMs that hand freed memory back to their host)")
+    parser.add_argument("--warm-memory", action="store_true",
+                        help="fault in and free 1.25x the size's memory before each timed step, for VMs "
+                             "that hand freed memory back to their host (see warm_free_memory)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeat = "256MiB", 1
