@@ -699,46 +699,38 @@ def foreground_mount(b: Bench, tool: str, command: list[str], mountpoint: Path,
 @contextlib.contextmanager
 def rclone_mount(b: Bench, bucket: str) -> Iterator[Path]:
     with b.fresh_dirs("rclone") as (mountpoint, cache):
-        yield from _rclone_mount(b, bucket, mountpoint, cache)
-
-
-def _rclone_mount(b: Bench, bucket: str, mountpoint: Path, cache: Path) -> Iterator[Path]:
-    config = mountpoint.parent / "rclone.conf"
-    config.touch()
-    env = dict(os.environ)
-    env.update({
-        "RCLONE_CONFIG": str(config),
-        "RCLONE_CONFIG_BENCH_TYPE": "s3",
-        "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
-        "RCLONE_CONFIG_BENCH_ENDPOINT": b.server.endpoint_url,
-        "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": devserver.ADMIN_KEY,
-        "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": devserver.ADMIN_SECRET,
-        "RCLONE_CONFIG_BENCH_REGION": devserver.REGION,
-        "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true",
-    })
-    assert b.tools.rclone is not None
-    command = [b.tools.rclone, "mount", f"bench:{bucket}", str(mountpoint),
-               "--cache-dir", str(cache), *RCLONE_FLAGS]
-    with foreground_mount(b, "rclone", command, mountpoint, env) as path:
-        yield path
+        config = mountpoint.parent / "rclone.conf"
+        config.touch()
+        env = dict(os.environ)
+        env.update({
+            "RCLONE_CONFIG": str(config),
+            "RCLONE_CONFIG_BENCH_TYPE": "s3",
+            "RCLONE_CONFIG_BENCH_PROVIDER": "Other",
+            "RCLONE_CONFIG_BENCH_ENDPOINT": b.server.endpoint_url,
+            "RCLONE_CONFIG_BENCH_ACCESS_KEY_ID": devserver.ADMIN_KEY,
+            "RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY": devserver.ADMIN_SECRET,
+            "RCLONE_CONFIG_BENCH_REGION": devserver.REGION,
+            "RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE": "true",
+        })
+        assert b.tools.rclone is not None
+        command = [b.tools.rclone, "mount", f"bench:{bucket}", str(mountpoint),
+                   "--cache-dir", str(cache), *RCLONE_FLAGS]
+        with foreground_mount(b, "rclone", command, mountpoint, env) as path:
+            yield path
 
 
 @contextlib.contextmanager
 def s3fs_mount(b: Bench, bucket: str) -> Iterator[Path]:
     with b.fresh_dirs("s3fs") as (mountpoint, cache):
-        yield from _s3fs_mount(b, bucket, mountpoint, cache)
-
-
-def _s3fs_mount(b: Bench, bucket: str, mountpoint: Path, cache: Path) -> Iterator[Path]:
-    passwd = mountpoint.parent / "passwd"
-    passwd.write_text(f"{devserver.ADMIN_KEY}:{devserver.ADMIN_SECRET}\n")
-    passwd.chmod(0o600)
-    options = [f"url={b.server.endpoint_url}", "use_path_request_style", f"passwd_file={passwd}",
-               f"use_cache={cache}", f"endpoint={devserver.REGION}", *S3FS_OPTIONS]
-    assert b.tools.s3fs is not None
-    command = [b.tools.s3fs, bucket, str(mountpoint), "-f", "-o", ",".join(options)]
-    with foreground_mount(b, "s3fs", command, mountpoint) as path:
-        yield path
+        passwd = mountpoint.parent / "passwd"
+        passwd.write_text(f"{devserver.ADMIN_KEY}:{devserver.ADMIN_SECRET}\n")
+        passwd.chmod(0o600)
+        options = [f"url={b.server.endpoint_url}", "use_path_request_style", f"passwd_file={passwd}",
+                   f"use_cache={cache}", f"endpoint={devserver.REGION}", *S3FS_OPTIONS]
+        assert b.tools.s3fs is not None
+        command = [b.tools.s3fs, bucket, str(mountpoint), "-f", "-o", ",".join(options)]
+        with foreground_mount(b, "s3fs", command, mountpoint) as path:
+            yield path
 
 
 @dataclass
@@ -787,30 +779,26 @@ def s3ckptfs_mount(b: Bench, bucket: str, options: str | None = None) -> Iterato
     """A fresh s3ckptfs mount of ``bucket`` (-o ``options``, default the read-side ones)."""
     options = b.s3ckptfs_options if options is None else options
     with b.fresh_dirs("s3ckptfs") as (mountpoint, cache):
-        yield from _s3ckptfs_mount(b, bucket, options, mountpoint, cache)
-
-
-def _s3ckptfs_mount(b: Bench, bucket: str, options: str, mountpoint: Path, cache: Path) -> Iterator[DaemonMount]:
-    mount = DaemonMount(mountpoint, cache)
-    assert b.tools.s3ckptfs is not None
-    command = [b.tools.s3ckptfs, "mount", f"s3://{bucket}", str(mountpoint),
-               "--cache-dir", str(cache), "--endpoint-url", b.server.endpoint_url]
-    if options:
-        command += ["-o", options]
-    token = b.janitor.add(f"unmount {mountpoint}", lambda: stop_s3ckptfs(b, mount))
-    try:
+        mount = DaemonMount(mountpoint, cache)
+        assert b.tools.s3ckptfs is not None
+        command = [b.tools.s3ckptfs, "mount", f"s3://{bucket}", str(mountpoint),
+                   "--cache-dir", str(cache), "--endpoint-url", b.server.endpoint_url]
+        if options:
+            command += ["-o", options]
+        token = b.janitor.add(f"unmount {mountpoint}", lambda: stop_s3ckptfs(b, mount))
         try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=MOUNT_TIMEOUT_SECONDS,
-                                    env=s3ckptfs_env(b), stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as exc:
-            raise MeasurementError(f"s3ckptfs mount did not return:\n{tail(cache / 's3ckptfs.log')}") from exc
-        if result.returncode != 0 or not os.path.ismount(mountpoint):
-            raise MeasurementError(
-                f"s3ckptfs mount exited with {result.returncode}: {result.stderr.strip()[-2000:]}\n"
-                f"log:\n{tail(cache / 's3ckptfs.log')}")
-        yield mount
-    finally:
-        b.janitor.run(token)
+            try:
+                result = subprocess.run(command, capture_output=True, text=True, timeout=MOUNT_TIMEOUT_SECONDS,
+                                        env=s3ckptfs_env(b), stdin=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired as exc:
+                raise MeasurementError(f"s3ckptfs mount did not return:\n{tail(cache / 's3ckptfs.log')}") from exc
+            if result.returncode != 0 or not os.path.ismount(mountpoint):
+                raise MeasurementError(
+                    f"s3ckptfs mount exited with {result.returncode}: {result.stderr.strip()[-2000:]}\n"
+                    f"log:\n{tail(cache / 's3ckptfs.log')}")
+            yield mount
+        finally:
+            b.janitor.run(token)
 
 
 def peak_rss_mib(pid: int | None) -> float | None:
