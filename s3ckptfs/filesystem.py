@@ -43,7 +43,7 @@ from .metadata import MISSING, DirInfo, MetadataCache
 from .metrics import Metrics
 from .passthrough import PassthroughBackend, PassthroughFiles
 from .s3client import ObjectInfo, S3Client, object_metadata
-from .staging import StagedFile, pwrite_all, start_writeback
+from .staging import StagedFile, next_close_seq, pwrite_all, start_writeback
 from .uploader import Ticket, Uploader
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ class Filesystem:
         self.uploader = Uploader(s3, concurrency=opts.upload_concurrency, single_put_limit=opts.single_put_limit,
                                  on_committed=self._on_committed, registry=self.registry,
                                  upload_nice=opts.upload_nice, eager_uploads=opts.eager_uploads,
-                                 retry_window=opts.retry_window, checksums=opts.checksums, metrics=metrics)
+                                 retry_window=opts.retry_window, checksums=opts.checksums, metrics=metrics,
+                                 on_settled=self._after_commit)
         self.downloads = ThreadPoolExecutor(max_workers=opts.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
         # local_sync=background: staging files are fsync'd here after close, one at a time, in close order
@@ -350,6 +351,7 @@ class Filesystem:
     def _discard_locked(self, file: StagedFile) -> None:
         """The file is replaced or unlinked: never upload it again; free it once unused."""
         with file.lock:
+            file.wait_commit_request_locked()  # its object, if being written now, lands before the delete
             file.deleted = True
             self.uploader.abort_later(file.forget_upload_locked())
             unused = file.handles == 0
@@ -692,10 +694,12 @@ class Filesystem:
         try:
             if not background:
                 os.fsync(file.fd)
+                fsync_dir(self.cache_dir.staging)  # the file's name must survive a power loss too
             with file.lock:
                 if file.deleted:
                     return  # unlinked meanwhile: its record is gone and must stay gone
                 file.data_synced = not background
+                file.close_seq = next_close_seq()
                 self.journal.write(file.id, file.journal_record_locked())
                 file.journaled_version = version
             log.debug("journaled %s (%d bytes) in %.3fs", file.path, file.size, time.monotonic() - started)
@@ -809,8 +813,9 @@ class Filesystem:
                 if handle.backing_id:
                     self.passthrough.release_locked(file, handle)
                 unused = file.handles == 0
+                # (a commit whose request is in flight sees to what changed since: _after_commit)
                 needs_commit = unused and file.dirty and not file.deleted and not file.commit_queued \
-                    and file.failure is None
+                    and not file.committing and file.failure is None
             if unused and file.deleted:
                 self._free_staging(file)
                 return
@@ -832,6 +837,18 @@ class Filesystem:
                 self.journal.remove(file.id)
         self.meta.put(file.path, ObjectInfo(key=key, size=file.size, etag=etag, mtime=file.mtime, mode=file.mode))
         self._retire_if_clean(file)
+
+    def _after_commit(self, file: StagedFile) -> None:
+        """Uploader callback after a commit: commit again what changed during it if the file is
+        closed (its last release came while the request was in flight), else retire it if clean."""
+        with file.lock:
+            again = (file.handles == 0 and file.dirty and not file.deleted and not file.commit_queued
+                     and not file.committing and file.failure is None and file.write_error is None)
+        if again:
+            self._make_durable(file)
+            self.uploader.request_commit(file)
+        else:
+            self._retire_if_clean(file)
 
     def _retire_if_clean(self, file: StagedFile) -> None:
         """A committed, closed file: hand its staging file to the object cache.
@@ -961,6 +978,7 @@ class Filesystem:
         clean one is already in S3 under the old key and is moved server-side.
         """
         with file.lock:
+            file.wait_commit_request_locked()  # a commit under the old key lands first, then moves with it
             old_key = file.key
             file.path = new
             file.key = self.key_for(new)
@@ -1145,7 +1163,8 @@ class Filesystem:
         known = set()
         count = 0
         leftover_uploads = dict((upload_id, key) for key, upload_id in self.registry.load_all())
-        for record in self.journal.load_all():
+        # In close order, as the uploader would have committed them (records of older versions have no close_seq).
+        for record in sorted(self.journal.load_all(), key=lambda r: int(r.get("close_seq", 0))):
             file_id = record.get("id", "")
             staging_path = self.cache_dir.staging_path(file_id)
             known.add(staging_path.name)
@@ -1163,6 +1182,7 @@ class Filesystem:
                               mode=int(record.get("mode", FILE_MODE)), mtime=float(record.get("mtime", 0)),
                               part_base=self.options.part_size)
             file.journaled_version = file.version
+            file.close_seq = int(record.get("close_seq", 0))
             file.data_synced = bool(record.get("data_synced", True))
             if not file.data_synced:  # the daemon died before the fsync; the page cache still holds the data
                 self._sync_data_later(file, file.version)

@@ -76,6 +76,18 @@ def reserve_space(fd: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
+_close_seq_lock = threading.Lock()
+_last_close_seq = 0
+
+
+def next_close_seq() -> int:
+    """An increasing number for each close that journals a file (wall-clock ns, so later runs count on)."""
+    global _last_close_seq
+    with _close_seq_lock:
+        _last_close_seq = max(time.time_ns(), _last_close_seq + 1)
+        return _last_close_seq
+
+
 @dataclass(frozen=True)
 class UploadedPart:
     generation: int
@@ -125,11 +137,13 @@ class StagedFile:
         self.writers = 0                  # open handles that may write
         self.deleted = False              # unlinked: never upload again
         self.commit_queued = False
+        self.committing = False           # the commit's last request (PUT or Complete) is in flight
         self.failure: S3Error | None = None    # gave up: kept in the cache, shown by status
         self.retrying: S3Error | None = None   # the last transient error while retrying
         self.last_etag = ""
         self.journaled_version = 0        # the version the journal record was last written for
         self.data_synced = True           # the staging file was fsync'd after the journaled version's writes
+        self.close_seq = 0                # when it was last journaled at a close: recovery commits in this order
         self.bytes_uploaded = 0
         self.writeback_from = 0           # disk writeback was started for bytes before this offset
         self.write_error: int | None = None  # sticky: a failed write means never publish this file
@@ -223,6 +237,10 @@ class StagedFile:
             os.utime(self.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         self.reserved_end = 0
 
+    def wait_commit_request_locked(self) -> None:
+        """Wait until no commit request is in flight: it writes under the key the file had when it began."""
+        self.changed.wait_for(lambda: not self.committing)
+
     def forget_upload_locked(self) -> tuple[str, str] | None:
         """Drop the multipart upload (its key changed, or it completed); returns (key, id) to abort."""
         stale = (self.upload_key, self.upload_id) if self.upload_id else None
@@ -262,7 +280,7 @@ class StagedFile:
     def journal_record_locked(self) -> dict:
         return {"id": self.id, "path": self.path, "key": self.key, "size": self.size, "mode": self.mode,
                 "mtime": self.mtime, "upload_id": self.upload_id, "upload_key": self.upload_key,
-                "data_synced": self.data_synced, "boot_id": boot_id()}
+                "data_synced": self.data_synced, "boot_id": boot_id(), "close_seq": self.close_seq}
 
     def close_fd(self) -> None:
         """Close the staging fd once (a second close could hit a reused descriptor number)."""

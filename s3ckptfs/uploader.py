@@ -54,6 +54,11 @@ from .metrics import Metrics
 from .s3client import S3Client, composite_crc32c, crc32c, object_metadata
 from .staging import Digest, StagedFile, UploadedPart
 
+# The last request of a commit, prepared under file.lock and run without it: it returns
+# (key, etag, version, record), where record() stores the outcome on the file (under file.lock).
+CommitResult = tuple[str, str, int, Callable[[], None]]
+CommitCall = Callable[[], CommitResult]
+
 log = logging.getLogger(__name__)
 
 BACKOFF_CAP = 30.0
@@ -95,7 +100,7 @@ class Uploader:
     def __init__(self, s3: S3Client, *, concurrency: int, single_put_limit: int,
                  on_committed: CommittedCallback, registry: UploadRegistry, upload_nice: int = 0,
                  eager_uploads: int | None = None, retry_window: float = 0.0, checksums: bool = True,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, on_settled: Callable[[StagedFile], None] | None = None) -> None:
         self.s3 = s3
         self.metrics = metrics or Metrics()
         self.checksums = checksums
@@ -108,6 +113,7 @@ class Uploader:
         self._eager_inflight = 0
         self._eager_waiting: deque[tuple[StagedFile, int]] = deque()
         self._on_committed = on_committed
+        self._on_settled = on_settled   # after each commit that succeeded, whether or not it wrote anything
         self._upload_nice = upload_nice
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3ckptfs-part",
                                         initializer=self._lower_priority)
@@ -354,6 +360,8 @@ class Uploader:
                     self.metrics.upload_seconds.observe(time.monotonic() - commit.requested)
                 with file.lock:
                     file.retrying = None
+                if self._on_settled is not None:
+                    self._on_settled(file)
                 return None
             except S3Error as err:
                 error = err
@@ -396,8 +404,7 @@ class Uploader:
                 if not file.dirty:
                     return False
                 if file.size <= self.single_put_limit:
-                    self._put_small_locked(file)
-                    result = (file.key, file.last_etag, file.committed_version)
+                    call = self._begin_small_put_locked(file)
                     break
                 if file.upload_id is not None and file.upload_key != file.key:
                     self.abort_later(file.forget_upload_locked())  # renamed: restart under the new key
@@ -407,8 +414,7 @@ class Uploader:
                     if not unverified:
                         if file.part_error is not None:
                             file.part_error = None
-                        self._complete_locked(file)
-                        result = (file.key, file.last_etag, file.committed_version)
+                        call = self._begin_complete_locked(file)
                         break
                 else:
                     # Check early parts while the last ones upload, not after: it is CPU and
@@ -421,6 +427,7 @@ class Uploader:
                             raise error
             if unverified:
                 self._verify_parts(file, unverified)
+        result = self._finish_commit_call(file, call)
         self.objects_committed += 1
         self.bytes_committed += file.size
         self.metrics.uploaded_objects.inc()
@@ -498,36 +505,77 @@ class Uploader:
             crcs.append(crc32c(os.pread(fd, length, start).ljust(length, b"\0")))
         return tuple(crcs)
 
-    def _put_small_locked(self, file: StagedFile) -> None:
-        self.abort_later(file.forget_upload_locked())
-        version = file.version
-        data = os.pread(file.fd, file.size, 0) if file.size else b""
-        if len(data) < file.size:
-            data += bytes(file.size - len(data))
-        crc = crc32c(data)
-        file.last_etag = self.s3.put(file.key, data, object_metadata(file.mtime, file.mode),
-                                     crc if self.checksums else None)
-        file.committed_version = version
-        file.committed_digest = Digest(file.key, file.size, file.mode, file.mtime, (crc,))
+    # The last request of a commit (the PUT of a small file, or CompleteMultipartUpload) runs
+    # without file.lock: a slow or retried request must not stall other operations on the
+    # file, nor (through Filesystem._lock, taken before file.lock) the whole mount. While it
+    # runs, file.committing is set; unlink and rename wait for it to clear, since the request
+    # writes under the key the file had when it began.
 
-    def _complete_locked(self, file: StagedFile) -> None:
-        version = file.version
+    def _begin_small_put_locked(self, file: StagedFile) -> CommitCall:
+        self.abort_later(file.forget_upload_locked())
+        version, key, size, mode, mtime = file.version, file.key, file.size, file.mode, file.mtime
+        data = os.pread(file.fd, size, 0) if size else b""
+        if len(data) < size:
+            data += bytes(size - len(data))
+        crc = crc32c(data)
+        file.committing = True
+
+        def put() -> CommitResult:
+            etag = self.s3.put(key, data, object_metadata(mtime, mode), crc if self.checksums else None)
+
+            def record() -> None:
+                file.last_etag = etag
+                file.committed_version = version
+                file.committed_digest = Digest(key, size, mode, mtime, (crc,))
+            return key, etag, version, record
+        return put
+
+    def _begin_complete_locked(self, file: StagedFile) -> CommitCall:
+        version, key, upload_id = file.version, file.key, file.upload_id
+        size, mode, mtime = file.size, file.mode, file.mtime
         count = file.part_count_locked()
         parts = [(n, file.uploaded[n].etag, file.uploaded[n].checksum) for n in range(1, count + 1)]
-        file.last_etag, server_checksum = self.s3.complete_multipart(file.key, file.upload_id, parts)
-        self.registry.remove(file.upload_id)
-        if self.checksums and server_checksum:
-            expected = composite_crc32c([checksum for _, _, checksum in parts])
-            if server_checksum != expected:
-                # Never seen in practice; if it happens, S3 holds something other than our bytes.
-                log.error("checksum of %s in S3 is %s, expected %s: uploading it again",
-                          file.path, server_checksum, expected)
-                file.forget_upload_locked()
-                raise S3Error("ChecksumMismatch", f"{file.key}: {server_checksum} != {expected}", transient=True)
-        file.committed_version = version
         crcs = tuple(file.uploaded[n].crc or "" for n in range(1, count + 1))
-        file.committed_digest = Digest(file.key, file.size, file.mode, file.mtime, crcs) if all(crcs) else None
-        file.upload_id = None
+        file.committing = True
+
+        def complete() -> CommitResult:
+            etag, server_checksum = self.s3.complete_multipart(key, upload_id, parts)
+            self.registry.remove(upload_id)
+            if self.checksums and server_checksum:
+                expected = composite_crc32c([checksum for _, _, checksum in parts])
+                if server_checksum != expected:
+                    # Never seen in practice; if it happens, S3 holds something other than our bytes.
+                    log.error("checksum of %s in S3 is %s, expected %s: uploading it again",
+                              file.path, server_checksum, expected)
+                    with file.lock:
+                        if file.upload_id == upload_id:
+                            file.forget_upload_locked()
+                    raise S3Error("ChecksumMismatch", f"{key}: {server_checksum} != {expected}", transient=True)
+
+            def record() -> None:
+                file.last_etag = etag
+                file.committed_version = version
+                file.committed_digest = Digest(key, size, mode, mtime, crcs) if all(crcs) else None
+                if file.upload_id == upload_id:
+                    file.upload_id = None
+            return key, etag, version, record
+        return complete
+
+    @staticmethod
+    def _finish_commit_call(file: StagedFile, call: CommitCall) -> tuple[str, str, int]:
+        """Run the request ``_begin_*_locked`` prepared; record its result and clear file.committing at once."""
+        try:
+            key, etag, version, record = call()
+        except BaseException:
+            with file.lock:
+                file.committing = False
+                file.changed.notify_all()
+            raise
+        with file.lock:
+            record()
+            file.committing = False
+            file.changed.notify_all()
+        return key, etag, version
         file.upload_key = None
         file.uploaded.clear()
 

@@ -143,3 +143,23 @@ def test_second_daemon_on_same_cache_dir_is_refused(bucket, mount_factory, s3):
     assert s3.get_object(Bucket=bucket, Key=first.key("after"))["Body"].read() == b"2"
     assert (first.cache_dir / "s3ckptfs.pid").read_text().strip() == str(first.pid)
     first.unmount()
+
+
+def test_restart_commits_journaled_files_in_close_order(fault_proxy, bucket, mount_factory, s3):
+    """Files closed while S3 refuses their uploads are journaled; after a kill and a restart
+    they still appear in close order, so a ``latest`` pointer never lands before its checkpoint."""
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url)
+    names = [f"step-{i:02d}.pt" for i in range(12)] + ["latest"]
+    fault_proxy.slowdown(1.0, match=r"^PUT ")  # every upload refused, so each stays pending
+    for name in names:
+        (mount.path / name).write_bytes(name.encode() * 1000)
+    mount.kill()
+    fault_proxy.passthrough()
+    fault_proxy.requests.clear()
+    mount.remount()
+    mount.sync()
+    uploaded = [line.split()[1].split("?")[0].rsplit("/", 1)[-1] for line in fault_proxy.requests
+                if line.startswith("PUT ")]
+    assert uploaded == names, uploaded
+    for name in names:
+        assert s3.get_object(Bucket=bucket, Key=mount.key(name))["Body"].read() == name.encode() * 1000

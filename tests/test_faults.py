@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import threading
 import time
 
 import boto3
@@ -220,6 +221,33 @@ def test_server_down_mid_checkpoint(fault_proxy, bucket, mount_factory, s3):
     assert s3_sha256(s3, bucket, key) == digest.hexdigest()
     assert_no_orphan_uploads(s3, bucket)
     assert arrived_after < 60, f"arrived {arrived_after:.0f}s after S3 came back"
+
+
+def test_an_upload_s3_keeps_refusing_stalls_nothing_else(fault_proxy, bucket, mount_factory, s3):
+    """While the PUT of a closed file is refused and retried, the rest of the mount answers at
+    once: lookups, listings, other files written and closed. (The upload's request used to
+    hold the file's lock, and the release of that file then held up every operation.)"""
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url)
+    fault_proxy.slowdown(1.0, match=r"^PUT ")
+    (mount.path / "latest").write_text("step-1")
+    wait_for(lambda: fault_proxy.stats["errors"] >= 1, timeout=30, interval=0.1)
+    done: list[str] = []
+
+    def other_work() -> None:
+        assert not (mount.path / "absent.py").exists()
+        assert "latest" in os.listdir(mount.path)
+        (mount.path / "other.pt").write_bytes(b"x" * 1000)
+        assert (mount.path / "latest").read_text() == "step-1"
+        done.append("ok")
+
+    worker = threading.Thread(target=other_work, daemon=True)
+    worker.start()
+    worker.join(timeout=15)  # botocore alone retries the refused PUT for longer than this
+    assert done == ["ok"], f"the mount stalled behind a refused upload: {status(mount)}"
+    fault_proxy.passthrough()
+    mount.sync()
+    assert s3.get_object(Bucket=bucket, Key=mount.key("latest"))["Body"].read() == b"step-1"
+    assert s3.get_object(Bucket=bucket, Key=mount.key("other.pt"))["Body"].read() == b"x" * 1000
 
 
 def test_slowdown_storm(fault_proxy, bucket, mount_factory, s3):
