@@ -22,6 +22,7 @@ Lock order: Filesystem._lock -> Uploader._lock -> StagedFile.lock -> leaves
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -32,7 +33,7 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import partplan
 from .cache import CacheDir, CachedObject, Journal, ObjectCache, UploadRegistry, fsync_dir
@@ -351,7 +352,6 @@ class Filesystem:
     def _discard_locked(self, file: StagedFile) -> None:
         """The file is replaced or unlinked: never upload it again; free it once unused."""
         with file.lock:
-            file.wait_commit_request_locked()  # its object, if being written now, lands before the delete
             file.deleted = True
             self.uploader.abort_later(file.forget_upload_locked())
             unused = file.handles == 0
@@ -878,6 +878,23 @@ class Filesystem:
 
     # -- namespace ---------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _lock_between_commit_requests(self, *paths: str) -> Iterator[None]:
+        """Hold the mount's lock at a moment when no file staged at ``paths`` has a commit request in flight.
+
+        A rename onto a file must wait for such a request, which would write over the
+        renamed object; it waits here without the mount's lock, so that nothing else on
+        the mount waits with it.
+        """
+        while True:
+            with self._lock:
+                busy = next((f for f in map(self._staged.get, paths) if f is not None and f.committing), None)
+                if busy is None:
+                    yield
+                    return
+            with busy.lock:
+                busy.wait_commit_request_locked()
+
     def unlink(self, path: str) -> None:
         key = self.key_for(path)
         with self._lock:
@@ -978,7 +995,6 @@ class Filesystem:
         clean one is already in S3 under the old key and is moved server-side.
         """
         with file.lock:
-            file.wait_commit_request_locked()  # a commit under the old key lands first, then moves with it
             old_key = file.key
             file.path = new
             file.key = self.key_for(new)
@@ -992,12 +1008,14 @@ class Filesystem:
 
     def _rename_file(self, old: str, new: str, new_key: str, source: ObjectInfo) -> None:
         old_key = self.key_for(old)
-        with self._lock:
+        with self._lock_between_commit_requests(new):
             self._clear_lost_locked(old, "renamed")
             self._clear_lost_locked(new, "replaced by a rename")
             file = self._staged.pop(old, None)
             replaced = self._staged.get(new)
             if replaced is not None:
+                with replaced.lock:  # its request would write over what the rename puts there
+                    replaced.wait_commit_request_locked()
                 self._discard_locked(replaced)
             if file is not None:
                 move_remote = self._retarget_locked(file, new)

@@ -238,7 +238,7 @@ class StagedFile:
         self.reserved_end = 0
 
     def wait_commit_request_locked(self) -> None:
-        """Wait until no commit request is in flight: it writes under the key the file had when it began."""
+        """Wait until no commit request is in flight (one writes under the key the file had when it began)."""
         self.changed.wait_for(lambda: not self.committing)
 
     def forget_upload_locked(self) -> tuple[str, str] | None:
