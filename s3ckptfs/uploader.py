@@ -562,6 +562,8 @@ class Uploader:
                 file.committed_digest = Digest(key, size, mode, mtime, crcs) if all(crcs) else None
                 if file.upload_id == upload_id:
                     file.upload_id = None
+                    file.upload_key = None
+                    file.uploaded.clear()
             return key, etag, version, record
         return key, complete
 
@@ -602,8 +604,6 @@ class Uploader:
                       file.path, key, err)
             return
         log.info("%s was renamed or deleted while its upload finished: removed anything it wrote to %s", file.path, key)
-        file.upload_key = None
-        file.uploaded.clear()
 
     # -- lifecycle -------------------------------------------------------------------
 
