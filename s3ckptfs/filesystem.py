@@ -109,7 +109,7 @@ class Filesystem:
                                  on_committed=self._on_committed, registry=self.registry,
                                  upload_nice=opts.upload_nice, eager_uploads=opts.eager_uploads,
                                  retry_window=opts.retry_window, checksums=opts.checksums, metrics=metrics,
-                                 on_settled=self._after_commit)
+                                 on_settled=self._commit_or_retire)
         self.downloads = ThreadPoolExecutor(max_workers=opts.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
         # local_sync=background: staging files are fsync'd here after close, one at a time, in close order
@@ -352,6 +352,7 @@ class Filesystem:
     def _discard_locked(self, file: StagedFile) -> None:
         """The file is replaced or unlinked: never upload it again; free it once unused."""
         with file.lock:
+            file.wait_commit_request_locked()  # its object, if being written now, lands before the delete
             file.deleted = True
             self.uploader.abort_later(file.forget_upload_locked())
             unused = file.handles == 0
@@ -813,9 +814,6 @@ class Filesystem:
                 if handle.backing_id:
                     self.passthrough.release_locked(file, handle)
                 unused = file.handles == 0
-                # (a commit whose request is in flight sees to what changed since: _after_commit)
-                needs_commit = unused and file.dirty and not file.deleted and not file.commit_queued \
-                    and not file.committing and file.failure is None
             if unused and file.deleted:
                 self._free_staging(file)
                 return
@@ -824,10 +822,7 @@ class Filesystem:
                 self.meta.forget(file.path)
                 self._room_freed()
                 return
-        if needs_commit:  # e.g. written through a shared mapping after the last flush
-            self._make_durable(file)
-            self.uploader.request_commit(file)
-        self._retire_if_clean(file)
+        self._commit_or_retire(file)
 
     def _on_committed(self, file: StagedFile, key: str, etag: str, version: int) -> None:
         """Uploader callback: ``file`` at ``version`` is now object ``key`` with ``etag``."""
@@ -838,9 +833,10 @@ class Filesystem:
         self.meta.put(file.path, ObjectInfo(key=key, size=file.size, etag=etag, mtime=file.mtime, mode=file.mode))
         self._retire_if_clean(file)
 
-    def _after_commit(self, file: StagedFile) -> None:
-        """Uploader callback after a commit: commit again what changed during it if the file is
-        closed (its last release came while the request was in flight), else retire it if clean."""
+    def _commit_or_retire(self, file: StagedFile) -> None:
+        """After a release, and after each commit (uploader callback): if the file is closed and
+        changed since its last commit (written through a shared mapping after the last flush, or
+        during a commit's request, whose end sees to it), commit it; else retire it if clean."""
         with file.lock:
             again = (file.handles == 0 and file.dirty and not file.deleted and not file.commit_queued
                      and not file.committing and file.failure is None and file.write_error is None)
@@ -882,9 +878,10 @@ class Filesystem:
     def _lock_between_commit_requests(self, *paths: str) -> Iterator[None]:
         """Hold the mount's lock at a moment when no file staged at ``paths`` has a commit request in flight.
 
-        A rename onto a file must wait for such a request, which would write over the
-        renamed object; it waits here without the mount's lock, so that nothing else on
-        the mount waits with it.
+        Unlink and rename wait for such a request (it writes under the key the file had
+        when it began; letting them go first would let the object reappear after them).
+        They wait here without the mount's lock, so that the rest of the mount goes on;
+        the kernel still holds the directory while they wait.
         """
         while True:
             with self._lock:
@@ -897,7 +894,7 @@ class Filesystem:
 
     def unlink(self, path: str) -> None:
         key = self.key_for(path)
-        with self._lock:
+        with self._lock_between_commit_requests(path):
             self._clear_lost_locked(path, "deleted")
             file = self._staged.get(path)
             if file is not None:
@@ -995,6 +992,7 @@ class Filesystem:
         clean one is already in S3 under the old key and is moved server-side.
         """
         with file.lock:
+            file.wait_commit_request_locked()  # a commit under the old key lands first, then moves with it
             old_key = file.key
             file.path = new
             file.key = self.key_for(new)
@@ -1008,14 +1006,12 @@ class Filesystem:
 
     def _rename_file(self, old: str, new: str, new_key: str, source: ObjectInfo) -> None:
         old_key = self.key_for(old)
-        with self._lock_between_commit_requests(new):
+        with self._lock_between_commit_requests(old, new):
             self._clear_lost_locked(old, "renamed")
             self._clear_lost_locked(new, "replaced by a rename")
             file = self._staged.pop(old, None)
             replaced = self._staged.get(new)
             if replaced is not None:
-                with replaced.lock:  # its request would write over what the rename puts there
-                    replaced.wait_commit_request_locked()
                 self._discard_locked(replaced)
             if file is not None:
                 move_remote = self._retarget_locked(file, new)

@@ -428,8 +428,6 @@ class Uploader:
             if unverified:
                 self._verify_parts(file, unverified)
         result = self._finish_commit_call(file, call)
-        if result is None:
-            return False
         self.objects_committed += 1
         self.bytes_committed += file.size
         self.metrics.uploaded_objects.inc()
@@ -510,10 +508,8 @@ class Uploader:
     # The last request of a commit (the PUT of a small file, or CompleteMultipartUpload) runs
     # without file.lock: a slow or retried request must not stall other operations on the
     # file, nor (through Filesystem._lock, taken before file.lock) the whole mount. While it
-    # runs, file.committing is set. An unlink or rename of the file meanwhile does not wait
-    # for it: the request wrote under a key the file no longer has, so what it wrote is
-    # deleted afterwards and the file stays dirty (a rename has queued its commit under the
-    # new key). Only a rename onto a file whose request is in flight waits for it.
+    # runs, file.committing is set; unlink and rename of the file wait for it to clear (the
+    # request writes under the key the file had when it began), nothing else does.
 
     def _begin_small_put_locked(self, file: StagedFile) -> tuple[str, CommitCall]:
         self.abort_later(file.forget_upload_locked())
@@ -567,43 +563,20 @@ class Uploader:
             return key, etag, version, record
         return key, complete
 
-    def _finish_commit_call(self, file: StagedFile, call: tuple[str, CommitCall]) -> tuple[str, str, int] | None:
-        """Run the request ``_begin_*_locked`` prepared; record its result and clear file.committing at once.
-
-        None if the file was renamed or unlinked meanwhile: whatever the request wrote
-        under the old key is deleted, and nothing is recorded.
-        """
-        key, request = call
-        error: S3Error | None = None
+    @staticmethod
+    def _finish_commit_call(file: StagedFile, call: tuple[str, CommitCall]) -> tuple[str, str, int]:
+        """Run the request ``_begin_*_locked`` prepared; record its result and clear file.committing at once."""
+        _, request = call
         outcome: CommitResult | None = None
         try:
             outcome = request()
-        except S3Error as exc:
-            error = exc
         finally:
             with file.lock:
-                stale = file.deleted or file.key != key
-                if outcome is not None and not stale:
+                if outcome is not None:
                     outcome[3]()
                 file.committing = False
                 file.changed.notify_all()
-        if stale:
-            self._remove_stale(file, key)
-            return None
-        if error is not None:
-            raise error
-        assert outcome is not None
         return outcome[:3]
-
-    def _remove_stale(self, file: StagedFile, key: str) -> None:
-        """Delete what a commit request wrote under ``key`` after the file left that name."""
-        try:
-            self.s3.delete(key)
-        except S3Error as err:
-            log.error("%s was renamed or deleted while its upload finished; could not remove %s: %s",
-                      file.path, key, err)
-            return
-        log.info("%s was renamed or deleted while its upload finished: removed anything it wrote to %s", file.path, key)
 
     # -- lifecycle -------------------------------------------------------------------
 
