@@ -511,7 +511,7 @@ class Uploader:
     # runs, file.committing is set; unlink and rename of the file wait for it to clear (the
     # request writes under the key the file had when it began), nothing else does.
 
-    def _begin_small_put_locked(self, file: StagedFile) -> tuple[str, CommitCall]:
+    def _begin_small_put_locked(self, file: StagedFile) -> CommitCall:
         self.abort_later(file.forget_upload_locked())
         version, key, size, mode, mtime = file.version, file.key, file.size, file.mode, file.mtime
         data = os.pread(file.fd, size, 0) if size else b""
@@ -528,9 +528,9 @@ class Uploader:
                 file.committed_version = version
                 file.committed_digest = Digest(key, size, mode, mtime, (crc,))
             return key, etag, version, record
-        return key, put
+        return put
 
-    def _begin_complete_locked(self, file: StagedFile) -> tuple[str, CommitCall]:
+    def _begin_complete_locked(self, file: StagedFile) -> CommitCall:
         version, key, upload_id = file.version, file.key, file.upload_id
         size, mode, mtime = file.size, file.mode, file.mtime
         count = file.part_count_locked()
@@ -561,12 +561,11 @@ class Uploader:
                     file.upload_key = None
                     file.uploaded.clear()
             return key, etag, version, record
-        return key, complete
+        return complete
 
     @staticmethod
-    def _finish_commit_call(file: StagedFile, call: tuple[str, CommitCall]) -> tuple[str, str, int]:
+    def _finish_commit_call(file: StagedFile, request: CommitCall) -> tuple[str, str, int]:
         """Run the request ``_begin_*_locked`` prepared; record its result and clear file.committing at once."""
-        _, request = call
         outcome: CommitResult | None = None
         try:
             outcome = request()
