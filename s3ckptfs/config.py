@@ -79,6 +79,8 @@ class Options:
     cache_size: int = 0                # bytes of clean cached data kept (0: half the free disk)
     metadata_ttl: float = 5.0          # seconds a HEAD/LIST answer is trusted
     negative_ttl: float = 5.0          # seconds a "does not exist" answer is trusted
+    metadata_deadline: float = 2.0     # seconds a lookup/listing waits for S3 before answering from what it knows
+    stale_if_error: float = 86400.0    # seconds a kept listing may answer while S3 is unreachable (0: never)
     read_block: int = 32 * MiB         # ranged GET size for reads of remote objects
     read_ahead: int = 128 * MiB        # bytes fetched ahead of a sequential reader
     download_concurrency: int = 8      # parallel ranged GETs
@@ -111,6 +113,10 @@ class Options:
             raise ConfigError("option cache_size: must not be negative")
         if self.metadata_ttl < 0 or self.negative_ttl < 0:
             raise ConfigError("option metadata_ttl/negative_ttl: must not be negative")
+        if self.metadata_deadline <= 0:
+            raise ConfigError("option metadata_deadline: must be more than 0 seconds")
+        if self.stale_if_error < 0:
+            raise ConfigError("option stale_if_error: must not be negative")
         if not 64 * KiB <= self.read_block <= 1 * GiB:
             raise ConfigError("option read_block: must be between 64KiB and 1GiB")
         if self.read_ahead < 0:

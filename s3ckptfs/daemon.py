@@ -222,7 +222,7 @@ def _control_handler(fs):
 
 def run(config: MountConfig) -> int:
     """Serve the mount in this process until it is unmounted or signalled."""
-    from .filesystem import Filesystem
+    from .fs import Filesystem
     from .fuse_ops import raise_readahead, serve
 
     ready_fd = int(os.environ.pop(READY_FD_ENV, "-1"))
@@ -372,7 +372,7 @@ def start_background(argv: list[str], config: MountConfig, timeout: float = 60.0
 
 def run_watch(config: MountConfig, *, settle: float, delete: bool) -> int:
     """Watch mode: ship files closed under ``config.mountpoint`` (a local directory) until signalled."""
-    from .filesystem import Filesystem
+    from .fs import Filesystem
     from .watch import Watcher
 
     local = config.mountpoint

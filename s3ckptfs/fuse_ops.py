@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import FsError, S3Error
-from .filesystem import Filesystem, Stat
+from .fs import Filesystem, Stat
 from .passthrough import PassthroughBackend
 from .metrics import Metrics
 

@@ -33,6 +33,8 @@ class Metrics:
             "s3ckptfs_upload_duration_seconds", "From close (commit request) to the object complete in S3",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, float("inf")),
             registry=self.registry)
+        self.stale_answers = Counter("s3ckptfs_stale_answers", "Lookups and listings answered from a kept "
+                                     "listing because S3 failed or did not answer in time", registry=self.registry)
         self.fuse_operations = Counter("s3ckptfs_fuse_operations", "FUSE operations by type", ["operation"],
                                        registry=self.registry)
         self.fuse_errors = Counter("s3ckptfs_fuse_errors", "FUSE operations that failed, by type and errno",

@@ -24,15 +24,13 @@ import logging
 import os
 import stat
 import threading
-from typing import TYPE_CHECKING
+from typing import Callable, Protocol
 
 from . import partplan
-from .cache import CachedObject
-from .handles import Handle
+from .cache import CacheDir, CachedObject, ObjectCache
+from .config import Options
+from .handles import Handle, HandleTable
 from .staging import StagedFile, start_writeback
-
-if TYPE_CHECKING:
-    from .filesystem import Filesystem
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +57,30 @@ class PassthroughBackend:
         raise NotImplementedError
 
 
-class PassthroughFiles:
-    """The passthrough side of one Filesystem: backing ids, reservations, the poller."""
+class StagedFiles(Protocol):
+    """The files staged on the mount (the core's path table)."""
 
-    def __init__(self, fs: Filesystem) -> None:
-        self.fs = fs
+    def files(self) -> list[StagedFile]: ...
+
+    def staged_bytes(self) -> int: ...
+
+
+class PassthroughHost(Protocol):
+    """What passthrough needs of the mount: its options, open handles, caches and staged files."""
+
+    options: Options
+    handles: HandleTable
+    objects: ObjectCache
+    cache_dir: CacheDir
+    table: StagedFiles
+
+
+class PassthroughFiles:
+    """The passthrough side of one mount: backing ids, reservations, the poller."""
+
+    def __init__(self, host: PassthroughHost, part_filled: Callable[[StagedFile, int], None]) -> None:
+        self.host = host
+        self._part_filled = part_filled  # hands a part the writer moved past to eager upload
         self.backing: PassthroughBackend | None = None
         self.active = False                  # new open sessions may use passthrough
         self._wake = threading.Event()
@@ -107,12 +124,12 @@ class PassthroughFiles:
         return file.backing_id
 
     def attach_cached_locked(self, entry: CachedObject, path: str) -> int:
-        """A read-only open of a downloaded object (Filesystem._lock held): its backing id, or 0.
+        """A read-only open of a downloaded object (the mount's lock held): its backing id, or 0.
 
         Only a complete copy qualifies (the kernel would serve the holes of a partial
         one as zeros), and only while every other open of the path shares it.
         """
-        if not self.active or self.fs.options.passthrough != "auto" or not entry.complete \
+        if not self.active or self.host.options.passthrough != "auto" or not entry.complete \
                 or self._others_on(path, entry.fd) == "other":
             return 0
         if not entry.backing_id:
@@ -123,7 +140,7 @@ class PassthroughFiles:
         return entry.backing_id
 
     def release_cached_locked(self, entry: CachedObject) -> None:
-        """A passthrough reader of ``entry`` closed (Filesystem._lock held)."""
+        """A passthrough reader of ``entry`` closed (the mount's lock held)."""
         entry.pt_handles -= 1
         if entry.pt_handles == 0 and entry.backing_id:
             backing_id, entry.backing_id = entry.backing_id, 0
@@ -131,7 +148,7 @@ class PassthroughFiles:
 
     def _others_on(self, path: str, fd: int) -> str:
         """Other opens of ``path``: "none", all passed through to the file of ``fd`` ("same"), or "other"."""
-        others = self.fs.handles.open_on(path)
+        others = self.host.handles.open_on(path)
         if not others:
             return "none"
         identity = _identity(fd)
@@ -145,7 +162,7 @@ class PassthroughFiles:
         The kernel fails (EIO) any open of such an inode that is not passed through to
         that same file, so the daemon refuses it first, with a reason.
         """
-        return any(h.backing_id and h.backing_id != backing_id for h in self.fs.handles.open_on(path))
+        return any(h.backing_id and h.backing_id != backing_id for h in self.host.handles.open_on(path))
 
     def _open_backing(self, fd: int) -> int:
         """The backing id of ``fd``'s file (registered with the kernel once), or 0 (passthrough is then off)."""
@@ -187,7 +204,7 @@ class PassthroughFiles:
         return False
 
     def choose_locked(self, file: StagedFile, path: str) -> bool:
-        """Whether a file's next open session uses passthrough (Filesystem._lock and file.lock held).
+        """Whether a file's next open session uses passthrough (the mount's lock and file.lock held).
 
         Only with room to spare: a passthrough writer's ENOSPC reaches the writer alone,
         and cache_size cannot hold back a writer the daemon does not see.
@@ -206,10 +223,10 @@ class PassthroughFiles:
             self.reserve_locked(file)
             self._watch_locked(file)
             return True
-        if self.fs.options.cache_size and self.fs.staged_bytes() + PT_RESERVE_MIN > self.fs.options.cache_size:
+        if self.host.options.cache_size and self.host.table.staged_bytes() + PT_RESERVE_MIN > self.host.options.cache_size:
             return self._refuse("cache_size reached (such writes wait for uploads, through the daemon)")
-        clean_room = max(0, self.fs.objects.limit_bytes - self.fs.objects.used_bytes())
-        if self.fs.cache_dir.disk_free() - clean_room < PT_HEADROOM + PT_RESERVE_MIN:
+        clean_room = max(0, self.host.objects.limit_bytes - self.host.objects.used_bytes())
+        if self.host.cache_dir.disk_free() - clean_room < PT_HEADROOM + PT_RESERVE_MIN:
             return self._refuse("cache disk nearly full (a failed write must be seen by the daemon)")
         if not file.reserve_locked(file.size + PT_RESERVE_MIN):
             return self._refuse("cannot reserve space in the cache dir (fallocate)")
@@ -227,7 +244,7 @@ class PassthroughFiles:
     def _poll_loop(self) -> None:
         """Drive eager uploads and disk writeback of passthrough writers, which the daemon does not see."""
         while not self._stop.is_set():
-            files = [f for f in self.fs.staged_files() if f.pt_writers > 0]
+            files = [f for f in self.host.table.files() if f.pt_writers > 0]
             if not files:
                 self._wake.wait()
                 self._wake.clear()
@@ -252,14 +269,14 @@ class PassthroughFiles:
             first, file.pt_filled = file.pt_filled + 1, max(file.pt_filled, last)
             fd = file.fd
         for number in range(first, last + 1):
-            self.fs.uploader.part_filled(file, number)
+            self._part_filled(file, number)
         if last >= 1:
             filled_end = partplan.part_range(last, base)[1]
             if filled_end > file.writeback_from:
                 start_writeback(fd, file.writeback_from, filled_end - file.writeback_from)
                 file.writeback_from = filled_end
-        if self.fs.options.cache_size:
-            self.fs.objects.evict(self.fs.options.cache_size - self.fs.staged_bytes())
+        if self.host.options.cache_size:
+            self.host.objects.evict(self.host.options.cache_size - self.host.table.staged_bytes())
 
     def reserve_locked(self, file: StagedFile) -> None:
         """Keep disk blocks reserved ahead of a passthrough writer; note where that failed."""

@@ -18,10 +18,10 @@ moments after which any byte may have changed (a writer opened, synced or
 closed). A part uploaded at an older epoch is checked against the staging
 file's bytes (CRC32C) before the upload completes.
 
-Lock order: Filesystem._lock -> StagedFile.lock -> ObjectCache._lock.
-Network calls made under ``lock`` are limited to the short completion step
-(PUT of a small file, CreateMultipartUpload, CompleteMultipartUpload), so that
-rename and unlink are atomic with respect to them.
+No S3 request and no fsync is made with ``lock`` held (see s3ckptfs/locks.py for
+the lock order): requests are prepared under it, sent without it, and their
+outcome recorded under it again. ``committing`` and ``creating_upload`` say that
+such a request is in flight, so that rename and unlink can wait for it.
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ class StagedFile:
         self.deleted = False              # unlinked: never upload again
         self.commit_queued = False
         self.committing = False           # the commit's last request (PUT or Complete) is in flight
+        self.creating_upload = False      # CreateMultipartUpload in flight (sent without the lock)
         self.failure: S3Error | None = None    # gave up: kept in the cache, shown by status
         self.retrying: S3Error | None = None   # the last transient error while retrying
         self.last_etag = ""

@@ -2,11 +2,9 @@
 
 Two kinds of work, two kinds of threads:
 
-* Part uploads run on a bounded pool (``upload_concurrency`` threads). A part
-  is submitted as soon as the writer has moved past its end (``part_filled``),
-  while the application is still writing, and again at commit time for every
-  part that is missing or stale. Parts are read back from the staging file, so
-  memory is bounded by concurrency x part size.
+* Part uploads run on a bounded pool (``upload_concurrency`` threads), see
+  parts.py: eagerly while the file is written, and at commit time for every
+  part that is missing or stale.
 * Commits run on one thread, strictly in the order they were requested
   (``request_commit``, called from close/fsync). The commit of a file waits for
   its parts, then completes the multipart upload (or PUTs a small file). Since
@@ -29,30 +27,30 @@ every part read while a writer may still have changed it is compared (CRC32C)
 with the staging file's bytes, and uploaded again if they differ. A commit of
 such a file whose bytes equal what its last commit put in S3 does nothing.
 
-Every multipart upload started is recorded in the ``UploadRegistry`` until it
-is completed or aborted, so a crash never leaves an orphan behind for long.
+The last request of a commit (PUT or CompleteMultipartUpload) is prepared under
+the file's lock and sent without it; the outcome is recorded under it again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import random
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from . import partplan
 from .cache import UploadRegistry
 from .errors import S3Error
 from .metrics import Metrics
-from .s3client import S3Client, composite_crc32c, crc32c, object_metadata
+from .parts import PartUploads
+from .s3client import composite_crc32c, crc32c, object_metadata
 from .staging import Digest, StagedFile, UploadedPart
+from .store import ObjectStore
 
 # The last request of a commit, prepared under file.lock and run without it: it returns
 # (key, etag, version, record), where record() stores the outcome on the file (under file.lock).
@@ -91,33 +89,43 @@ class Commit:
     requested: float = field(default_factory=time.monotonic)
 
 
-CommittedCallback = Callable[[StagedFile, str, str, int], None]
+class CommitListener(Protocol):
+    """How the uploader reports back to the filesystem core (never by importing it)."""
+
+    def committed(self, file: StagedFile, key: str, etag: str, version: int) -> None:
+        """``file`` at ``version`` is now object ``key`` with ``etag``."""
+
+    def settled(self, file: StagedFile) -> None:
+        """A commit of ``file`` succeeded, whether or not it wrote anything: commit again or retire."""
+
+
+def default_backoff(attempt: int) -> float:
+    """Seconds before retrying a failed commit: capped exponential, with jitter."""
+    return min(BACKOFF_CAP, 0.5 * 2 ** min(attempt - 1, 10)) * random.uniform(0.5, 1.0)
 
 
 class Uploader:
     """Schedules part uploads and ordered commits. Thread-safe."""
 
-    def __init__(self, s3: S3Client, *, concurrency: int, single_put_limit: int,
-                 on_committed: CommittedCallback, registry: UploadRegistry, upload_nice: int = 0,
+    def __init__(self, s3: ObjectStore, *, concurrency: int, single_put_limit: int,
+                 listener: CommitListener, registry: UploadRegistry, upload_nice: int = 0,
                  eager_uploads: int | None = None, retry_window: float = 0.0, checksums: bool = True,
-                 metrics: Metrics | None = None, on_settled: Callable[[StagedFile], None] | None = None) -> None:
+                 metrics: Metrics | None = None, backoff: Callable[[int], float] | None = None) -> None:
         self.s3 = s3
+        self._backoff = backoff or default_backoff
         self.metrics = metrics or Metrics()
         self.checksums = checksums
         self.registry = registry
         self.retry_window = retry_window
         self.single_put_limit = single_put_limit
-        # Parts of files still being written that may upload at once. On a small node the
-        # upload competes with the training process for CPU; commit-time parts are not limited.
-        self.eager_limit = concurrency if eager_uploads is None else min(eager_uploads, concurrency)
-        self._eager_inflight = 0
-        self._eager_waiting: deque[tuple[StagedFile, int]] = deque()
-        self._on_committed = on_committed
-        self._on_settled = on_settled   # after each commit that succeeded, whether or not it wrote anything
-        self._upload_nice = upload_nice
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3ckptfs-part",
-                                        initializer=self._lower_priority)
-        self._misc_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="s3ckptfs-abort")
+        self.parts = PartUploads(s3, concurrency=concurrency, single_put_limit=single_put_limit,
+                                 eager_uploads=eager_uploads, registry=registry, checksums=checksums,
+                                 upload_nice=upload_nice)
+        # The part side, as the core calls it.
+        self.part_filled = self.parts.part_filled
+        self.resume_upload = self.parts.resume_upload
+        self.abort_later = self.parts.abort_later
+        self._listener = listener
         self._lock = threading.Lock()
         self._queue_changed = threading.Condition(self._lock)
         self._queue: deque[Commit] = deque()
@@ -127,177 +135,6 @@ class Uploader:
         self._thread.start()
         self.objects_committed = 0
         self.bytes_committed = 0
-
-    def _lower_priority(self) -> None:
-        if self._upload_nice:
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._upload_nice)
-            except OSError as exc:
-                log.debug("could not lower upload thread priority: %s", exc)
-
-    # -- part uploads ----------------------------------------------------------------
-
-    def part_filled(self, file: StagedFile, number: int) -> None:
-        """The writer moved past part ``number``: upload it now if it is stale and the eager limit allows."""
-        with file.lock:
-            if (file.deleted or file.size <= self.single_put_limit or number in file.inflight
-                    or file.part_up_to_date_locked(number)):
-                return
-        with self._lock:
-            if self._eager_inflight >= self.eager_limit:
-                if self.eager_limit > 0:
-                    self._eager_waiting.append((file, number))
-                return
-            self._eager_inflight += 1
-        self._submit_eager(file, number)
-
-    def _submit_eager(self, file: StagedFile, number: int) -> None:
-        with file.lock:
-            # A part queued while the file was written may come up after the file was
-            # committed (and its staging fd closed): then there is nothing left to do.
-            claimed = (file.dirty and file.fd >= 0 and not file.deleted and number not in file.inflight
-                       and not file.part_up_to_date_locked(number))
-            if claimed:
-                file.inflight.add(number)
-        if claimed:
-            self._pool.submit(self._upload_eager_part, file, number)
-        else:
-            self._eager_part_done()
-
-    def _upload_eager_part(self, file: StagedFile, number: int) -> None:
-        try:
-            self._upload_part(file, number)
-        finally:
-            self._eager_part_done()
-
-    def _eager_part_done(self) -> None:
-        """An eager slot is free: give it to the oldest waiting part."""
-        with self._lock:
-            if not self._eager_waiting:
-                self._eager_inflight -= 1
-                return
-            file, number = self._eager_waiting.popleft()
-        self._submit_eager(file, number)
-
-    def _schedule_stale_locked(self, file: StagedFile) -> list[int]:
-        """Submit every stale part not already in flight; returns the stale part numbers."""
-        stale = file.stale_parts_locked()
-        for number in stale:
-            if number not in file.inflight:
-                file.inflight.add(number)
-                self._pool.submit(self._upload_part, file, number)
-        return stale
-
-    def _ensure_upload_locked(self, file: StagedFile) -> None:
-        """Make sure a multipart upload exists for the file's current key (network call under lock)."""
-        if file.upload_id is not None and file.upload_key == file.key:
-            return
-        self.abort_later(file.forget_upload_locked())
-        file.upload_id = self.s3.create_multipart(file.key, object_metadata(file.mtime, file.mode),
-                                                  checksums=self.checksums)
-        file.upload_key = file.key
-        self.registry.add(file.key, file.upload_id)
-
-    def _upload_part(self, file: StagedFile, number: int) -> None:
-        upload_id = None
-        try:
-            with file.lock:
-                if (file.deleted or not file.dirty or file.fd < 0 or number > file.part_count_locked()
-                        or file.part_up_to_date_locked(number)):
-                    return
-                self._ensure_upload_locked(file)
-                generation = file.part_generation.get(number, 0)
-                epoch = file.pt_epoch
-                start, _ = partplan.part_range(number, file.part_base)
-                length = partplan.part_length(number, file.size, file.part_base)
-                key, upload_id = file.upload_key, file.upload_id
-            data = os.pread(file.fd, length, start)
-            if len(data) < length:  # a hole at the end of a sparse staging file reads short
-                data += bytes(length - len(data))
-            crc = crc32c(data)
-            checksum = crc if self.checksums else None
-            etag = self.s3.upload_part(key, upload_id, number, data, checksum)
-            with file.lock:
-                if file.upload_id == upload_id:
-                    file.uploaded[number] = UploadedPart(generation, length, etag, upload_id, checksum,
-                                                         epoch=epoch, crc=crc)
-                    file.bytes_uploaded += length
-        except S3Error as err:
-            with file.lock:
-                if upload_id is not None and file.upload_id != upload_id:
-                    return  # the upload was superseded (rename, commit, unlink): nothing lost
-                if err.code == "NoSuchUpload":
-                    # Aborted behind our back: start a new upload; every part becomes stale.
-                    log.warning("multipart upload of %s vanished; restarting it", file.path)
-                    gone = file.forget_upload_locked()
-                    if gone:
-                        self.registry.remove(gone[1])
-                    return
-                file.part_error = err
-            log.warning("upload of part %d of %s failed: %s", number, file.path, err)
-        except OSError as err:
-            log.error("reading part %d of %s from the staging file failed: %s", number, file.path, err)
-            with file.lock:
-                file.part_error = S3Error("LocalIOError", str(err))
-        except Exception as err:  # never let a worker die silently
-            log.exception("unexpected error uploading part %d of %s", number, file.path)
-            with file.lock:
-                file.part_error = S3Error("InternalError", repr(err))
-        finally:
-            with file.lock:
-                file.inflight.discard(number)
-                file.changed.notify_all()
-
-    def resume_upload(self, file: StagedFile, upload_id: str) -> int:
-        """Adopt an upload an earlier run started for this file; keep the parts that match.
-
-        A part is kept only if its size and its CRC32C (or, when the server lists no
-        checksum, its MD5 ETag) equal those of the staging file's bytes now. Returns
-        the number of parts kept (0: the upload is aborted instead).
-        """
-        try:
-            listed = self.s3.list_parts(file.key, upload_id)
-        except S3Error as err:
-            log.info("earlier upload of %s cannot be resumed (%s)", file.path, err)
-            listed = []
-        kept: dict[int, UploadedPart] = {}
-        with file.lock:
-            count = file.part_count_locked()
-            for number, size, etag, checksum in listed:
-                if number > count or size != partplan.part_length(number, file.size, file.part_base):
-                    continue
-                start, _ = partplan.part_range(number, file.part_base)
-                data = os.pread(file.fd, size, start)
-                local_crc = crc32c(data)
-                if checksum:
-                    same = local_crc == checksum
-                else:
-                    same = hashlib.md5(data, usedforsecurity=False).hexdigest() == etag.strip('"')
-                if same:
-                    kept[number] = UploadedPart(0, size, etag, upload_id, local_crc if self.checksums else None,
-                                                epoch=file.pt_epoch, crc=local_crc)
-            if kept:
-                file.upload_id, file.upload_key = upload_id, file.key
-                file.uploaded.update(kept)
-                file.bytes_uploaded = sum(part.length for part in kept.values())
-        if not kept:
-            self.abort_later((file.key, upload_id))
-        return len(kept)
-
-    def abort_later(self, stale: tuple[str, str] | None) -> None:
-        """Abort a multipart upload that is no longer needed, in the background."""
-        if stale is None:
-            return
-        key, upload_id = stale
-
-        def abort() -> None:
-            try:
-                self.s3.abort_multipart(key, upload_id)
-                self.registry.remove(upload_id)
-            except S3Error as err:  # stays registered: aborted at the next start
-                log.warning("could not abort multipart upload of %s: %s", key, err)
-
-        self._misc_pool.submit(abort)
 
     # -- commits ---------------------------------------------------------------------
 
@@ -315,7 +152,7 @@ class Uploader:
                 file.commit_queued = True
                 file.failure = None
                 if file.size > self.single_put_limit:
-                    self._schedule_stale_locked(file)  # start the remaining parts now, in parallel
+                    self.parts.schedule_stale_locked(file)  # start the remaining parts now, in parallel
             commit = Commit(file)
             self._queue.append(commit)
             self._queue_changed.notify_all()
@@ -360,8 +197,7 @@ class Uploader:
                     self.metrics.upload_seconds.observe(time.monotonic() - commit.requested)
                 with file.lock:
                     file.retrying = None
-                if self._on_settled is not None:
-                    self._on_settled(file)
+                self._listener.settled(file)
                 return None
             except S3Error as err:
                 error = err
@@ -379,7 +215,7 @@ class Uploader:
                     file.retrying = None
                     file.commit_queued = False
                 return error
-            delay = min(BACKOFF_CAP, 0.5 * 2 ** min(commit.attempts - 1, 10)) * random.uniform(0.5, 1.0)
+            delay = self._backoff(commit.attempts)
             if commit.attempts == 1 or commit.attempts % 10 == 0:
                 log.warning("upload of %s failed (%s); retrying (attempt %d, next in %.1fs)",
                             file.path, error, commit.attempts, delay)
@@ -408,7 +244,7 @@ class Uploader:
                     break
                 if file.upload_id is not None and file.upload_key != file.key:
                     self.abort_later(file.forget_upload_locked())  # renamed: restart under the new key
-                stale = self._schedule_stale_locked(file)
+                stale = self.parts.schedule_stale_locked(file)
                 if not stale and not file.inflight:
                     unverified = self._unverified_parts_locked(file)
                     if not unverified:
@@ -432,7 +268,7 @@ class Uploader:
         self.bytes_committed += file.size
         self.metrics.uploaded_objects.inc()
         self.metrics.uploaded_bytes.inc(file.size)
-        self._on_committed(file, *result)
+        self._listener.committed(file, *result)
         return True
 
     # -- files written through FUSE passthrough ----------------------------------------
@@ -491,7 +327,7 @@ class Uploader:
             file.committed_version = version
             result = (file.key, file.last_etag, version)
         log.debug("%s: unchanged since its last commit", file.path)
-        self._on_committed(file, *result)
+        self._listener.committed(file, *result)
         return True
 
     def _crcs(self, fd: int, size: int, base: int) -> tuple[str, ...]:
@@ -588,6 +424,5 @@ class Uploader:
         with self._lock:
             self._queue_changed.notify_all()
         self._thread.join(timeout=5)
-        self._pool.shutdown(wait=drained, cancel_futures=not drained)
-        self._misc_pool.shutdown(wait=True)
+        self.parts.shutdown(wait=drained)
         return drained

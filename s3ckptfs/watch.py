@@ -29,7 +29,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .errors import FsError
-from .filesystem import Filesystem
+from .fs import Filesystem
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,88 @@
+"""Metadata requests with a deadline: the FUSE path never rides the S3 client's whole retry budget.
+
+A lookup or listing asks S3 through ``BoundedRequests.call``: the request runs
+on a small pool of daemon threads, and the caller waits at most ``deadline``
+seconds for it. Past that, the caller gets ``S3Error("Timeout")`` and answers
+from what the mount knows (see lookup.py); the request itself goes on in the
+background and its answer is dropped. The threads are daemon threads so that a
+request hung on an unreachable server never holds up the daemon's exit.
+
+``Outage`` counts and logs such fallbacks once per outage, not once per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from typing import Callable, TypeVar
+
+from ..errors import S3Error
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class BoundedRequests:
+    """Runs store requests on daemon threads; callers wait for each at most a deadline."""
+
+    def __init__(self, deadline: float, threads: int = 8) -> None:
+        self.deadline = deadline
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        for number in range(threads):
+            threading.Thread(target=self._serve, name=f"s3ckptfs-meta-{number}", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            future, call = self._work.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as exc:  # handed to the waiting caller
+                future.set_exception(exc)
+
+    def call(self, what: str, request: Callable[[], T], deadline: float | None = None) -> T:
+        """``request()``'s result, or its S3Error, or S3Error("Timeout") after ``deadline`` seconds."""
+        limit = self.deadline if deadline is None else deadline
+        future: Future = Future()
+        self._work.put((future, request))
+        try:
+            return future.result(timeout=limit)
+        except FutureTimeout:
+            future.cancel()
+            raise S3Error("Timeout", f"{what}: no answer from S3 within {limit:g}s", transient=True) from None
+
+
+class Outage:
+    """Counts answers given from kept listings while S3 fails; logs the start and end of each outage."""
+
+    def __init__(self, on_fallback: Callable[[], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._since: str | None = None
+        self._on_fallback = on_fallback
+        self.fallbacks = 0
+
+    def fell_back(self, what: str, err: S3Error) -> None:
+        with self._lock:
+            self.fallbacks += 1
+            first = self._since is None
+            if first:
+                self._since = str(err)
+        if self._on_fallback is not None:
+            self._on_fallback()
+        if first:
+            log.warning("S3 is not answering (%s): lookups and listings of directories this mount knows are "
+                        "answered from their last known listing; new files are kept here until S3 is back",
+                        err)
+
+    def answered(self) -> None:
+        if self._since is None:
+            return
+        with self._lock:
+            was, self._since = self._since, None
+        if was is not None:
+            log.warning("S3 answers again; %d lookup(s) were answered from kept listings meanwhile",
+                        self.fallbacks)

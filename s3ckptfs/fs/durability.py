@@ -1,0 +1,104 @@
+"""Durability on the cache disk: a closed file's data and journal record survive a crash.
+
+``make_durable`` runs at close (and fsync, truncate, symlink) before the commit is
+requested: the staging file is fsync'd, then its journal record is written, so a
+daemon that dies after close resumes the upload from the journal. With
+``local_sync=background`` the record is written first, marked not yet synced,
+and the fsync follows on one background thread, in close order; the record is
+then rewritten as synced (only while it still describes that version).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ..cache import fsync_dir
+from ..errors import FsError
+from ..staging import StagedFile, next_close_seq
+from .core import Core
+
+log = logging.getLogger(__name__)
+
+
+class Durability:
+    """Journals closed files, fsyncing their data at close or just after. Thread-safe."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.journal = core.journal
+        self.background = core.options.local_sync == "background"
+        # local_sync=background: staging files are fsync'd here after close, one at a time, in close order
+        self.datasync = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3ckptfs-datasync")
+
+    def make_durable(self, file: StagedFile) -> None:
+        """fsync the staging file and journal it, so the data survives a crash of this daemon.
+
+        Raises FsError (and marks the file's write failed) if the disk refuses.
+        """
+        with file.lock:
+            if file.deleted or not file.dirty or file.journaled_version == file.version:
+                return
+            version = file.version
+        started = time.monotonic()
+        try:
+            if not self.background:
+                os.fsync(file.fd)
+                fsync_dir(self.core.cache_dir.staging)  # the file's name must survive a power loss too
+            with file.lock:
+                if file.deleted:
+                    return  # unlinked meanwhile: its record is gone and must stay gone
+                file.data_synced = not self.background
+                file.close_seq = next_close_seq()
+                self.journal.write(file.id, file.journal_record_locked())
+                file.journaled_version = version
+            log.debug("journaled %s (%d bytes) in %.3fs", file.path, file.size, time.monotonic() - started)
+        except OSError as exc:
+            with file.lock:
+                file.write_error = exc.errno or errno.EIO
+            raise FsError(exc.errno or errno.EIO, f"cannot journal {file.path}: {exc}") from exc
+        if self.background:
+            self.sync_data_later(file, version)
+
+    def sync_data_later(self, file: StagedFile, version: int) -> None:
+        try:
+            self.datasync.submit(self._sync_data, file, version, time.monotonic())
+        except RuntimeError:  # shutting down: no thread left to do it
+            self._sync_data(file, version, time.monotonic())
+
+    def _sync_data(self, file: StagedFile, version: int, queued: float) -> None:
+        """fsync the staging file journaled at ``version``, then mark its record synced.
+
+        Nothing to do if the record is gone meanwhile (committed, replaced, unlinked)
+        or was written again for a newer version (whose own sync is queued behind this one).
+        Records are removed only under file.lock, so checking and rewriting under it
+        never brings back a removed record.
+        """
+        fd = -1
+        try:
+            with file.lock:
+                if (file.deleted or file.fd < 0 or file.journaled_version != version
+                        or not self.journal.exists(file.id)):
+                    return
+                fd = os.dup(file.fd)  # the commit may close file.fd meanwhile
+            os.fsync(fd)
+            fsync_dir(self.core.cache_dir.staging)
+            with file.lock:
+                if file.deleted or file.journaled_version != version or not self.journal.exists(file.id):
+                    return
+                file.data_synced = True
+                self.journal.write(file.id, file.journal_record_locked())
+        except OSError as exc:
+            log.error("background fsync of %s failed (%s): it is still uploaded from memory, but a restart "
+                      "of the machine before that would lose it", file.path, exc)
+            return
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        log.debug("data of %s on disk %.3fs after it was journaled", file.path, time.monotonic() - queued)
+
+    def shutdown(self) -> None:
+        self.datasync.shutdown(wait=True)  # a clean stop leaves every record synced

@@ -1,0 +1,222 @@
+"""The life of a staged file: registered, closed (flush), synced (fsync), committed, retired.
+
+A file opened for writing is registered in the path table. When its last
+writer closes (``flush``), it is made durable on the cache disk and its commit
+is requested from the uploader, which makes it an object in close order. Once
+it is committed and no handle is open, it is retired: its staging file becomes
+the cached copy of the new object, so reading back what was just written costs
+no download. This class is also the uploader's listener (``committed``,
+``settled``), the one way the uploader reports back.
+
+Lock order (s3ckptfs/locks.py): the mount's lock, then a file's lock; neither is
+held across an S3 request or an fsync.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+from ..errors import FsError
+from ..s3client import ObjectInfo
+from ..staging import StagedFile
+from ..uploader import Ticket, Uploader
+from .core import Core
+from .durability import Durability
+
+log = logging.getLogger(__name__)
+
+
+def free_staging(file: StagedFile) -> None:
+    """Close and delete a staging file nobody uses any more."""
+    file.close_fd()
+    try:
+        os.unlink(file.staging_path)
+    except FileNotFoundError:
+        pass
+
+
+class Lifecycle:
+    """Registers, closes, commits and retires staged files. Thread-safe."""
+
+    def __init__(self, core: Core, durability: Durability) -> None:
+        self.core = core
+        self.table = core.table
+        self.durability = durability
+        self.uploader: Uploader  # set by the facade once the uploader exists (it needs this listener)
+        self.write_mode = core.options.write_mode
+
+    # -- the path table ------------------------------------------------------------------
+
+    def register_locked(self, file: StagedFile) -> None:
+        """``file`` now stands for its path (mount's lock held); a file it replaces is discarded."""
+        previous = self.table.get(file.path)
+        if previous is not None and previous is not file:
+            self.discard_locked(previous)
+        self.clear_lost_locked(file.path, "written again")
+        self.table.staged[file.path] = file
+        self.core.meta.forget(file.path)
+        self.table.mtime_overrides.pop(file.path, None)
+
+    def discard_locked(self, file: StagedFile) -> None:
+        """The file is replaced or unlinked (mount's lock held): never upload it again; free it once unused."""
+        with file.lock:
+            file.wait_commit_request_locked()  # its object, if being written now, lands before the delete
+            file.deleted = True
+            self.uploader.abort_later(file.forget_upload_locked())
+            unused = file.handles == 0
+            self.core.journal.remove(file.id)  # under file.lock, like every removal: see Durability
+        if self.table.get(file.path) is file:
+            del self.table.staged[file.path]
+        if unused:
+            free_staging(file)
+        self.core.room_freed()
+
+    def clear_lost_locked(self, path: str, why: str) -> None:
+        """The path of a lost file is written, renamed or deleted: forget the loss (mount's lock held)."""
+        lost = self.table.lost.pop(path, None)
+        if lost is None:
+            return
+        self.core.journal.remove(lost.file_id)
+        try:
+            os.unlink(self.core.cache_dir.staging_path(lost.file_id))
+        except FileNotFoundError:
+            pass
+        log.info("%s, lost in a restart of the machine, is %s: no longer reported", path, why)
+
+    # -- close and fsync -----------------------------------------------------------------
+
+    def close_and_commit(self, file: StagedFile) -> None:
+        """Make the file durable here and queue its commit; in sync mode, wait for it."""
+        self.durability.make_durable(file)
+        ticket = self.uploader.request_commit(file)
+        if self.write_mode == "sync":
+            self.wait(ticket, file)
+
+    def flush(self, fh: int) -> None:
+        """close(2) of one descriptor: make the data safe per the write mode."""
+        handle = self.core.handles.get(fh)
+        file = handle.staged
+        if file is None or not handle.writable:
+            return
+        if handle.backing_id:
+            self.core.passthrough.settle(file)
+        with file.lock:
+            if file.write_error is not None:
+                raise FsError(file.write_error, f"{file.path}: an earlier write failed; not uploaded")
+            if file.deleted or not file.dirty:
+                return
+            last_writer = file.writers <= 1
+        if not last_writer:
+            self.durability.make_durable(file)
+            return  # another descriptor still writes: commit when the last one closes
+        self.close_and_commit(file)
+
+    def fsync(self, fh: int) -> None:
+        """Return once this file's content is complete in S3."""
+        handle = self.core.handles.get(fh)
+        file = handle.staged
+        if file is None:
+            return
+        if handle.backing_id and handle.writable:
+            self.core.passthrough.settle(file)
+        with file.lock:
+            if file.deleted:
+                return
+            if file.write_error is not None:
+                raise FsError(file.write_error, f"{file.path}: an earlier write failed; not uploaded")
+            if not file.dirty:
+                if file.failure is not None:
+                    raise FsError(errno.EIO, f"{file.path}: {file.failure}")
+                return
+        self.durability.make_durable(file)
+        self.wait(self.uploader.request_commit(file), file)
+
+    @staticmethod
+    def wait(ticket: Ticket, file: StagedFile) -> None:
+        ticket.wait()
+        if ticket.error is not None:
+            raise FsError(ticket.error.errno if ticket.error.errno != errno.ENOENT else errno.EIO,
+                          f"{file.path}: {ticket.error}")
+
+    def release(self, fh: int) -> None:
+        handle = self.core.handles.remove(fh)
+        passthrough = self.core.passthrough
+        if handle.cached is not None:
+            if handle.backing_id:
+                with self.table.lock:
+                    passthrough.release_cached_locked(handle.cached)
+            self.core.objects.release(handle.cached)
+        file = handle.staged
+        if file is None:
+            return
+        with self.table.lock:
+            with file.lock:
+                file.handles -= 1
+                if handle.writable:
+                    file.writers -= 1
+                if handle.backing_id:
+                    passthrough.release_locked(file, handle)
+                unused = file.handles == 0
+            if unused and file.deleted:
+                free_staging(file)
+                return
+            if unused and file.write_error is not None:
+                self.discard_locked(file)  # never published; the path shows what S3 holds
+                self.core.meta.forget(file.path)
+                self.core.room_freed()
+                return
+        self.settled(file)
+
+    # -- the uploader's listener -----------------------------------------------------------
+
+    def committed(self, file: StagedFile, key: str, etag: str, version: int) -> None:
+        """``file`` at ``version`` is now object ``key`` with ``etag``."""
+        self.core.objects.invalidate(key)
+        with file.lock:
+            if not file.dirty and not file.deleted:
+                self.core.journal.remove(file.id)
+        self.core.meta.put(file.path, ObjectInfo(key=key, size=file.size, etag=etag, mtime=file.mtime,
+                                                 mode=file.mode))
+        self.retire_if_clean(file)
+
+    def settled(self, file: StagedFile) -> None:
+        """After a release, and after each commit: if the file is closed and changed since its
+        last commit (written through a shared mapping after the last flush, or during a
+        commit's request, whose end sees to it), commit it; else retire it if clean."""
+        with file.lock:
+            again = (file.handles == 0 and file.dirty and not file.deleted and not file.commit_queued
+                     and not file.committing and file.failure is None and file.write_error is None)
+        if again:
+            self.durability.make_durable(file)
+            self.uploader.request_commit(file)
+        else:
+            self.retire_if_clean(file)
+
+    def retire_if_clean(self, file: StagedFile) -> None:
+        """A committed, closed file: hand its staging file to the object cache.
+
+        Done under the mount's lock, so that an open() sees either the staged file
+        or the cached object, never the gap between them.
+        """
+        with self.table.lock:
+            with file.lock:
+                if (file.handles or file.dirty or file.deleted or file.commit_queued or file.inflight
+                        or self.table.get(file.path) is not file):
+                    return
+                del self.table.staged[file.path]
+                info = ObjectInfo(key=file.key, size=file.size, etag=file.last_etag, mtime=file.mtime,
+                                  mode=file.mode)
+                file.close_fd()
+            self.core.room_freed()
+            kept = False
+            if file.last_etag:
+                try:
+                    kept = self.core.objects.adopt(file.key, file.last_etag, file.staging_path, file.size)
+                except OSError as exc:
+                    log.warning("could not keep %s in the cache: %s", file.path, exc)
+            self.core.meta.put(file.path, info)
+        if not kept:
+            free_staging(file)
+

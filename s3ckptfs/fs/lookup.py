@@ -1,0 +1,225 @@
+"""Lookups and listings: what exists at a path, merged from S3's answers and this mount's own files.
+
+Directories are prefixes: a directory exists if a ``dir/`` marker object exists
+(mkdir makes one, so an empty directory survives) or if any key lies under it.
+Files staged here (written, not yet committed) shadow what S3 says of their
+path. Answers from S3 are cached by ``MetadataCache`` for a short TTL; an answer
+is stored only if no local change happened while it was on its way.
+
+S3 is asked with a deadline (``metadata_deadline``, see bounded.py). When it
+errors or does not answer in time, a directory this mount has listed or created
+is answered from its last known listing merged with this mount's own files, for
+up to ``stale_if_error`` seconds: a name absent from it does not exist, so a new
+checkpoint can be created while S3 is away. A directory never listed here still
+fails with EIO, after a longer bound: a resume during an outage must never read
+"S3 unreachable" as "no checkpoint".
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ..errors import FsError, S3Error
+from ..metadata import MISSING, DirInfo
+from ..s3client import ObjectInfo
+from ..staging import StagedFile
+from .bounded import BoundedRequests, Outage
+from .core import DIR_MODE, FILE_MODE, SYMLINK_MAX, Core, Stat, parent_of, s3_errno
+
+# Without a kept listing to answer from, a lookup waits this many deadlines before EIO.
+NO_FALLBACK_DEADLINES = 4
+
+
+class Lookup:
+    """Answers lookups, getattr and readdir. Thread-safe."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.table = core.table
+        self.meta = core.meta
+        self.requests = BoundedRequests(core.options.metadata_deadline)
+        self.outage = Outage(core.metrics.stale_answers.inc)
+
+    def _ask(self, what: str, request, can_fall_back: bool):
+        """``request()`` within the deadline (longer when there is nothing to fall back on)."""
+        deadline = self.requests.deadline * (1 if can_fall_back else NO_FALLBACK_DEADLINES)
+        result = self.requests.call(what, request, deadline)
+        self.outage.answered()
+        return result
+
+    def _fall_back(self, what: str, err: S3Error, answer: object | None) -> object:
+        """The kept answer when S3 failed transiently; else the error, as the caller's errno."""
+        if answer is None or not err.transient:
+            raise s3_errno(err, what) from err
+        self.outage.fell_back(what, err)
+        return answer
+
+    def lookup(self, path: str, attempts: int = 3) -> ObjectInfo | DirInfo | None:
+        """What exists at ``path`` in S3 (or staged here): ObjectInfo, DirInfo or None."""
+        if path == "/":
+            return DirInfo(self.core.mount_time)
+        with self.table.lock:
+            staged = self.table.get(path)
+            if staged is not None:
+                return None if staged.deleted else staged_info(staged)
+            staged_children = self.table.live_below_locked(path)
+        cached = self.meta.get(path)
+        if cached is MISSING:
+            return DirInfo(max(f.mtime for f in staged_children)) if staged_children else None
+        if isinstance(cached, ObjectInfo) and cached.mode is None and cached.size <= SYMLINK_MAX:
+            cached = None  # from a listing: HEAD tells whether it is a symlink
+        if isinstance(cached, DirInfo) and cached.mtime is None:
+            cached = None  # from a listing: its own listing tells its mtime
+        if cached is not None:
+            return cached  # type: ignore[return-value]
+        key = self.core.key_for(path)
+        token = self.meta.token()
+        store = self.core.store
+
+        def ask() -> tuple[ObjectInfo | None, bool, ObjectInfo | None, float | None]:
+            info = store.head(key)
+            if info is not None:
+                return info, True, None, None
+            exists, has_marker, newest = store.dir_summary(key + "/")
+            return None, exists, store.head(key + "/") if has_marker else None, newest
+
+        stale = self.meta.get_stale(path)
+        try:
+            info, exists, marker, newest = self._ask(f"lookup {path}", ask, stale is not None)
+        except S3Error as err:
+            answer = self._fall_back(f"lookup {path}", err, stale)
+            return None if answer is MISSING else answer  # type: ignore[return-value]
+        if info is not None:
+            self.meta.put_if_unchanged(path, info, token)
+            return info
+        if exists:
+            # A directory's mtime is its creation time, kept in its marker (mkdir makes one,
+            # rename carries it over): directories sort in creation order, across remounts,
+            # as checkpoint rotation needs. Without a marker (made by another tool): the
+            # newest of its entries.
+            if marker is not None:
+                mtime: float | None = marker.mtime
+            else:
+                mtimes = [t for t in [newest, *(f.mtime for f in self.table.live_below(path))] if t is not None]
+                mtime = max(mtimes) if mtimes else None
+            result = DirInfo(mtime)
+            self.meta.put_if_unchanged(path, result, token)
+            return result
+        with self.table.lock:
+            staged = self.table.get(path)
+            if staged is not None and not staged.deleted:
+                return staged_info(staged)
+            staged_children = self.table.live_below_locked(path)
+            if staged_children:
+                return DirInfo(max(f.mtime for f in staged_children))
+            # A file committed (and retired from the staged table) while we asked S3 would
+            # be in neither answer: if anything changed meanwhile, ask again.
+            changed = self.meta.token() != token
+            if not changed:
+                self.meta.put_if_unchanged(path, MISSING, token)
+        if changed and attempts > 1:
+            return self.lookup(path, attempts - 1)
+        return None
+
+    def stat_of(self, path: str, entry: ObjectInfo | DirInfo) -> Stat:
+        if isinstance(entry, DirInfo):
+            return Stat(DIR_MODE, 0, entry.mtime if entry.mtime is not None else self.core.mount_time, nlink=2)
+        mode = entry.mode if entry.mode is not None else FILE_MODE
+        mtime = self.table.mtime_overrides.get(path, entry.mtime)
+        return Stat(mode, entry.size, mtime)
+
+    def getattr(self, path: str, fh: int | None = None) -> Stat:
+        if fh is not None:
+            handle = self.core.handles.get(fh)
+            if handle.staged is not None:
+                return self.stat_of(path, staged_info(handle.staged))
+            if handle.remote is not None:
+                return self.stat_of(path, handle.remote)
+        entry = self.lookup(path)
+        if entry is None:
+            raise FsError(errno.ENOENT, path)
+        return self.stat_of(path, entry)
+
+    def check_parent_is_dir(self, path: str) -> None:
+        parent = self.lookup(parent_of(path))
+        if parent is None:
+            raise FsError(errno.ENOENT, parent_of(path))
+        if not isinstance(parent, DirInfo):
+            raise FsError(errno.ENOTDIR, parent_of(path))
+
+    def readdir(self, path: str) -> list[tuple[str, Stat | None]]:
+        """Names in directory ``path`` with what is known of them (listing + staged files)."""
+        entry = self.lookup(path)
+        if entry is None:
+            raise FsError(errno.ENOENT, path)
+        if not isinstance(entry, DirInfo):
+            raise FsError(errno.ENOTDIR, path)
+        # The listing and the staged files must be one consistent view: a commit retires a
+        # staged file (under the mount's lock) once it is in S3, so the S3 listing must be at
+        # least as new as the last local change when the staged files are merged into it.
+        dir_key = self.core.dir_key(path)
+        children: dict[str, object] | None = None
+        for _attempt in range(5):
+            with self.table.lock:
+                cached = self.meta.get_listing(path)
+                if cached is not None:
+                    children = self._merge_staged_locked(path, cached)
+                    break
+                token = self.meta.token()
+            listed, fresh = self._list(path, dir_key)
+            with self.table.lock:
+                if not fresh:  # S3 away: the kept listing, as it is
+                    children = self._merge_staged_locked(path, listed)
+                    break
+                if self.meta.token() == token:  # no local change while we listed
+                    self.meta.put_listing(path, listed, token)
+                    children = self._merge_staged_locked(path, listed)
+                    break
+        if children is None:  # changes kept racing with the listing: list once more, then trust it
+            listed, _ = self._list(path, dir_key)
+            with self.table.lock:
+                children = self._merge_staged_locked(path, listed)
+        prefix = "/" if path == "/" else path + "/"
+        result = []
+        for name, child in sorted(children.items()):
+            result.append((name, self.stat_of(prefix + name, child) if child is not MISSING else None))
+        return result
+
+    def _list(self, path: str, dir_key: str) -> tuple[dict[str, object], bool]:
+        """The children S3 lists under ``dir_key``, and True; or the kept listing and False."""
+        stale = self.meta.get_stale_listing(path)
+        try:
+            files, dirs = self._ask(f"list {path}", lambda: self.core.store.list_dir(dir_key), stale is not None)
+        except S3Error as err:
+            return self._fall_back(f"list {path}", err, stale), False  # type: ignore[return-value]
+        return listing_children(dir_key, files, dirs), True
+
+    def _merge_staged_locked(self, path: str, children: dict[str, object]) -> dict[str, object]:
+        """``children`` plus the files staged under ``path`` (call with the mount's lock held)."""
+        merged = dict(children)
+        prefix = "/" if path == "/" else path + "/"
+        for staged_path, file in self.table.staged.items():
+            if staged_path.startswith(prefix) and not file.deleted:
+                name, sep, _ = staged_path[len(prefix):].partition("/")
+                merged[name] = DirInfo(None) if sep else staged_info(file)
+        return merged
+
+
+def listing_children(dir_key: str, files: list[ObjectInfo], dirs: list[str]) -> dict[str, object]:
+    children: dict[str, object] = {}
+    for info in files:
+        name = info.key[len(dir_key):]
+        if name:  # "" is this directory's own marker
+            children[name] = info
+    for name in dirs:
+        if name:
+            children[name] = DirInfo(None)  # a prefix shadows an object of the same name
+    return children
+
+
+def staged_info(file: StagedFile) -> ObjectInfo:
+    """What a staged file looks like to lookups (takes file.lock)."""
+    with file.lock:
+        if file.pt_writers:
+            file.observe_locked()  # written behind the daemon's back: ask the staging file
+        return ObjectInfo(key=file.key, size=file.size, etag="", mtime=file.mtime, mode=file.mode)

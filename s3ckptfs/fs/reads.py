@@ -1,0 +1,122 @@
+"""Reads: bytes from the staging file or the cached copy, downloaded by block when missing.
+
+An object read through the mount is fetched in blocks of ``read_block`` bytes by
+parallel ranged GETs into a sparse cached copy (ObjectCache), validated by ETag.
+A sequential reader's read-ahead window doubles per read up to ``read_ahead``;
+a reader waits only for the bytes it asked for, not the whole block.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from ..cache import CachedObject
+from ..errors import FsError, S3Error
+from ..handles import Handle
+from ..s3client import ObjectInfo
+from ..staging import StagedFile
+from .core import Core, s3_errno
+from .lifecycle import free_staging
+
+log = logging.getLogger(__name__)
+
+
+class Reads:
+    """read, read-ahead, block downloads and whole-object hydration. Thread-safe."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.downloads = ThreadPoolExecutor(max_workers=core.options.download_concurrency,
+                                            thread_name_prefix="s3ckptfs-get")
+
+    def hydrate(self, file: StagedFile, entry: ObjectInfo) -> None:
+        """Fill a new staging file with the whole object (parallel ranged GETs)."""
+        os.ftruncate(file.fd, entry.size)
+        file.size = entry.size
+        block = self.core.options.read_block
+        store = self.core.store
+        futures = [self.downloads.submit(store.get_range_into, entry.key, start,
+                                         min(block, entry.size - start), file.fd, entry.etag or None)
+                   for start in range(0, entry.size, block)]
+        try:
+            for future in futures:
+                future.result()
+        except S3Error as err:
+            free_staging(file)
+            raise s3_errno(err, f"download {file.path}") from err
+        except OSError as exc:
+            free_staging(file)
+            raise FsError(exc.errno or errno.EIO, f"download {file.path}: {exc}") from exc
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        fd, start, length = self.read_source(fh, size, offset)
+        return os.pread(fd, length, start) if length else b""
+
+    def read_source(self, fh: int, size: int, offset: int) -> tuple[int, int, int]:
+        """Where the bytes of a read are: (fd, offset, length), present on local disk.
+
+        The FUSE layer hands this to libfuse, which moves the bytes to the kernel
+        without a copy in Python. The fd stays valid while the handle is open (a
+        staged file is not retired and a cached copy is not evicted while open).
+        """
+        handle = self.core.handles.get(fh)
+        if handle.staged is not None:
+            file = handle.staged
+            return file.fd, offset, max(0, min(size, file.size - offset))
+        return self._read_remote(handle, size, offset)
+
+    def _read_remote(self, handle: Handle, size: int, offset: int) -> tuple[int, int, int]:
+        info, entry = handle.remote, handle.cached
+        assert info is not None and entry is not None
+        if offset >= info.size or size <= 0:
+            return entry.fd, offset, 0
+        end = min(offset + size, info.size)
+        block = entry.block_size
+        # Sequential means near where the last read ended: the kernel's own read-ahead
+        # sends requests slightly out of order, and zip readers skip small gaps.
+        if abs(offset - handle.next_offset) <= 2 * block:
+            handle.window = min(max(handle.window * 2, block), self.core.options.read_ahead)
+        else:
+            handle.window = 0
+        handle.next_offset = max(end, handle.next_offset) if handle.window else end
+        ahead_end = min(info.size, end + handle.window)
+        needed_last = (end - 1) // block
+        waits: list[tuple[int, Future]] = []
+        objects = self.core.objects
+        for number in range(offset // block, (ahead_end - 1) // block + 1):
+            future = objects.fetch_block(entry, number, self._start_download)
+            if future is not None and number <= needed_last:
+                waits.append((number, future))
+        for number, future in waits:
+            try:
+                objects.wait_for(entry, number, min(end - number * block, block), future)
+            except S3Error as err:
+                if err.code == "PreconditionFailed":
+                    self.core.meta.forget(handle.path)
+                    log.warning("%s changed in S3 while open; reopen to read the new version", handle.path)
+                    raise FsError(errno.ESTALE, handle.path) from err
+                raise s3_errno(err, f"read {handle.path}") from err
+            except OSError as exc:
+                raise FsError(exc.errno or errno.EIO, f"read {handle.path}: {exc}") from exc
+        return entry.fd, offset, end - offset
+
+    def _start_download(self, entry: CachedObject, number: int) -> Future:
+        return self.downloads.submit(self._download_block, entry, number)
+
+    def _download_block(self, entry: CachedObject, number: int) -> None:
+        start = number * entry.block_size
+        length = min(entry.block_size, entry.size - start)
+        ok = False
+        try:
+            self.core.store.get_range_into(entry.key, start, length, entry.fd, entry.etag or None,
+                                           progress=lambda done: self.core.objects.block_progress(entry, number,
+                                                                                                  done))
+            ok = True
+        finally:
+            self.core.objects.block_done(entry, number, ok, length)
+
+    def shutdown(self) -> None:
+        self.downloads.shutdown(wait=False, cancel_futures=True)

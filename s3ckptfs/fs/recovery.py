@@ -1,0 +1,120 @@
+"""Recovery and whole-mount waits: resume what an earlier run left in the journal; sync.
+
+At start, every journal record left by an earlier run is a file that was closed
+but not yet committed. Its staging file is registered again and its commit
+requested, in the order the files were closed (``close_seq``), so a ``latest``
+pointer never lands before its checkpoint across a crash either. A multipart
+upload that run started is resumed (parts whose bytes still match are kept).
+A record whose data a restart of the machine may have torn (local_sync=
+background, not yet synced, another boot) is reported lost and never uploaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..staging import StagedFile
+from ..uploader import Ticket, Uploader
+from .core import FILE_MODE, Core
+from .durability import Durability
+from .table import LostFile, under
+
+log = logging.getLogger(__name__)
+
+
+class Recovery:
+    """recover() at start; sync() waits for commits. Thread-safe."""
+
+    def __init__(self, core: Core, durability: Durability, uploader: Uploader) -> None:
+        self.core = core
+        self.table = core.table
+        self.durability = durability
+        self.uploader = uploader
+
+    def sync(self, path: str = "/", timeout: float | None = None) -> list[tuple[str, str]]:
+        """Commit everything closed under ``path`` and wait; returns [(path, error)] of failures."""
+        path = path if path == "/" else path.rstrip("/")
+        tickets: list[tuple[StagedFile, Ticket]] = []
+        for file in self.table.files():
+            if not under(path, file.path):
+                continue
+            with file.lock:
+                wanted = file.dirty and not file.deleted and file.writers == 0
+            if wanted:
+                tickets.append((file, self.uploader.request_commit(file)))
+        failures = [(lost.path, lost.reason) for lost in self.table.lost_files() if under(path, lost.path)]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for file, ticket in tickets:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not ticket.wait(remaining):
+                failures.append((file.path, "timed out"))
+            elif ticket.error is not None:
+                failures.append((file.path, str(ticket.error)))
+        return failures
+
+    def recover(self) -> int:
+        """Re-queue every journaled file left by an earlier run. Returns how many."""
+        core = self.core
+        known = set()
+        count = 0
+        leftover_uploads = dict((upload_id, key) for key, upload_id in core.registry.load_all())
+        # In close order, as the uploader would have committed them (records of older versions have no close_seq).
+        for record in sorted(core.journal.load_all(), key=lambda r: int(r.get("close_seq", 0))):
+            file_id = record.get("id", "")
+            staging_path = core.cache_dir.staging_path(file_id)
+            known.add(staging_path.name)
+            if core.journal.data_may_be_torn(record):
+                self._keep_lost(record, staging_path)
+                continue  # its leftover multipart uploads are aborted below; the object in S3 is not touched
+            if not staging_path.exists():
+                log.error("journal record for %s has no staging file; dropping it", record.get("path"))
+                core.journal.remove(file_id)
+                continue
+            fd = os.open(staging_path, os.O_RDWR)
+            size = os.fstat(fd).st_size
+            path = record["path"]
+            file = StagedFile(file_id, path, record["key"], staging_path, fd, size=size,
+                              mode=int(record.get("mode", FILE_MODE)), mtime=float(record.get("mtime", 0)),
+                              part_base=core.options.part_size)
+            file.journaled_version = file.version
+            file.close_seq = int(record.get("close_seq", 0))
+            file.data_synced = bool(record.get("data_synced", True))
+            if not file.data_synced:  # the daemon died before the fsync; the page cache still holds the data
+                self.durability.sync_data_later(file, file.version)
+            kept = 0
+            for upload_id in [u for u, key in leftover_uploads.items() if key == file.key]:
+                del leftover_uploads[upload_id]
+                if not kept and size > core.options.single_put_limit:
+                    kept = self.uploader.resume_upload(file, upload_id)
+                else:
+                    self.uploader.abort_later((file.key, upload_id))
+            with self.table.lock:
+                self.table.staged[path] = file
+            self.uploader.request_commit(file)
+            count += 1
+            log.info("resuming upload of %s (%d bytes, %d part(s) already in S3) from the journal",
+                     path, size, kept)
+        # Uploads an earlier run started for files that were never closed: debris. Abort them.
+        for upload_id, key in leftover_uploads.items():
+            self.uploader.abort_later((key, upload_id))
+        for leftover in core.cache_dir.staging.glob("*.data"):
+            if leftover.name not in known:
+                leftover.unlink()  # never closed successfully: nobody was promised this data
+        return count
+
+    def _keep_lost(self, record: dict, staging_path: Path) -> None:
+        """Recovery met a record whose data a restart of the machine may have torn: report it, never upload it."""
+        path = str(record.get("path", "?"))
+        kept = staging_path.exists()
+        size = staging_path.stat().st_size if kept else int(record.get("size", 0))
+        with self.table.lock:
+            self.table.lost[path] = LostFile(path=path, key=str(record.get("key", "")),
+                                             file_id=str(record.get("id", "")), size=size,
+                                             mtime=float(record.get("mtime", 0)))
+        log.error("%s is not uploaded: its data may be incomplete (closed with local_sync=background, the machine "
+                  "restarted before the data reached the disk); the object in S3, if any, is left as it was; "
+                  "record %s, %s", path, self.core.journal.directory / f"{record.get('id', '')}.json",
+                  f"bytes kept in {staging_path}" if kept else "no bytes left")

@@ -1,0 +1,97 @@
+"""The path table: which paths this mount holds locally, guarded by the mount's lock.
+
+A path is in the table while a ``StagedFile`` stands for it: the file is being
+written, or was written here and is not yet committed and retired to the object
+cache. The table also keeps the files a restart of the machine may have torn
+(``LostFile``, reported until their path is written or deleted), mtimes set on
+objects already in S3 (kept for this mount only), and the version of each object
+seen at its last open (for the kernel's page cache).
+
+The table is data. The rooms change it with the mount's lock (``lock``) held and
+do the slow part of their work (S3 requests, fsync) without it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from ..staging import StagedFile
+
+
+@dataclass(frozen=True)
+class LostFile:
+    """A closed file whose data had not reached the disk when the machine went down (local_sync=background).
+
+    Never uploaded; shown as failed by status and sync until its path is written
+    again, renamed or deleted through the mount. Its record and staging file stay
+    in the cache dir until then.
+    """
+    path: str
+    key: str
+    file_id: str
+    size: int
+    mtime: float
+    reason: str = ("lost: the machine restarted before its data reached the cache disk (local_sync=background); "
+                   "not uploaded, the object in S3 is unchanged; cleared when the path is written or deleted")
+
+
+def under(path: str, candidate: str) -> bool:
+    """Whether ``candidate`` is ``path`` itself or lies below it."""
+    return path == "/" or candidate == path or candidate.startswith(path.rstrip("/") + "/")
+
+
+class PathTable:
+    """path -> StagedFile, lost files, mtime overrides. Every method expects ``lock`` held unless it says."""
+
+    def __init__(self) -> None:
+        # The mount's lock. Re-entrant because a room holding it calls helpers that take it
+        # again (e.g. register_locked -> discard via the lifecycle); see s3ckptfs/locks.py.
+        self.lock = threading.RLock()
+        self.staged: dict[str, StagedFile] = {}
+        self.lost: dict[str, LostFile] = {}
+        self.mtime_overrides: dict[str, float] = {}
+        self.opened_versions: dict[str, tuple[str, str]] = {}  # path -> (key, ETag) at its last open
+
+    def get(self, path: str) -> StagedFile | None:
+        return self.staged.get(path)
+
+    def staged_below_locked(self, path: str) -> list[StagedFile]:
+        """Files staged strictly below directory ``path`` (deleted ones included)."""
+        prefix = "/" if path == "/" else path + "/"
+        return [f for p, f in self.staged.items() if p.startswith(prefix)]
+
+    def live_below_locked(self, path: str) -> list[StagedFile]:
+        return [f for f in self.staged_below_locked(path) if not f.deleted]
+
+    def live_below(self, path: str) -> list[StagedFile]:
+        with self.lock:
+            return self.live_below_locked(path)
+
+    def files(self) -> list[StagedFile]:
+        with self.lock:
+            return list(self.staged.values())
+
+    def staged_bytes(self) -> int:
+        with self.lock:
+            return sum(f.size for f in self.staged.values() if not f.deleted)
+
+    def lost_files(self) -> list[LostFile]:
+        with self.lock:
+            return list(self.lost.values())
+
+    def move_locked(self, old: str, new: str) -> None:
+        """Carry the per-path facts of ``old`` to ``new`` (a rename)."""
+        if old in self.mtime_overrides:
+            self.mtime_overrides[new] = self.mtime_overrides.pop(old)
+
+    def note_open_locked(self, path: str, version: tuple[str, str] | None) -> tuple[str, str] | None:
+        """Remember the object version opened at ``path``; returns the one seen at the previous open."""
+        previous = self.opened_versions.get(path)
+        if version is None:
+            self.opened_versions.pop(path, None)
+        else:
+            if len(self.opened_versions) > 100_000:  # bounded: forgetting only costs a re-read
+                self.opened_versions.clear()
+            self.opened_versions[path] = version
+        return previous

@@ -1,0 +1,253 @@
+"""Part uploads: the parts of multipart uploads, sent in parallel from staging files.
+
+A part is submitted as soon as the writer has moved past its end
+(``part_filled``), while the application is still writing, and again at commit
+time for every part that is missing or stale (``schedule_stale_locked``). Parts
+are read back from the staging file, so memory is bounded by concurrency x part
+size. Eager parts (of files still being written) are limited to
+``eager_uploads`` at once: on a small node the upload competes with the training
+process for CPU; commit-time parts are not limited.
+
+The multipart upload itself is created on first need, without the file's lock
+(``_current_upload``): a hung CreateMultipartUpload must stall nothing but that
+file's parts. Every upload created is recorded in the ``UploadRegistry`` until it
+is completed or aborted, so a crash never leaves an orphan behind for long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+from . import partplan
+from .cache import UploadRegistry
+from .errors import S3Error
+from .s3client import crc32c, object_metadata
+from .staging import StagedFile, UploadedPart
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class PartUploads:
+    """The part-upload pool and the eager limit. Thread-safe; its lock is a leaf."""
+
+    def __init__(self, s3: ObjectStore, *, concurrency: int, single_put_limit: int, eager_uploads: int | None,
+                 registry: UploadRegistry, checksums: bool, upload_nice: int = 0) -> None:
+        self.s3 = s3
+        self.registry = registry
+        self.checksums = checksums
+        self.single_put_limit = single_put_limit
+        self.eager_limit = concurrency if eager_uploads is None else min(eager_uploads, concurrency)
+        self._eager_inflight = 0
+        self._eager_waiting: deque[tuple[StagedFile, int]] = deque()
+        self._lock = threading.Lock()
+        self._upload_nice = upload_nice
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3ckptfs-part",
+                                        initializer=self._lower_priority)
+        self._misc_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="s3ckptfs-abort")
+
+    def _lower_priority(self) -> None:
+        if self._upload_nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._upload_nice)
+            except OSError as exc:
+                log.debug("could not lower upload thread priority: %s", exc)
+
+    # -- part uploads ----------------------------------------------------------------
+
+    def part_filled(self, file: StagedFile, number: int) -> None:
+        """The writer moved past part ``number``: upload it now if it is stale and the eager limit allows."""
+        with file.lock:
+            if (file.deleted or file.size <= self.single_put_limit or number in file.inflight
+                    or file.part_up_to_date_locked(number)):
+                return
+        with self._lock:
+            if self._eager_inflight >= self.eager_limit:
+                if self.eager_limit > 0:
+                    self._eager_waiting.append((file, number))
+                return
+            self._eager_inflight += 1
+        self._submit_eager(file, number)
+
+    def _submit_eager(self, file: StagedFile, number: int) -> None:
+        with file.lock:
+            # A part queued while the file was written may come up after the file was
+            # committed (and its staging fd closed): then there is nothing left to do.
+            claimed = (file.dirty and file.fd >= 0 and not file.deleted and number not in file.inflight
+                       and not file.part_up_to_date_locked(number))
+            if claimed:
+                file.inflight.add(number)
+        if claimed:
+            self._pool.submit(self._upload_eager_part, file, number)
+        else:
+            self._eager_part_done()
+
+    def _upload_eager_part(self, file: StagedFile, number: int) -> None:
+        try:
+            self._upload_part(file, number)
+        finally:
+            self._eager_part_done()
+
+    def _eager_part_done(self) -> None:
+        """An eager slot is free: give it to the oldest waiting part."""
+        with self._lock:
+            if not self._eager_waiting:
+                self._eager_inflight -= 1
+                return
+            file, number = self._eager_waiting.popleft()
+        self._submit_eager(file, number)
+
+    def schedule_stale_locked(self, file: StagedFile) -> list[int]:
+        """Submit every stale part not already in flight; returns the stale part numbers."""
+        stale = file.stale_parts_locked()
+        for number in stale:
+            if number not in file.inflight:
+                file.inflight.add(number)
+                self._pool.submit(self._upload_part, file, number)
+        return stale
+
+    def _current_upload(self, file: StagedFile) -> tuple[str, str] | None:
+        """(key, upload id) of the multipart upload for the file's current key, created if needed.
+
+        CreateMultipartUpload runs without file.lock; ``creating_upload`` makes the
+        other parts of the file wait for it (on file.changed) instead of creating
+        their own. None if the file no longer needs an upload.
+        """
+        while True:
+            with file.lock:
+                if file.deleted or not file.dirty or file.fd < 0:
+                    return None
+                if file.upload_id is not None and file.upload_key == file.key:
+                    return file.upload_key, file.upload_id
+                if file.creating_upload:
+                    file.changed.wait_for(lambda: not file.creating_upload)
+                    continue
+                self.abort_later(file.forget_upload_locked())
+                file.creating_upload = True
+                key, metadata = file.key, object_metadata(file.mtime, file.mode)
+            upload_id = None
+            try:
+                upload_id = self.s3.create_multipart(key, metadata, checksums=self.checksums)
+                self.registry.add(key, upload_id)
+            finally:
+                with file.lock:
+                    file.creating_upload = False
+                    file.changed.notify_all()
+                    adopted = (upload_id is not None and not file.deleted and file.key == key
+                               and file.upload_id is None)
+                    if adopted:
+                        file.upload_id, file.upload_key = upload_id, key
+            if upload_id is not None and not adopted:
+                self.abort_later((key, upload_id))  # renamed or deleted meanwhile
+
+    def _upload_part(self, file: StagedFile, number: int) -> None:
+        upload_id = None
+        try:
+            target = self._current_upload(file)
+            if target is None:
+                return
+            with file.lock:
+                if (file.deleted or not file.dirty or file.fd < 0 or number > file.part_count_locked()
+                        or file.part_up_to_date_locked(number) or file.upload_id != target[1]):
+                    return  # changed meanwhile: the commit schedules what is still stale
+                generation = file.part_generation.get(number, 0)
+                epoch = file.pt_epoch
+                start, _ = partplan.part_range(number, file.part_base)
+                length = partplan.part_length(number, file.size, file.part_base)
+                key, upload_id = target
+            data = os.pread(file.fd, length, start)
+            if len(data) < length:  # a hole at the end of a sparse staging file reads short
+                data += bytes(length - len(data))
+            crc = crc32c(data)
+            checksum = crc if self.checksums else None
+            etag = self.s3.upload_part(key, upload_id, number, data, checksum)
+            with file.lock:
+                if file.upload_id == upload_id:
+                    file.uploaded[number] = UploadedPart(generation, length, etag, upload_id, checksum,
+                                                         epoch=epoch, crc=crc)
+                    file.bytes_uploaded += length
+        except S3Error as err:
+            with file.lock:
+                if upload_id is not None and file.upload_id != upload_id:
+                    return  # the upload was superseded (rename, commit, unlink): nothing lost
+                if err.code == "NoSuchUpload":
+                    # Aborted behind our back: start a new upload; every part becomes stale.
+                    log.warning("multipart upload of %s vanished; restarting it", file.path)
+                    gone = file.forget_upload_locked()
+                    if gone:
+                        self.registry.remove(gone[1])
+                    return
+                file.part_error = err
+            log.warning("upload of part %d of %s failed: %s", number, file.path, err)
+        except OSError as err:
+            log.error("reading part %d of %s from the staging file failed: %s", number, file.path, err)
+            with file.lock:
+                file.part_error = S3Error("LocalIOError", str(err))
+        except Exception as err:  # never let a worker die silently
+            log.exception("unexpected error uploading part %d of %s", number, file.path)
+            with file.lock:
+                file.part_error = S3Error("InternalError", repr(err))
+        finally:
+            with file.lock:
+                file.inflight.discard(number)
+                file.changed.notify_all()
+
+    def resume_upload(self, file: StagedFile, upload_id: str) -> int:
+        """Adopt an upload an earlier run started for this file; keep the parts that match.
+
+        A part is kept only if its size and its CRC32C (or, when the server lists no
+        checksum, its MD5 ETag) equal those of the staging file's bytes now. Returns
+        the number of parts kept (0: the upload is aborted instead).
+        """
+        try:
+            listed = self.s3.list_parts(file.key, upload_id)
+        except S3Error as err:
+            log.info("earlier upload of %s cannot be resumed (%s)", file.path, err)
+            listed = []
+        kept: dict[int, UploadedPart] = {}
+        with file.lock:
+            count = file.part_count_locked()
+            for number, size, etag, checksum in listed:
+                if number > count or size != partplan.part_length(number, file.size, file.part_base):
+                    continue
+                start, _ = partplan.part_range(number, file.part_base)
+                data = os.pread(file.fd, size, start)
+                local_crc = crc32c(data)
+                if checksum:
+                    same = local_crc == checksum
+                else:
+                    same = hashlib.md5(data, usedforsecurity=False).hexdigest() == etag.strip('"')
+                if same:
+                    kept[number] = UploadedPart(0, size, etag, upload_id, local_crc if self.checksums else None,
+                                                epoch=file.pt_epoch, crc=local_crc)
+            if kept:
+                file.upload_id, file.upload_key = upload_id, file.key
+                file.uploaded.update(kept)
+                file.bytes_uploaded = sum(part.length for part in kept.values())
+        if not kept:
+            self.abort_later((file.key, upload_id))
+        return len(kept)
+
+    def abort_later(self, stale: tuple[str, str] | None) -> None:
+        """Abort a multipart upload that is no longer needed, in the background."""
+        if stale is None:
+            return
+        key, upload_id = stale
+
+        def abort() -> None:
+            try:
+                self.s3.abort_multipart(key, upload_id)
+                self.registry.remove(upload_id)
+            except S3Error as err:  # stays registered: aborted at the next start
+                log.warning("could not abort multipart upload of %s: %s", key, err)
+
+        self._misc_pool.submit(abort)
+
+    def shutdown(self, wait: bool) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        self._misc_pool.shutdown(wait=True)
