@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -139,6 +140,7 @@ class StagedFile:
         self.commit_queued = False
         self.committing = False           # the commit's last request (PUT or Complete) is in flight
         self.creating_upload = False      # CreateMultipartUpload in flight (sent without the lock)
+        self.over_object = True           # an object may be under ``key`` already (False: known absent)
         self.failure: S3Error | None = None    # gave up: kept in the cache, shown by status
         self.retrying: S3Error | None = None   # the last transient error while retrying
         self.last_etag = ""
@@ -162,6 +164,11 @@ class StagedFile:
         self.pt_filled = 0                # parts handed to eager upload by the passthrough poller
 
     # -- state derived under lock --------------------------------------------------
+
+    @property
+    def is_dir_marker(self) -> bool:
+        """A directory made by mkdir on this mount: its commit PUTs the empty ``dir/`` marker object."""
+        return stat.S_ISDIR(self.mode)
 
     @property
     def dirty(self) -> bool:

@@ -426,3 +426,10 @@ class Uploader:
         self._thread.join(timeout=5)
         self.parts.shutdown(wait=drained)
         return drained
+
+    def join(self, timeout: float) -> bool:
+        """After ``shutdown``: wait for running part uploads and the commit thread. True if they stopped."""
+        self.parts.shutdown(wait=True)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+        return drained

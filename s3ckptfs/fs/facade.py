@@ -185,6 +185,13 @@ class Filesystem:
         self.reads.shutdown()
         return drained
 
+    def join_threads(self, timeout: float = 10.0) -> bool:
+        """After ``shutdown``: wait for the threads it leaves running (part uploads, downloads, the
+        commit thread). A daemon exits right after shutdown; a process that goes on calls this.
+        True if they all stopped."""
+        self.reads.downloads.shutdown(wait=True, cancel_futures=True)
+        return self.uploader.join(timeout)
+
     def state_metrics(self) -> dict[str, float]:
         """Gauges for the metrics endpoint, computed when scraped."""
         pending = list(self.iter_pending())

@@ -19,6 +19,7 @@ import logging
 import os
 
 from ..errors import FsError
+from ..metadata import DirInfo
 from ..s3client import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Ticket, Uploader
@@ -67,8 +68,7 @@ class Lifecycle:
             self.uploader.abort_later(file.forget_upload_locked())
             unused = file.handles == 0
             self.core.journal.remove(file.id)  # under file.lock, like every removal: see Durability
-        if self.table.get(file.path) is file:
-            del self.table.staged[file.path]
+        self.table.drop_locked(file)
         if unused:
             free_staging(file)
         self.core.room_freed()
@@ -177,9 +177,15 @@ class Lifecycle:
         with file.lock:
             if not file.dirty and not file.deleted:
                 self.core.journal.remove(file.id)
-        self.core.meta.put(file.path, ObjectInfo(key=key, size=file.size, etag=etag, mtime=file.mtime,
-                                                 mode=file.mode))
+        self.core.meta.put(file.path, self._entry(file, etag))
         self.retire_if_clean(file)
+
+    @staticmethod
+    def _entry(file: StagedFile, etag: str) -> ObjectInfo | DirInfo:
+        """What S3 holds for a committed file (or directory marker)."""
+        if file.is_dir_marker:
+            return DirInfo(file.mtime)
+        return ObjectInfo(key=file.key, size=file.size, etag=etag, mtime=file.mtime, mode=file.mode)
 
     def settled(self, file: StagedFile) -> None:
         """After a release, and after each commit: if the file is closed and changed since its
@@ -203,15 +209,14 @@ class Lifecycle:
         with self.table.lock:
             with file.lock:
                 if (file.handles or file.dirty or file.deleted or file.commit_queued or file.inflight
-                        or self.table.get(file.path) is not file):
+                        or not self.table.holds(file)):
                     return
-                del self.table.staged[file.path]
-                info = ObjectInfo(key=file.key, size=file.size, etag=file.last_etag, mtime=file.mtime,
-                                  mode=file.mode)
+                self.table.drop_locked(file)
+                info = self._entry(file, file.last_etag)
                 file.close_fd()
             self.core.room_freed()
             kept = False
-            if file.last_etag:
+            if file.last_etag and not file.is_dir_marker:
                 try:
                     kept = self.core.objects.adopt(file.key, file.last_etag, file.staging_path, file.size)
                 except OSError as exc:

@@ -62,6 +62,9 @@ class Lookup:
             staged = self.table.get(path)
             if staged is not None:
                 return None if staged.deleted else staged_info(staged)
+            made_here = self.table.dirs.get(path)
+            if made_here is not None and not made_here.deleted:
+                return DirInfo(made_here.mtime)
             staged_children = self.table.live_below_locked(path)
         cached = self.meta.get(path)
         if cached is MISSING:
@@ -159,7 +162,10 @@ class Lookup:
         # least as new as the last local change when the staged files are merged into it.
         dir_key = self.core.dir_key(path)
         children: dict[str, object] | None = None
-        for _attempt in range(5):
+        with self.table.lock:
+            if self.table.local_dir_locked(path) is not None:  # made here, nothing of it in S3 yet
+                children = self._merge_staged_locked(path, {})
+        for _attempt in range(0 if children is not None else 5):
             with self.table.lock:
                 cached = self.meta.get_listing(path)
                 if cached is not None:
@@ -202,6 +208,11 @@ class Lookup:
             if staged_path.startswith(prefix) and not file.deleted:
                 name, sep, _ = staged_path[len(prefix):].partition("/")
                 merged[name] = DirInfo(None) if sep else staged_info(file)
+        for dir_path, marker in self.table.dirs.items():
+            if dir_path.startswith(prefix) and not marker.deleted:
+                name, sep, _ = dir_path[len(prefix):].partition("/")
+                if sep or not isinstance(merged.get(name), DirInfo) or merged[name].mtime is None:
+                    merged[name] = DirInfo(None if sep else marker.mtime)
         return merged
 
 

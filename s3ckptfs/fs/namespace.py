@@ -77,6 +77,7 @@ class Namespace:
         with self._lock_between_commit_requests(path):
             self.lifecycle.clear_lost_locked(path, "deleted")
             file = self.table.get(path)
+            only_here = file is not None and self.table.only_here_locked(file)
             if file is not None:
                 self.lifecycle.discard_locked(file)
         if file is None:
@@ -86,7 +87,8 @@ class Namespace:
             if isinstance(entry, DirInfo):
                 raise FsError(errno.EISDIR, path)
         try:
-            self.store.delete(key)
+            if not only_here:
+                self.store.delete(key)
         except S3Error as err:
             raise s3_errno(err, f"delete {path}") from err
         finally:
@@ -97,18 +99,24 @@ class Namespace:
         self.core.handles.unname(path)  # open handles live on, nameless
 
     def mkdir(self, path: str, mode: int) -> None:
-        key = self.core.key_for(path) + "/"
+        """Make the directory here at once; its ``dir/`` marker is committed in close order, like a file.
+
+        So mkdir never waits for S3, and the marker lands before any file closed in it later.
+        """
         self.lookup.check_parent_is_dir(path)
         if self.lookup.lookup(path) is not None:
             raise FsError(errno.EEXIST, path)
-        now = time.time()
-        try:
-            self.store.put(key, b"", object_metadata(now, stat.S_IFDIR | (mode & 0o7777)))
-        except S3Error as err:
-            raise s3_errno(err, f"mkdir {path}") from err
-        self.meta.forget(path)
-        self.meta.put(path, DirInfo(now))
-        self.meta.put_created_dir(path)  # known empty: files can be created in it while S3 is away
+        marker = self.opens.new_staged(path, stat.S_IFDIR | (mode & 0o7777))
+        marker.key += "/"
+        with self.table.lock:
+            if self.table.dirs.get(path) is not None or self.table.get(path) is not None:
+                raise FsError(errno.EEXIST, path)  # made by another thread since the lookup
+            self.table.put_locked(marker)
+            self.meta.forget(path)
+            self.meta.put(path, DirInfo(marker.mtime))
+            self.meta.put_created_dir(path)  # known empty: files can be created in it while S3 is away
+        self.lifecycle.close_and_commit(marker)
+
 
     def rmdir(self, path: str) -> None:
         if path == "/":
@@ -125,8 +133,18 @@ class Namespace:
             return
         if not isinstance(entry, DirInfo):
             raise FsError(errno.ENOTDIR, path)
-        if self.table.live_below(path):
-            raise FsError(errno.ENOTEMPTY, path)
+        with self.table.lock:
+            if self.table.live_below_locked(path):
+                raise FsError(errno.ENOTEMPTY, path)
+            marker = self.table.local_dir_locked(path)
+            if marker is not None:  # made here, never in S3: nothing to delete there
+                self.lifecycle.discard_locked(marker)
+                self.meta.forget_tree(path)
+                self.meta.put(path, MISSING)
+                return
+            pending = self.table.dirs.get(path)
+            if pending is not None:
+                self.lifecycle.discard_locked(pending)  # its marker is deleted below
         dir_key = self.core.key_for(path) + "/"
         try:
             files, dirs = self.store.list_dir(dir_key)
@@ -158,7 +176,7 @@ class Namespace:
             if isinstance(target, DirInfo):
                 raise FsError(errno.EISDIR, new)
             self.lookup.check_parent_is_dir(new)
-            self._rename_file(old, new, new_key, source)
+            self._rename_file(old, new, new_key, source, target)
         handles = self.core.handles
         handles.unname(new)     # a replaced file lives on in its open handles, nameless
         handles.move(old, new)  # the kernel keeps open files on their inode, now named new
@@ -183,7 +201,7 @@ class Namespace:
             file.wait_commit_request_locked()  # a commit under the old key lands first, then moves with it
             old_key = file.key
             file.path = new
-            file.key = self.core.key_for(new)
+            file.key = self.core.key_for(new) + ("/" if file.is_dir_marker else "")
             if file.upload_id is not None:
                 self.uploader.abort_later(file.forget_upload_locked())
             moved_object = not file.dirty
@@ -192,12 +210,14 @@ class Namespace:
         self.core.objects.invalidate(old_key)
         return moved_object
 
-    def _rename_file(self, old: str, new: str, new_key: str, source: ObjectInfo) -> None:
+    def _rename_file(self, old: str, new: str, new_key: str, source: ObjectInfo,
+                     target: ObjectInfo | None) -> None:
         old_key = self.core.key_for(old)
         with self._lock_between_commit_requests(old, new):
             self.lifecycle.clear_lost_locked(old, "renamed")
             self.lifecycle.clear_lost_locked(new, "replaced by a rename")
             file = self.table.staged.pop(old, None)
+            only_here = file is not None and self.table.only_here_locked(file)
             replaced = self.table.get(new)
             if replaced is not None:
                 self.lifecycle.discard_locked(replaced)
@@ -205,11 +225,17 @@ class Namespace:
                 move_remote = self._retarget_locked(file, new)
                 self.table.staged[new] = file
                 with file.lock:
+                    # What was under the new name stays in S3 until this file's commit replaces it.
+                    file.over_object = target is not None or (replaced is not None and replaced.over_object)
                     needs_commit = file.dirty and file.writers == 0 and not file.commit_queued
             else:
                 move_remote, needs_commit = True, False
         if needs_commit:
             self.uploader.request_commit(file)
+        if only_here:  # nothing in S3 under either name: the rename is local
+            with self.table.lock:
+                self.table.move_locked(old, new)
+            return
         try:
             if move_remote:
                 self.store.copy(old_key, new_key, source.size)
@@ -221,7 +247,21 @@ class Namespace:
         with self.table.lock:
             self.table.move_locked(old, new)
 
+    def _move_staged_locked(self, old: str, new: str) -> None:
+        """Retarget every file and directory marker staged at or below ``old`` to ``new`` (mount's lock held)."""
+        moving = self.table.staged_below_locked(old)
+        if old in self.table.dirs:
+            moving.append(self.table.dirs[old])
+        for file in moving:
+            self.table.drop_locked(file)
+            self._retarget_locked(file, new + file.path[len(old):])
+            self.table.put_locked(file)
+
     def _rename_dir(self, old: str, new: str) -> None:
+        with self.table.lock:
+            if self.table.local_dir_locked(old) is not None:  # all of it is here: no S3 request
+                self._move_staged_locked(old, new)
+                return
         old_prefix = self.core.key_for(old) + "/"
         new_prefix = self.core.key_for(new) + "/"
         store = self.store
@@ -243,11 +283,7 @@ class Namespace:
             # Staged files next, so that a commit racing with us lands under the new name,
             # or has landed under the old one and is in the listing taken above.
             with self.table.lock:
-                for file in self.table.staged_below_locked(old):
-                    del self.table.staged[file.path]
-                    new_path = new + file.path[len(old):]
-                    self._retarget_locked(file, new_path)
-                    self.table.staged[new_path] = file
+                self._move_staged_locked(old, new)
             listed = {info.key for info in objects}
             late = [info for info in store.list_all(old_prefix)  # committed before the retarget
                     if info.key not in listed and not info.key.endswith("/")]

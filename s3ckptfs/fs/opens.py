@@ -22,10 +22,10 @@ import uuid
 from ..cache import CachedObject
 from ..errors import FsError
 from ..handles import Handle
-from ..metadata import DirInfo
+from ..metadata import MISSING, DirInfo
 from ..s3client import ObjectInfo
 from ..staging import StagedFile
-from .core import FILE_MODE, Core
+from .core import FILE_MODE, Core, parent_of
 from .lifecycle import Lifecycle, free_staging
 from .lookup import Lookup
 from .reads import Reads
@@ -61,6 +61,12 @@ class Opens:
         self.lookup.check_parent_is_dir(path)
         file = self.new_staged(path, stat.S_IFREG | (mode & 0o7777))
         with self.table.lock:
+            previous = self.table.get(path)
+            # No object under the key to replace: the kernel's lookup just found none, or the
+            # directory was made here and is not in S3 yet. Unlink and rename then stay local.
+            file.over_object = ((previous is not None and previous.over_object)
+                                or (self.core.meta.get_stale(path) is not MISSING
+                                    and self.table.local_dir_locked(parent_of(path)) is None))
             self.lifecycle.register_locked(file)
             return self._open_handle_locked(file, path, flags, writable=True)
 

@@ -92,7 +92,7 @@ class Recovery:
                 else:
                     self.uploader.abort_later((file.key, upload_id))
             with self.table.lock:
-                self.table.staged[path] = file
+                self.table.put_locked(file)
             self.uploader.request_commit(file)
             count += 1
             log.info("resuming upload of %s (%d bytes, %d part(s) already in S3) from the journal",

@@ -2,7 +2,9 @@
 
 A path is in the table while a ``StagedFile`` stands for it: the file is being
 written, or was written here and is not yet committed and retired to the object
-cache. The table also keeps the files a restart of the machine may have torn
+cache. Directories made here by mkdir are staged the same way, in ``dirs``: their
+``dir/`` marker object is committed in close order like any file, so mkdir never
+waits for S3. The table also keeps the files a restart of the machine may have torn
 (``LostFile``, reported until their path is written or deleted), mtimes set on
 objects already in S3 (kept for this mount only), and the version of each object
 seen at its last open (for the kernel's page cache).
@@ -49,6 +51,7 @@ class PathTable:
         # again (e.g. register_locked -> discard via the lifecycle); see s3ckptfs/locks.py.
         self.lock = threading.RLock()
         self.staged: dict[str, StagedFile] = {}
+        self.dirs: dict[str, StagedFile] = {}   # directories made here whose marker is not yet committed
         self.lost: dict[str, LostFile] = {}
         self.mtime_overrides: dict[str, float] = {}
         self.opened_versions: dict[str, tuple[str, str]] = {}  # path -> (key, ETag) at its last open
@@ -56,10 +59,25 @@ class PathTable:
     def get(self, path: str) -> StagedFile | None:
         return self.staged.get(path)
 
+    def entries_of(self, file: StagedFile) -> dict[str, StagedFile]:
+        """The dict that holds ``file``: files or directory markers."""
+        return self.dirs if file.is_dir_marker else self.staged
+
+    def holds(self, file: StagedFile) -> bool:
+        return self.entries_of(file).get(file.path) is file
+
+    def put_locked(self, file: StagedFile) -> None:
+        self.entries_of(file)[file.path] = file
+
+    def drop_locked(self, file: StagedFile) -> None:
+        if self.holds(file):
+            del self.entries_of(file)[file.path]
+
     def staged_below_locked(self, path: str) -> list[StagedFile]:
-        """Files staged strictly below directory ``path`` (deleted ones included)."""
+        """Files and directory markers staged strictly below directory ``path`` (deleted ones included)."""
         prefix = "/" if path == "/" else path + "/"
-        return [f for p, f in self.staged.items() if p.startswith(prefix)]
+        return ([f for p, f in self.staged.items() if p.startswith(prefix)]
+                + [d for p, d in self.dirs.items() if p.startswith(prefix)])
 
     def live_below_locked(self, path: str) -> list[StagedFile]:
         return [f for f in self.staged_below_locked(path) if not f.deleted]
@@ -68,9 +86,30 @@ class PathTable:
         with self.lock:
             return self.live_below_locked(path)
 
+    def local_dir_locked(self, path: str) -> StagedFile | None:
+        """The marker of directory ``path`` if it was made here and is not yet in S3, else None.
+
+        Commits go in close order, so nothing under such a directory is in S3 yet
+        either: it can be listed, renamed or removed without asking S3.
+        """
+        marker = self.dirs.get(path)
+        if marker is None or marker.deleted:
+            return None
+        with marker.lock:
+            local = marker.committed_version == 0 and not marker.committing
+        return marker if local else None
+
+    def only_here_locked(self, file: StagedFile) -> bool:
+        """Whether no object can be under ``file``'s key: it never committed and replaced none."""
+        with file.lock:
+            if file.committed_version or file.committing or file.over_object:
+                return False
+        return True
+
     def files(self) -> list[StagedFile]:
+        """Every staged file and directory marker."""
         with self.lock:
-            return list(self.staged.values())
+            return list(self.staged.values()) + list(self.dirs.values())
 
     def staged_bytes(self) -> int:
         with self.lock:
