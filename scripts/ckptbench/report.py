@@ -130,7 +130,7 @@ def markdown(command: str, results: dict[int, SizeResult], repeat: int, page_cac
         markdown_for_size(size, result.checkpoint_bytes, result.outcomes, repeat)
         for size, result in results.items())
     if not page_cache_dropped:
-        text += "\nThe page cache could not be dropped: reads may have been served from memory.\n"
+        text += "\nThe page cache was not dropped before each step (not permitted, or --keep-page-cache): reads may have been served from memory.\n"
     return text
 
 
