@@ -10,13 +10,11 @@ import argparse
 import json
 import logging
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from . import control, daemon
+from . import control, daemon, mounts
 from .config import (LOG_LEVELS, MountConfig, default_cache_dir, environment_options, load_config_file,
                      parse_options, parse_s3_url, split_mount_options)
 from .errors import ConfigError
@@ -132,7 +130,7 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
 def _mountpoint(path: str) -> str:
     """The mountpoint (or watched directory) of a running daemon."""
     mountpoint = os.path.abspath(path)
-    if not daemon.is_mounted(mountpoint) and control.read_info(mountpoint) is None:
+    if not mounts.is_mounted(mountpoint) and control.read_info(mountpoint) is None:
         raise ConfigError(f"{mountpoint} is not mounted (nor watched)")
     return mountpoint
 
@@ -178,21 +176,14 @@ def cmd_unmount(args: argparse.Namespace) -> int:
             for failure in failed:
                 print(f"{PROG}: error: {failure['path']} is not in S3: {failure['error']}", file=sys.stderr)
             return _fail("not unmounted: uploads failed (data kept in the cache); use --force to unmount anyway")
-    fusermount = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount3"
-    result = subprocess.run([fusermount, "-u", mountpoint], capture_output=True, text=True)
+    result = mounts.unmount(mountpoint, timeout=None)
     if result.returncode != 0:
         if not args.force:
             return _fail(f"cannot unmount {mountpoint}: {result.stderr.strip() or 'busy'}")
-        subprocess.run([fusermount, "-uz", mountpoint], capture_output=True)
+        mounts.unmount(mountpoint, lazy=True, timeout=None)
     pid = info.get("pid")
     if pid:  # the daemon finishes its last uploads after the unmount: wait for it
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
+        mounts.wait_gone(pid, 600)
     return 0
 
 

@@ -76,7 +76,9 @@ class Options:
     eager_uploads: int = 1             # parts uploading while files are still written (0: from close on)
     part_size: int = 8 * MiB           # first part size; parts grow as the file grows
     single_put_limit: int = 8 * MiB    # files up to this size go in one PUT
-    cache_size: int = 0                # bytes of clean cached data kept (0: half the free disk)
+    # Bytes of staged and clean data the cache holds; writers wait for uploads beyond it.
+    # 0: writers never wait, clean data kept up to half the free disk (at least 1 GiB).
+    cache_size: int = 0
     metadata_ttl: float = 5.0          # seconds a HEAD/LIST answer is trusted
     negative_ttl: float = 5.0          # seconds a "does not exist" answer is trusted
     metadata_deadline: float = 2.0     # seconds a lookup/listing waits for S3 before answering from what it knows

@@ -13,12 +13,10 @@ parent through a pipe, and to systemd through NOTIFY_SOCKET if set).
 
 from __future__ import annotations
 
-import errno
 import faulthandler
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -32,54 +30,32 @@ from .config import MountConfig
 from .control import ControlServer
 from .errors import ConfigError, S3Error
 from .metrics import Metrics
+from .mounts import LOG_FILE, PID_FILE, is_dead_fuse_mount, is_mounted, unmount
 from .s3client import S3Client
 
 log = logging.getLogger(__name__)
 
 READY_FD_ENV = "S3CKPTFS_READY_FD"
-PID_FILE = "s3ckptfs.pid"
-LOG_FILE = "s3ckptfs.log"
 
 
 # -- checks --------------------------------------------------------------------------
 
-def mounted_paths() -> set[str]:
-    """Mountpoints currently in the mount table."""
-    paths = set()
-    try:
-        with open("/proc/self/mountinfo") as table:
-            for line in table:
-                fields = line.split()
-                if len(fields) > 4:
-                    paths.add(fields[4].encode().decode("unicode_escape"))
-    except OSError:
-        pass
-    return paths
-
-
-def is_mounted(path: str | os.PathLike) -> bool:
-    return os.path.realpath(path) in mounted_paths()
-
-
 def clean_stale_mount(mountpoint: Path) -> None:
     """A mount left by a daemon that died answers ENOTCONN: unmount it (lazily) so we can mount again."""
-    try:
-        os.stat(mountpoint)
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN and is_mounted(mountpoint):
-            fusermount = shutil.which("fusermount3") or "fusermount3"
-            subprocess.run([fusermount, "-uz", str(mountpoint)], capture_output=True)
-            log.warning("cleaned a stale mount at %s (its daemon had died)", mountpoint)
+    if is_dead_fuse_mount(mountpoint):
+        unmount(mountpoint, lazy=True)
+        log.warning("cleaned a stale mount at %s (its daemon had died)", mountpoint)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
     clean_stale_mount(mountpoint)
+    # Asked before anything stats the path: a live mount there may not answer.
+    if is_mounted(mountpoint):
+        raise ConfigError(f"mountpoint {mountpoint} is already mounted")
     if not mountpoint.exists():
         if mountpoint.is_symlink():
             raise ConfigError(f"mountpoint {mountpoint} is a dangling symlink")
         raise ConfigError(f"mountpoint {mountpoint} does not exist")
-    if is_mounted(mountpoint):
-        raise ConfigError(f"mountpoint {mountpoint} is already mounted")
     if not mountpoint.is_dir():
         raise ConfigError(f"mountpoint {mountpoint} is not a directory")
     try:

