@@ -165,6 +165,7 @@ def _status(fs) -> dict:
                           else "retrying" if file.retrying else "pending"),
                 "error": str(file.failure or file.retrying) if (file.failure or file.retrying) else None,
             })
+    files.extend(fs.pending.status())  # deletes and moves not yet made in S3
     for lost in fs.lost_files():
         files.append({"path": lost.path, "key": lost.key, "size": lost.size, "uploaded": 0,
                       "age": round(now - lost.mtime, 1), "state": "failed", "error": lost.reason})

@@ -21,7 +21,7 @@ file's bytes (CRC32C) before the upload completes.
 No S3 request and no fsync is made with ``lock`` held (see s3ckptfs/locks.py for
 the lock order): requests are prepared under it, sent without it, and their
 outcome recorded under it again. ``committing`` and ``creating_upload`` say that
-such a request is in flight, so that rename and unlink can wait for it.
+such a request is in flight.
 """
 
 from __future__ import annotations
@@ -244,10 +244,6 @@ class StagedFile:
             os.ftruncate(self.fd, st.st_size)   # also drops preallocated blocks past the end
             os.utime(self.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         self.reserved_end = 0
-
-    def wait_commit_request_locked(self) -> None:
-        """Wait until no commit request is in flight (one writes under the key the file had when it began)."""
-        self.changed.wait_for(lambda: not self.committing)
 
     def forget_upload_locked(self) -> tuple[str, str] | None:
         """Drop the multipart upload (its key changed, or it completed); returns (key, id) to abort."""

@@ -48,6 +48,7 @@ from .cache import UploadRegistry
 from .errors import S3Error
 from .metrics import Metrics
 from .parts import PartUploads
+from .remoteops import RemoteOp
 from .s3client import composite_crc32c, crc32c, object_metadata
 from .staging import Digest, StagedFile, UploadedPart
 from .store import ObjectStore
@@ -83,7 +84,9 @@ class Ticket:
 
 @dataclass
 class Commit:
-    file: StagedFile
+    """One item of the ordered queue: a file's commit, or a namespace change (``op``) to make in S3."""
+    file: StagedFile | None
+    op: RemoteOp | None = None
     ticket: Ticket = field(default_factory=Ticket)
     attempts: int = 0
     requested: float = field(default_factory=time.monotonic)
@@ -97,6 +100,9 @@ class CommitListener(Protocol):
 
     def settled(self, file: StagedFile) -> None:
         """A commit of ``file`` succeeded, whether or not it wrote anything: commit again or retire."""
+
+    def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
+        """A namespace change has been made in S3 (``error`` None), or given up."""
 
 
 def default_backoff(attempt: int) -> float:
@@ -158,6 +164,21 @@ class Uploader:
             self._queue_changed.notify_all()
             return commit.ticket
 
+    def request_op(self, op: RemoteOp) -> Ticket:
+        """Queue a namespace change behind every commit requested so far."""
+        with self._lock:
+            commit = Commit(None, op)
+            if self._stopping:  # journaled: made at the next start
+                commit.ticket.finish(S3Error("ShuttingDown", "the daemon is stopping"))
+                return commit.ticket
+            self._queue.append(commit)
+            self._queue_changed.notify_all()
+            return commit.ticket
+
+    def pending_ops(self) -> list[Commit]:
+        with self._lock:
+            return [commit for commit in self._queue if commit.op is not None]
+
     def pending_commits(self) -> list[Commit]:
         with self._lock:
             return list(self._queue)
@@ -181,14 +202,43 @@ class Uploader:
                 if not self._queue:
                     return
                 commit = self._queue[0]
-            error = self._commit_with_retries(commit)
+            error = self._run_op(commit) if commit.op is not None else self._commit_with_retries(commit)
             with self._lock:
                 self._queue.popleft()
                 self._queue_changed.notify_all()
             commit.ticket.finish(error)
 
+    def _run_op(self, commit: Commit) -> S3Error | None:
+        """Make a namespace change in S3, retrying transient errors like a commit (holding the queue)."""
+        op = commit.op
+        assert op is not None
+        started = time.monotonic()
+        while True:
+            commit.attempts += 1
+            try:
+                op.run(self.s3)
+                self._listener.op_done(op, None)
+                return None
+            except S3Error as err:
+                error = err
+            except Exception as err:
+                log.exception("unexpected error: %s", op.label)
+                error = S3Error("InternalError", repr(err))
+            out_of_time = self.retry_window > 0 and time.monotonic() - started > self.retry_window
+            if not error.transient or out_of_time or self._stop_event.is_set():
+                if not self._stop_event.is_set():
+                    log.error("%s failed: %s", op.label, error)
+                    self._listener.op_done(op, error)
+                return error
+            delay = self._backoff(commit.attempts)
+            if commit.attempts == 1 or commit.attempts % 10 == 0:
+                log.warning("%s failed (%s); retrying (attempt %d, next in %.1fs)", op.label, error,
+                            commit.attempts, delay)
+            self._stop_event.wait(delay)
+
     def _commit_with_retries(self, commit: Commit) -> S3Error | None:
         file = commit.file
+        assert file is not None
         started = time.monotonic()
         while True:
             commit.attempts += 1
@@ -432,4 +482,3 @@ class Uploader:
         self.parts.shutdown(wait=True)
         self._thread.join(timeout)
         return not self._thread.is_alive()
-        return drained

@@ -37,6 +37,7 @@ from .lifecycle import Lifecycle
 from .lookup import Lookup
 from .namespace import Namespace
 from .opens import Opens
+from .pending import PendingOps
 from .reads import Reads
 from .recovery import Recovery
 from .table import LostFile
@@ -69,8 +70,10 @@ class Filesystem:
         self.opens = Opens(core, self.lookup, self.reads, self.lifecycle)
         self.writes = Writes(core, self.lookup, self.opens, self.reads, self.lifecycle, self.durability,
                              self.uploader)
-        self.namespace = Namespace(core, self.lookup, self.opens, self.lifecycle, self.durability, self.uploader)
-        self.recovery = Recovery(core, self.durability, self.uploader)
+        self.pending = PendingOps(core, self.uploader)
+        self.lifecycle.pending = self.pending
+        self.namespace = Namespace(core, self.lookup, self.opens, self.lifecycle, self.pending, self.uploader)
+        self.recovery = Recovery(core, self.durability, self.pending, self.uploader)
 
     # -- FUSE passthrough ----------------------------------------------------------------
 

@@ -18,13 +18,15 @@ import errno
 import logging
 import os
 
-from ..errors import FsError
+from ..errors import FsError, S3Error
+from ..remoteops import RemoteOp
 from ..metadata import DirInfo
 from ..s3client import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Ticket, Uploader
 from .core import Core
 from .durability import Durability
+from .pending import PendingOps
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class Lifecycle:
         self.table = core.table
         self.durability = durability
         self.uploader: Uploader  # set by the facade once the uploader exists (it needs this listener)
+        self.pending: PendingOps  # set by the facade (it needs the uploader)
         self.write_mode = core.options.write_mode
 
     # -- the path table ------------------------------------------------------------------
@@ -61,9 +64,12 @@ class Lifecycle:
         self.table.mtime_overrides.pop(file.path, None)
 
     def discard_locked(self, file: StagedFile) -> None:
-        """The file is replaced or unlinked (mount's lock held): never upload it again; free it once unused."""
+        """The file is replaced or unlinked (mount's lock held): never upload it again; free it once unused.
+
+        A commit request of it in flight is not waited for: what it writes is replaced or
+        deleted by what is queued after it (a later commit, or a delete in close order).
+        """
         with file.lock:
-            file.wait_commit_request_locked()  # its object, if being written now, lands before the delete
             file.deleted = True
             self.uploader.abort_later(file.forget_upload_locked())
             unused = file.handles == 0
@@ -186,6 +192,10 @@ class Lifecycle:
         if file.is_dir_marker:
             return DirInfo(file.mtime)
         return ObjectInfo(key=file.key, size=file.size, etag=etag, mtime=file.mtime, mode=file.mode)
+
+    def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
+        """A namespace change has been made in S3, or given up."""
+        self.pending.op_done(op, error)
 
     def settled(self, file: StagedFile) -> None:
         """After a release, and after each commit: if the file is closed and changed since its

@@ -65,7 +65,12 @@ class Lookup:
             made_here = self.table.dirs.get(path)
             if made_here is not None and not made_here.deleted:
                 return DirInfo(made_here.mtime)
+            shown = self.table.moved.get(path)
+            if shown is not None:
+                return shown[0]  # type: ignore[return-value]
             staged_children = self.table.live_below_locked(path)
+            if self.table.hidden_locked(path):  # removed here; S3 may still have it until its op runs
+                return DirInfo(max(f.mtime for f in staged_children)) if staged_children else None
         cached = self.meta.get(path)
         if cached is MISSING:
             return DirInfo(max(f.mtime for f in staged_children)) if staged_children else None
@@ -112,6 +117,9 @@ class Lookup:
             staged = self.table.get(path)
             if staged is not None and not staged.deleted:
                 return staged_info(staged)
+            shown = self.table.moved.get(path)
+            if shown is not None:
+                return shown[0]  # type: ignore[return-value]
             staged_children = self.table.live_below_locked(path)
             if staged_children:
                 return DirInfo(max(f.mtime for f in staged_children))
@@ -152,6 +160,15 @@ class Lookup:
 
     def readdir(self, path: str) -> list[tuple[str, Stat | None]]:
         """Names in directory ``path`` with what is known of them (listing + staged files)."""
+        children = self.children(path)
+        prefix = "/" if path == "/" else path + "/"
+        result = []
+        for name, child in sorted(children.items()):
+            result.append((name, self.stat_of(prefix + name, child) if child is not MISSING else None))
+        return result
+
+    def children(self, path: str) -> dict[str, object]:
+        """Name -> ObjectInfo | DirInfo of directory ``path``: S3's listing merged with this mount's changes."""
         entry = self.lookup(path)
         if entry is None:
             raise FsError(errno.ENOENT, path)
@@ -185,11 +202,7 @@ class Lookup:
             listed, _ = self._list(path, dir_key)
             with self.table.lock:
                 children = self._merge_staged_locked(path, listed)
-        prefix = "/" if path == "/" else path + "/"
-        result = []
-        for name, child in sorted(children.items()):
-            result.append((name, self.stat_of(prefix + name, child) if child is not MISSING else None))
-        return result
+        return children
 
     def _list(self, path: str, dir_key: str) -> tuple[dict[str, object], bool]:
         """The children S3 lists under ``dir_key``, and True; or the kept listing and False."""
@@ -202,8 +215,15 @@ class Lookup:
 
     def _merge_staged_locked(self, path: str, children: dict[str, object]) -> dict[str, object]:
         """``children`` plus the files staged under ``path`` (call with the mount's lock held)."""
-        merged = dict(children)
         prefix = "/" if path == "/" else path + "/"
+        table = self.table
+        merged = {name: child for name, child in children.items() if not table.hidden_locked(prefix + name)}
+        for moved_path, entry in table.moved_below_locked(path):
+            name, sep, _ = moved_path[len(prefix):].partition("/")
+            if not sep:
+                merged[name] = entry
+            elif not isinstance(merged.get(name), DirInfo):
+                merged[name] = DirInfo(None)
         for staged_path, file in self.table.staged.items():
             if staged_path.startswith(prefix) and not file.deleted:
                 name, sep, _ = staged_path[len(prefix):].partition("/")

@@ -12,23 +12,22 @@ writes under the key the file had when it began), without the mount's lock.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import stat
 import time
-from typing import Iterator
 
 from ..errors import FsError, S3Error
 from ..metadata import MISSING, DirInfo
-from ..s3client import ObjectInfo, object_metadata
+from ..remoteops import COPY, DELETE, MOVE, RemoteOp
+from ..s3client import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Uploader
-from .core import DIR_MODE, Core, s3_errno
-from .durability import Durability
+from .core import Core, s3_errno
 from .lifecycle import Lifecycle
 from .lookup import Lookup
 from .opens import Opens
+from .pending import PendingOps
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 class Namespace:
     """unlink, mkdir, rmdir, rename, symlink, readlink, chmod, chown, utimens. Thread-safe."""
 
-    def __init__(self, core: Core, lookup: Lookup, opens: Opens, lifecycle: Lifecycle, durability: Durability,
+    def __init__(self, core: Core, lookup: Lookup, opens: Opens, lifecycle: Lifecycle, pending: PendingOps,
                  uploader: Uploader) -> None:
         self.core = core
         self.table = core.table
@@ -45,57 +44,35 @@ class Namespace:
         self.lookup = lookup
         self.opens = opens
         self.lifecycle = lifecycle
-        self.durability = durability
+        self.pending = pending
         self.uploader = uploader
-
-    @contextlib.contextmanager
-    def _lock_between_commit_requests(self, *paths: str) -> Iterator[None]:
-        """Hold the mount's lock at a moment when no file staged at ``paths`` has a commit request in flight.
-
-        Unlink and rename wait for such a request (it writes under the key the file had
-        when it began; letting them go first would let the object reappear after them).
-        They wait here without the mount's lock, so that the rest of the mount goes on;
-        the kernel still holds the directory while they wait.
-        """
-        while True:
-            with self.table.lock:
-                busy = None
-                for file in map(self.table.get, paths):
-                    if file is not None:
-                        with file.lock:
-                            if file.committing:
-                                busy = file
-                                break
-                if busy is None:
-                    yield
-                    return
-            with busy.lock:
-                busy.wait_commit_request_locked()
 
     def unlink(self, path: str) -> None:
         key = self.core.key_for(path)
-        with self._lock_between_commit_requests(path):
-            self.lifecycle.clear_lost_locked(path, "deleted")
+        with self.table.lock:
             file = self.table.get(path)
-            only_here = file is not None and self.table.only_here_locked(file)
-            if file is not None:
-                self.lifecycle.discard_locked(file)
         if file is None:
             entry = self.lookup.lookup(path)
             if entry is None:
                 raise FsError(errno.ENOENT, path)
             if isinstance(entry, DirInfo):
                 raise FsError(errno.EISDIR, path)
-        try:
-            if not only_here:
-                self.store.delete(key)
-        except S3Error as err:
-            raise s3_errno(err, f"delete {path}") from err
-        finally:
-            self.meta.forget(path)
-            self.core.objects.invalidate(key)
+        with self.table.lock:
+            self.lifecycle.clear_lost_locked(path, "deleted")
+            file = self.table.get(path)
+            op = None
+            if file is None or not self.table.only_here_locked(file):
+                op = RemoteOp(DELETE, key, hides=(path,))  # the object goes from S3 later, in close order
+                self.pending.show_locked(op)
+            if file is not None:
+                self.lifecycle.discard_locked(file)
             self.table.mtime_overrides.pop(path, None)
-        self.meta.put(path, MISSING)
+        self.core.objects.invalidate(key)
+        if op is not None:
+            self.pending.submit(op)
+        else:
+            self.meta.forget(path)
+            self.meta.put(path, MISSING)
         self.core.handles.unname(path)  # open handles live on, nameless
 
     def mkdir(self, path: str, mode: int) -> None:
@@ -117,44 +94,37 @@ class Namespace:
             self.meta.put_created_dir(path)  # known empty: files can be created in it while S3 is away
         self.lifecycle.close_and_commit(marker)
 
-
     def rmdir(self, path: str) -> None:
         if path == "/":
             raise FsError(errno.EBUSY, path)
+        dir_key = self.core.key_for(path) + "/"
         entry = self.lookup.lookup(path)
         if entry is None:
             # Already gone: an implicit directory vanishes with its last object. Some
             # servers keep an empty folder until its key is deleted, so delete it anyway.
-            try:
-                self.store.delete(self.core.key_for(path) + "/")
-            except S3Error as err:
-                log.debug("rmdir %s: %s", path, err)
+            self.pending.queue(RemoteOp(DELETE, dir_key))
             self.meta.forget_tree(path)
             return
         if not isinstance(entry, DirInfo):
             raise FsError(errno.ENOTDIR, path)
+        if self.lookup.children(path):
+            raise FsError(errno.ENOTEMPTY, path)
         with self.table.lock:
-            if self.table.live_below_locked(path):
+            if self.table.live_below_locked(path) or self.table.moved_below_locked(path):
                 raise FsError(errno.ENOTEMPTY, path)
             marker = self.table.local_dir_locked(path)
-            if marker is not None:  # made here, never in S3: nothing to delete there
+            if marker is None:
+                marker = self.table.dirs.get(path)  # its marker may be in S3 (or on its way): deleted after
+                local = False
+            else:
+                local = True
+            if marker is not None:
                 self.lifecycle.discard_locked(marker)
-                self.meta.forget_tree(path)
-                self.meta.put(path, MISSING)
-                return
-            pending = self.table.dirs.get(path)
-            if pending is not None:
-                self.lifecycle.discard_locked(pending)  # its marker is deleted below
-        dir_key = self.core.key_for(path) + "/"
-        try:
-            files, dirs = self.store.list_dir(dir_key)
-            if dirs or any(info.key != dir_key for info in files):
-                raise FsError(errno.ENOTEMPTY, path)
-            self.store.delete(dir_key)
-        except S3Error as err:
-            raise s3_errno(err, f"rmdir {path}") from err
-        self.meta.forget_tree(path)
-        self.meta.put(path, MISSING)
+        if local:  # made here, never in S3: nothing to delete there
+            self.meta.forget_tree(path)
+            self.meta.put(path, MISSING)
+            return
+        self.pending.queue(RemoteOp(DELETE, dir_key, hides=(path,)))
 
     def rename(self, old: str, new: str) -> None:
         if old == new:
@@ -171,7 +141,7 @@ class Namespace:
                 raise FsError(errno.ENOTDIR, new)
             if target is not None:
                 self.rmdir(new)  # raises ENOTEMPTY unless it is empty
-            self._rename_dir(old, new)
+            self._rename_dir(old, new, source)
         else:
             if isinstance(target, DirInfo):
                 raise FsError(errno.EISDIR, new)
@@ -180,124 +150,166 @@ class Namespace:
         handles = self.core.handles
         handles.unname(new)     # a replaced file lives on in its open handles, nameless
         handles.move(old, new)  # the kernel keeps open files on their inode, now named new
+
+    def _retarget_locked(self, file: StagedFile, new: str, records: list[tuple[str, dict]]) -> tuple[bool, bool]:
+        """Point a staged file at a new path (mount's lock held).
+
+        Returns (its committed object must move in S3, the old key may hold an object
+        to delete); its journal record, rewritten for the new key, is added to ``records``
+        for the caller to write once it has let go of the lock. A dirty file simply commits under the new key (an upload already
+        started for the old key is aborted and redone); a clean one is already in S3
+        under the old key and is moved server-side. A commit request in flight is not
+        waited for: it lands under the old key, and the file commits again under the
+        new one, before the old key is deleted.
+        """
+        with file.lock:
+            old_key = file.key
+            old_may_hold = bool(file.committed_version or file.committing or file.over_object)
+            file.path = new
+            file.key = self.core.key_for(new) + ("/" if file.is_dir_marker else "")
+            if file.upload_id is not None:
+                self.uploader.abort_later(file.forget_upload_locked())
+            if file.committing:
+                file.version += 1  # dirty: commit again under the new key
+            moved_object = not file.dirty
+            record = file.journal_record_locked() if file.journaled_version else None
+        if record is not None:
+            records.append((file.id, record))
+        self.core.objects.invalidate(old_key)
+        return moved_object, old_may_hold
+
+    def _rename_file(self, old: str, new: str, new_key: str, source: ObjectInfo,
+                     target: ObjectInfo | DirInfo | None) -> None:
+        old_key = self.core.key_for(old)
+        op: RemoteOp | None = RemoteOp(MOVE, old_key, new_key, source.size, hides=(old,))
+        records: list[tuple[str, dict]] = []
+        with self.table.lock:
+            self.lifecycle.clear_lost_locked(old, "renamed")
+            self.lifecycle.clear_lost_locked(new, "replaced by a rename")
+            file = self.table.staged.pop(old, None)
+            replaced = self.table.get(new)
+            if replaced is not None:
+                self.lifecycle.discard_locked(replaced)
+            needs_commit = False
+            if file is None:  # an object in S3: it shows under the new name until it is moved there
+                shows: dict[str, object] = {new: source}
+            else:
+                shows = {}
+                moved_object, old_may_hold = self._retarget_locked(file, new, records)
+                self.table.staged[new] = file
+                with file.lock:
+                    # What was under the new name stays in S3 until this file's commit replaces it.
+                    file.over_object = target is not None or (replaced is not None and replaced.over_object)
+                    needs_commit = file.dirty and file.writers == 0 and not file.commit_queued
+                if not moved_object:  # it commits under the new key; the old key is deleted after that
+                    op = RemoteOp(DELETE, old_key, hides=(old,)) if old_may_hold else None
+            self.table.move_locked(old, new)
+            if op is not None:
+                self.pending.show_locked(op, shows)
+        self._write_records(records)
+        if needs_commit:
+            self.uploader.request_commit(file)
+        if op is not None:
+            self.pending.submit(op)
+        self._note_rename(old, new, new_key, source)
+
+    def _note_rename(self, old: str, new: str, new_key: str, source: ObjectInfo | DirInfo) -> None:
+        """The kept listings (answers while S3 is away) learn the outcome; fresh answers come from S3."""
         self.meta.forget_tree(old)
         self.meta.forget_tree(new)
-        # The kept listings (answers while S3 is away) learn the outcome; fresh answers come from S3.
         self.meta.note(old, MISSING)
         if isinstance(source, DirInfo):
             self.meta.note(new, source)
         else:
             self.meta.note(new, ObjectInfo(key=new_key, size=source.size, etag="", mtime=source.mtime,
                                            mode=source.mode))
+    def _write_records(self, records: list[tuple[str, dict]]) -> None:
+        for file_id, record in records:
+            self.core.journal.write(file_id, record)
 
-    def _retarget_locked(self, file: StagedFile, new: str) -> bool:
-        """Point a staged file at a new path. True if its committed object must move in S3 too.
+    def _move_staged_locked(self, old: str, new: str, records: list[tuple[str, dict]]) -> list[RemoteOp]:
+        """Retarget every file and directory marker staged at or below ``old`` to ``new`` (mount's lock held).
 
-        Called with the mount's lock held. A dirty file simply commits under the new
-        key (an upload already started for the old key is aborted and redone); a
-        clean one is already in S3 under the old key and is moved server-side.
+        Returns the operations S3 needs for the files: a move of each one already
+        committed, a delete of each old key that may hold an older object.
         """
-        with file.lock:
-            file.wait_commit_request_locked()  # a commit under the old key lands first, then moves with it
-            old_key = file.key
-            file.path = new
-            file.key = self.core.key_for(new) + ("/" if file.is_dir_marker else "")
-            if file.upload_id is not None:
-                self.uploader.abort_later(file.forget_upload_locked())
-            moved_object = not file.dirty
-            if file.journaled_version:
-                self.core.journal.write(file.id, file.journal_record_locked())
-        self.core.objects.invalidate(old_key)
-        return moved_object
-
-    def _rename_file(self, old: str, new: str, new_key: str, source: ObjectInfo,
-                     target: ObjectInfo | None) -> None:
-        old_key = self.core.key_for(old)
-        with self._lock_between_commit_requests(old, new):
-            self.lifecycle.clear_lost_locked(old, "renamed")
-            self.lifecycle.clear_lost_locked(new, "replaced by a rename")
-            file = self.table.staged.pop(old, None)
-            only_here = file is not None and self.table.only_here_locked(file)
-            replaced = self.table.get(new)
-            if replaced is not None:
-                self.lifecycle.discard_locked(replaced)
-            if file is not None:
-                move_remote = self._retarget_locked(file, new)
-                self.table.staged[new] = file
-                with file.lock:
-                    # What was under the new name stays in S3 until this file's commit replaces it.
-                    file.over_object = target is not None or (replaced is not None and replaced.over_object)
-                    needs_commit = file.dirty and file.writers == 0 and not file.commit_queued
-            else:
-                move_remote, needs_commit = True, False
-        if needs_commit:
-            self.uploader.request_commit(file)
-        if only_here:  # nothing in S3 under either name: the rename is local
-            with self.table.lock:
-                self.table.move_locked(old, new)
-            return
-        try:
-            if move_remote:
-                self.store.copy(old_key, new_key, source.size)
-            self.store.delete(old_key)  # a dirty staged file may also have an older object there
-        except S3Error as err:
-            raise s3_errno(err, f"rename {old} -> {new}") from err
-        self.core.objects.invalidate(old_key)
-        self.core.objects.invalidate(new_key)
-        with self.table.lock:
-            self.table.move_locked(old, new)
-
-    def _move_staged_locked(self, old: str, new: str) -> None:
-        """Retarget every file and directory marker staged at or below ``old`` to ``new`` (mount's lock held)."""
         moving = self.table.staged_below_locked(old)
         if old in self.table.dirs:
             moving.append(self.table.dirs[old])
+        ops = []
         for file in moving:
+            old_key = file.key
             self.table.drop_locked(file)
-            self._retarget_locked(file, new + file.path[len(old):])
+            moved_object, old_may_hold = self._retarget_locked(file, new + file.path[len(old):], records)
             self.table.put_locked(file)
+            if file.deleted or file.is_dir_marker:
+                continue  # markers are moved with their directory
+            if moved_object:
+                ops.append(RemoteOp(MOVE, old_key, file.key, file.size))
+            elif old_may_hold:
+                ops.append(RemoteOp(DELETE, old_key))
+        return ops
 
-    def _rename_dir(self, old: str, new: str) -> None:
+    def _subtree(self, path: str) -> list[tuple[str, object]]:
+        """(path, entry) of everything below directory ``path``, as this mount shows it (S3 or kept listings)."""
+        found: list[tuple[str, object]] = []
+        for name, entry in self.lookup.children(path).items():
+            child = path.rstrip("/") + "/" + name
+            found.append((child, entry))
+            if isinstance(entry, DirInfo):
+                found.extend(self._subtree(child))
+        return found
+
+    def _rename_dir(self, old: str, new: str, source: DirInfo) -> None:
+        """Move a directory: at once here; in S3 as queued copies and deletes, in order.
+
+        Markers are copied first (a directory keeps its creation time), files moved,
+        then the old markers deleted, deepest first, the directory's own last (some
+        servers list an empty folder until its own key is deleted). Until the last
+        of them has run, the new tree is shown from the path table.
+        """
+        records: list[tuple[str, dict]] = []
         with self.table.lock:
             if self.table.local_dir_locked(old) is not None:  # all of it is here: no S3 request
-                self._move_staged_locked(old, new)
-                return
-        old_prefix = self.core.key_for(old) + "/"
-        new_prefix = self.core.key_for(new) + "/"
-        store = self.store
-        try:
-            objects = list(store.list_all(old_prefix))
-        except S3Error as err:
-            raise s3_errno(err, f"rename {old} -> {new}") from err
-        for info in objects:  # ENAMETOOLONG before any change
-            self.core.key_for("/" + (new_prefix + info.key[len(old_prefix):])[len(self.core.prefix):])
-        markers = [info for info in objects if info.key.endswith("/") and info.size == 0]
-        files = [info for info in objects if info not in markers]
-        try:
-            # Markers first at the destination (a directory keeps its creation time), so
-            # that no server has made an implicit folder there before the marker lands.
-            for marker in sorted(markers, key=lambda m: m.key):
-                original = store.head(marker.key)
-                mtime = original.mtime if original else marker.mtime
-                store.put(new_prefix + marker.key[len(old_prefix):], b"", object_metadata(mtime, DIR_MODE))
-            # Staged files next, so that a commit racing with us lands under the new name,
-            # or has landed under the old one and is in the listing taken above.
-            with self.table.lock:
-                self._move_staged_locked(old, new)
-            listed = {info.key for info in objects}
-            late = [info for info in store.list_all(old_prefix)  # committed before the retarget
-                    if info.key not in listed and not info.key.endswith("/")]
-            for info in files + late:
-                store.copy(info.key, new_prefix + info.key[len(old_prefix):], info.size)
-                store.delete(info.key)
-                self.core.objects.invalidate(info.key)
-            # Markers last, deepest first, then the directory's own key: some servers keep
-            # an empty folder listed until the folder key itself is deleted.
-            for marker in sorted(markers, key=lambda m: m.key, reverse=True):
-                store.delete(marker.key)
-            store.delete(old_prefix)
-        except S3Error as err:
-            raise s3_errno(err, f"rename {old} -> {new}") from err
+                self._move_staged_locked(old, new, records)
+                local = True
+            else:
+                local = False
+        if local:
+            self._write_records(records)
+            self._note_rename(old, new, "", source)
+            self.meta.put_created_dir(new)
+            return
+        entries = self._subtree(old)  # S3's listings (or the kept ones) merged with local changes
+        key_for = self.core.key_for
+        for path, _ in entries:  # ENAMETOOLONG before any change
+            key_for(new + path[len(old):])
+        dirs = [old] + [path for path, entry in entries if isinstance(entry, DirInfo)]
+        with self.table.lock:
+            staged = {f.path for f in self.table.staged_below_locked(old)}
+            ops = [RemoteOp(COPY, key_for(d) + "/", key_for(new + d[len(old):]) + "/") for d in sorted(dirs)]
+            shows: list[dict[str, object]] = [{} for _ in ops]
+            for path, entry in entries:
+                if isinstance(entry, ObjectInfo) and path not in staged:
+                    ops.append(RemoteOp(MOVE, key_for(path), key_for(new + path[len(old):]), entry.size))
+                    shows.append({new + path[len(old):]: entry})
+            for op in self._move_staged_locked(old, new, records):
+                ops.append(op)
+                shows.append({})
+            for d in sorted(dirs, reverse=True):
+                ops.append(RemoteOp(DELETE, key_for(d) + "/"))
+                shows.append({})
+            # The last operation keeps the old tree hidden and the new directories shown.
+            ops[-1].hides = (old,)
+            shows[-1] = {new + d[len(old):]: (source if d == old else DirInfo(None)) for d in dirs}
+            for op, shown in zip(ops, shows):
+                self.pending.show_locked(op, shown)
+        self._write_records(records)
+        for op in ops:
+            self.pending.submit(op)
+        self._note_rename(old, new, "", source)
+        for d in dirs:  # known content: listed from the path table while S3 is away
+            self.meta.put_created_dir(new + d[len(old):])
 
     # -- symlinks --------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from ..staging import StagedFile
 from ..uploader import Ticket, Uploader
 from .core import FILE_MODE, Core
 from .durability import Durability
+from .pending import PendingOps
 from .table import LostFile, under
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,11 @@ log = logging.getLogger(__name__)
 class Recovery:
     """recover() at start; sync() waits for commits. Thread-safe."""
 
-    def __init__(self, core: Core, durability: Durability, uploader: Uploader) -> None:
+    def __init__(self, core: Core, durability: Durability, pending: PendingOps, uploader: Uploader) -> None:
         self.core = core
         self.table = core.table
         self.durability = durability
+        self.pending = pending
         self.uploader = uploader
 
     def sync(self, path: str = "/", timeout: float | None = None) -> list[tuple[str, str]]:
@@ -45,14 +47,18 @@ class Recovery:
                 wanted = file.dirty and not file.deleted and file.writers == 0
             if wanted:
                 tickets.append((file, self.uploader.request_commit(file)))
+        self.pending.retry_failed(path)
+        ops = [(op.paths()[0] if op.paths() else op.key, ticket) for op, ticket in self.pending.pending(path)]
         failures = [(lost.path, lost.reason) for lost in self.table.lost_files() if under(path, lost.path)]
         deadline = None if timeout is None else time.monotonic() + timeout
-        for file, ticket in tickets:
+        for name, ticket in [(file.path, ticket) for file, ticket in tickets] + ops:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not ticket.wait(remaining):
-                failures.append((file.path, "timed out"))
+            if ticket is None:
+                failures.append((name, "not yet made in S3"))
+            elif not ticket.wait(remaining):
+                failures.append((name, "timed out"))
             elif ticket.error is not None:
-                failures.append((file.path, str(ticket.error)))
+                failures.append((name, str(ticket.error)))
         return failures
 
     def recover(self) -> int:
@@ -63,6 +69,10 @@ class Recovery:
         leftover_uploads = dict((upload_id, key) for key, upload_id in core.registry.load_all())
         # In close order, as the uploader would have committed them (records of older versions have no close_seq).
         for record in sorted(core.journal.load_all(), key=lambda r: int(r.get("close_seq", 0))):
+            if "op" in record:  # a namespace change not yet made in S3
+                self.pending.recover(record)
+                count += 1
+                continue
             file_id = record.get("id", "")
             staging_path = core.cache_dir.staging_path(file_id)
             known.add(staging_path.name)

@@ -9,6 +9,11 @@ waits for S3. The table also keeps the files a restart of the machine may have t
 objects already in S3 (kept for this mount only), and the version of each object
 seen at its last open (for the kernel's page cache).
 
+Namespace changes of objects already in S3 are made there later, in close order
+(see remoteops.py); until then the table shows their outcome: ``gone`` holds the
+paths that no longer exist here (a path below a gone directory is gone too), and
+``moved`` the paths that exist here under their new name.
+
 The table is data. The rooms change it with the mount's lock (``lock``) held and
 do the slow part of their work (S3 requests, fsync) without it.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from ..remoteops import RemoteOp
 from ..staging import StagedFile
 
 
@@ -55,9 +61,29 @@ class PathTable:
         self.lost: dict[str, LostFile] = {}
         self.mtime_overrides: dict[str, float] = {}
         self.opened_versions: dict[str, tuple[str, str]] = {}  # path -> (key, ETag) at its last open
+        self.gone: dict[str, RemoteOp] = {}       # path -> the pending op that removes it from S3
+        self.moved: dict[str, tuple[object, RemoteOp]] = {}  # path -> (its entry, the pending op that moves it)
+        self.ops: dict[str, RemoteOp] = {}        # op id -> namespace change not yet made in S3
+        self.failed_ops: dict[str, str] = {}      # op id -> why it was given up (kept; sync tries again)
 
     def get(self, path: str) -> StagedFile | None:
         return self.staged.get(path)
+
+    def hidden_locked(self, path: str) -> bool:
+        """Whether ``path`` (or a directory above it) was removed here, its removal in S3 pending."""
+        if not self.gone:
+            return False
+        while True:
+            if path in self.gone:
+                return True
+            if path == "/":
+                return False
+            path = path.rpartition("/")[0] or "/"
+
+    def moved_below_locked(self, path: str) -> list[tuple[str, object]]:
+        """(path, entry) of the paths shown under a new name strictly below directory ``path``."""
+        prefix = "/" if path == "/" else path + "/"
+        return [(p, entry) for p, (entry, _) in self.moved.items() if p.startswith(prefix)]
 
     def entries_of(self, file: StagedFile) -> dict[str, StagedFile]:
         """The dict that holds ``file``: files or directory markers."""

@@ -1,0 +1,134 @@
+"""Pending namespace changes: deletes and moves of objects in S3, shown here at once, made there in order.
+
+``queue`` journals a ``RemoteOp`` (remoteops.py), shows its outcome in the path
+table (``gone``/``moved``) and queues it behind the commits requested so far.
+``op_done`` is called by the uploader once S3 agrees: the table stops showing
+the change (S3 answers for it now). An operation S3 refused for good stays
+journaled and shown, is reported by ``status`` and ``sync``, and is tried again
+by ``sync`` and at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import S3Error
+from ..metadata import MISSING, DirInfo
+from ..remoteops import RemoteOp
+from ..s3client import ObjectInfo
+from ..staging import next_close_seq
+from ..uploader import Ticket, Uploader
+from .core import Core
+from .table import under
+
+log = logging.getLogger(__name__)
+
+
+def entry_record(entry: object) -> dict:
+    if isinstance(entry, DirInfo):
+        return {"dir": True, "mtime": entry.mtime}
+    assert isinstance(entry, ObjectInfo)
+    return {"key": entry.key, "size": entry.size, "etag": entry.etag, "mtime": entry.mtime, "mode": entry.mode}
+
+
+def entry_from_record(record: dict) -> ObjectInfo | DirInfo:
+    if record.get("dir"):
+        return DirInfo(record.get("mtime"))
+    return ObjectInfo(key=record["key"], size=int(record["size"]), etag=record.get("etag", ""),
+                      mtime=float(record["mtime"]), mode=record.get("mode"))
+
+
+class PendingOps:
+    """Queues namespace changes for S3 and shows them until they are made. Thread-safe."""
+
+    def __init__(self, core: Core, uploader: Uploader) -> None:
+        self.core = core
+        self.table = core.table
+        self.uploader = uploader
+
+    def queue(self, op: RemoteOp, shows: dict[str, object] | None = None) -> Ticket:
+        """Show ``op``'s outcome here, journal it, and queue it for S3. Call without the mount's lock."""
+        with self.table.lock:
+            self.show_locked(op, shows)
+        return self.submit(op)
+
+    def show_locked(self, op: RemoteOp, shows: dict[str, object] | None = None) -> None:
+        """The mount shows ``op``'s outcome from now on (mount's lock held); ``submit`` must follow."""
+        op.close_seq = next_close_seq()
+        op.shows = {path: entry_record(entry) for path, entry in (shows or {}).items()}
+        self._show_locked(op)
+        for path in op.hides:
+            self.core.meta.forget_tree(path)
+            self.core.meta.note(path, MISSING)
+        for path, entry in (shows or {}).items():
+            self.core.meta.forget(path)
+            self.core.meta.note(path, entry)
+
+    def submit(self, op: RemoteOp) -> Ticket:
+        """Journal ``op`` (fsync: call without the mount's lock) and queue it behind the commits before it."""
+        self.core.journal.write(op.id, op.record())
+        return self.uploader.request_op(op)
+
+    def _show_locked(self, op: RemoteOp) -> None:
+        table = self.table
+        table.ops[op.id] = op
+        for path in op.hides:
+            table.gone[path] = op
+            table.moved.pop(path, None)  # a path shown under a new name, removed again
+        for path, record in op.shows.items():
+            table.moved[path] = (entry_from_record(record), op)
+
+    def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
+        """Uploader listener: S3 now agrees with ``op`` (or refused it: then it stays shown and journaled)."""
+        table = self.table
+        with table.lock:
+            if error is not None:
+                table.failed_ops[op.id] = str(error)
+                return
+            table.ops.pop(op.id, None)
+            table.failed_ops.pop(op.id, None)
+            for path in op.hides:
+                if table.gone.get(path) is op:
+                    del table.gone[path]
+                # A listing taken before the change must not be merged after it (token).
+                self.core.meta.forget_tree(path)
+                self.core.meta.note(path, MISSING)
+            for path in op.shows:
+                shown = table.moved.get(path)
+                if shown is not None and shown[1] is op:
+                    del table.moved[path]
+                    self.core.meta.forget(path)  # S3 answers for it now (its ETag is the copy's)
+        self.core.journal.remove(op.id)
+
+    def recover(self, record: dict) -> None:
+        """A journaled operation an earlier run did not finish: show it and queue it again."""
+        op = RemoteOp.from_record(record)
+        with self.table.lock:
+            self._show_locked(op)
+        self.uploader.request_op(op)
+        log.info("resuming %s from the journal", op.label)
+
+    def retry_failed(self, path: str = "/") -> list[tuple[RemoteOp, Ticket]]:
+        """Queue again the given-up operations touching ``path``; returns them with their tickets."""
+        with self.table.lock:
+            again = [self.table.ops[op_id] for op_id in list(self.table.failed_ops) if op_id in self.table.ops]
+            again = [op for op in again if any(under(path, p) for p in op.paths())]
+            for op in again:
+                del self.table.failed_ops[op.id]
+        return [(op, self.uploader.request_op(op)) for op in again]
+
+    def pending(self, path: str = "/") -> list[tuple[RemoteOp, Ticket | None]]:
+        """Operations not yet made in S3 that touch ``path``, with their tickets (None: given up)."""
+        queued = {commit.op.id: commit.ticket for commit in self.uploader.pending_ops() if commit.op}
+        with self.table.lock:
+            ops = list(self.table.ops.values())
+        return [(op, queued.get(op.id)) for op in ops
+                if path == "/" or any(under(path, p) for p in op.paths())]
+
+    def status(self) -> list[dict]:
+        """One row per pending operation, for ``s3ckptfs status``."""
+        with self.table.lock:
+            rows = [(op, self.table.failed_ops.get(op.id)) for op in self.table.ops.values()]
+        return [{"path": (op.paths() or [op.key])[0], "key": op.key, "size": 0, "uploaded": 0, "age": 0.0,
+                 "state": "failed" if error else "pending", "error": error, "operation": op.label}
+                for op, error in rows]

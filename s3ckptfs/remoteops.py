@@ -1,0 +1,82 @@
+"""Namespace changes made in S3 later, in close order: deletes and moves of objects already in S3.
+
+Unlink, rmdir and rename of objects that are already in S3 take effect on the
+mount at once; the S3 side is a ``RemoteOp`` journaled in the cache dir and
+queued behind the commits requested before it, on the uploader's one ordered
+commit thread. So a rotation that deletes an old checkpoint never waits for S3,
+a delete never overtakes the commit of a file closed before it, and a restart
+of the daemon runs what was pending, in the same order.
+
+Until its operation has run, the mount shows the new state from the path table
+(``hides``: paths that no longer exist here; ``shows``: paths that exist here
+under a new name, with what a lookup answers for them).
+
+Each operation is safe to run again after a crash: a delete of a missing key
+succeeds; a move whose source is gone but whose destination exists is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+
+from .errors import S3Error
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+DELETE = "delete"
+MOVE = "move"
+COPY = "copy"   # copy only, and nothing to do if the source is absent (a directory's marker)
+_GONE_CODES = ("NoSuchKey", "NotFound", "404")
+
+
+@dataclass
+class RemoteOp:
+    """One delete (``key``), move (``key`` -> ``dst``: copy, then delete) or copy to make in S3."""
+
+    kind: str
+    key: str
+    dst: str = ""
+    size: int = 0
+    hides: tuple[str, ...] = ()                           # mount paths gone until this has run
+    shows: dict[str, dict] = field(default_factory=dict)  # mount path -> entry record, until this has run
+    close_seq: int = 0
+    id: str = field(default_factory=lambda: "op-" + uuid.uuid4().hex)
+
+    @property
+    def label(self) -> str:
+        return f"delete {self.key}" if self.kind == DELETE else f"{self.kind} {self.key} -> {self.dst}"
+
+    def paths(self) -> list[str]:
+        return [*self.hides, *self.shows]
+
+    def run(self, store: ObjectStore) -> None:
+        """Make the change in S3 (raises S3Error)."""
+        if self.kind == COPY:
+            try:
+                store.copy(self.key, self.dst, self.size)
+            except S3Error as err:
+                if err.code not in _GONE_CODES:
+                    raise
+            return
+        if self.kind == MOVE:
+            try:
+                store.copy(self.key, self.dst, self.size)
+            except S3Error as err:
+                if err.code not in _GONE_CODES or store.head(self.dst) is None:
+                    raise
+                log.info("%s: source already gone and destination present (moved before a restart)", self.label)
+        store.delete(self.key)
+
+    def record(self) -> dict:
+        return {"op": self.kind, "id": self.id, "key": self.key, "dst": self.dst, "size": self.size,
+                "hides": list(self.hides), "shows": self.shows, "close_seq": self.close_seq}
+
+    @classmethod
+    def from_record(cls, record: dict) -> RemoteOp:
+        return cls(kind=str(record["op"]), key=str(record["key"]), dst=str(record.get("dst", "")),
+                   size=int(record.get("size", 0)), hides=tuple(record.get("hides", ())),
+                   shows=dict(record.get("shows", {})), close_seq=int(record.get("close_seq", 0)),
+                   id=str(record["id"]))
