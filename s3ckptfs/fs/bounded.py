@@ -8,6 +8,9 @@ background and its answer is dropped. The threads are daemon threads so that a
 request hung on an unreachable server never holds up the daemon's exit.
 
 ``Outage`` counts and logs such fallbacks once per outage, not once per call.
+While an outage lasts, lookups that can be answered from a kept listing do not
+wait for S3 at all: one request at a time goes out as a probe (``probe``), and
+the first answer from S3 ends the outage.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class BoundedRequests:
     def __init__(self, deadline: float, threads: int = 8) -> None:
         self.deadline = deadline
         self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._probing = threading.Event()
         for number in range(threads):
             threading.Thread(target=self._serve, name=f"s3ckptfs-meta-{number}", daemon=True).start()
 
@@ -56,6 +60,24 @@ class BoundedRequests:
             raise S3Error("Timeout", f"{what}: no answer from S3 within {limit:g}s", transient=True) from None
 
 
+    def probe(self, request: Callable[[], object], on_answer: Callable[[], None]) -> None:
+        """Send ``request`` in the background unless a probe is already out; ``on_answer`` if S3 answers."""
+        if self._probing.is_set():
+            return
+        self._probing.set()
+
+        def run() -> None:
+            try:
+                request()
+            except S3Error:
+                return
+            finally:
+                self._probing.clear()
+            on_answer()
+
+        self._work.put((Future(), run))
+
+
 class Outage:
     """Counts answers given from kept listings while S3 fails; logs the start and end of each outage."""
 
@@ -64,6 +86,11 @@ class Outage:
         self._since: str | None = None
         self._on_fallback = on_fallback
         self.fallbacks = 0
+
+    @property
+    def active(self) -> bool:
+        """S3 failed a request and has not answered one since."""
+        return self._since is not None
 
     def fell_back(self, what: str, err: S3Error) -> None:
         with self._lock:

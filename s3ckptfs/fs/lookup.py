@@ -41,7 +41,14 @@ class Lookup:
         self.outage = Outage(core.metrics.stale_answers.inc)
 
     def _ask(self, what: str, request, can_fall_back: bool):
-        """``request()`` within the deadline (longer when there is nothing to fall back on)."""
+        """``request()`` within the deadline (longer when there is nothing to fall back on).
+
+        During an outage, a lookup with a kept answer does not wait at all; a probe in
+        the background notices when S3 is back.
+        """
+        if can_fall_back and self.outage.active:
+            self.requests.probe(request, self.outage.answered)
+            raise S3Error("Timeout", f"{what}: S3 is unreachable", transient=True)
         deadline = self.requests.deadline * (1 if can_fall_back else NO_FALLBACK_DEADLINES)
         result = self.requests.call(what, request, deadline)
         self.outage.answered()
