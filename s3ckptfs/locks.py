@@ -32,7 +32,8 @@ The rules:
    without it, record the outcome under it (the commit's last request does so,
    see uploader.py). ``assert_no_locks_held`` checks this at every S3 request
    (s3client.py calls it) and in ``fsync``; a ``wait`` on a condition checks it
-   for every lock held besides the condition's own.
+   for every lock held besides the condition's own, and so does ``wait_for``
+   when called, whether or not it then has to wait (whether it waits is a race).
 4. **A wait gives back only its own lock.** While a thread waits on a
    condition, the other locks it holds stay held, so taking the condition's
    lock back after the wait must itself be in order: waiting on ``file.changed``
@@ -308,23 +309,16 @@ class CheckedCondition:
         self._cond.notify_all()
 
     def wait(self, timeout: float | None = None) -> bool:
-        held = _held()
-        own = self._lock
-        count = sum(1 for lock in held if lock is own)
-        if not count:
-            raise RuntimeError("cannot wait on un-acquired lock")
-        others = [lock for lock in held if lock is not own]
-        _check_wait(own, others)
-        # The wait releases the lock completely (every level of an RLock) and takes it back:
-        # the stack must say so meanwhile, or another check in this thread would see it held.
-        held[:] = others
-        try:
-            return self._cond.wait(timeout)
-        finally:
-            held.extend([own] * count)
+        self._check()
+        return self._wait(timeout)
 
     def wait_for(self, predicate: Callable[[], T], timeout: float | None = None) -> T:
-        """As ``threading.Condition.wait_for``; each wait is checked."""
+        """As ``threading.Condition.wait_for``.
+
+        Checked when called, even if ``predicate`` already holds and nothing is
+        waited for: a wait that happens only in a race is still a wait.
+        """
+        self._check()
         deadline = None
         remaining = timeout
         result = predicate()
@@ -336,9 +330,29 @@ class CheckedCondition:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
-            self.wait(remaining)
+            self._wait(remaining)
             result = predicate()
         return result
+
+    def _check(self) -> None:
+        held = _held()
+        own = self._lock
+        if own not in held:
+            raise RuntimeError("cannot wait on un-acquired lock")
+        if len(held) > 1:
+            _check_wait(own, [lock for lock in held if lock is not own])
+
+    def _wait(self, timeout: float | None) -> bool:
+        held = _held()
+        own = self._lock
+        count = sum(1 for lock in held if lock is own)
+        # The wait releases the lock completely (every level of an RLock) and takes it back:
+        # the stack must say so meanwhile, or another check in this thread would see it held.
+        held[:] = [lock for lock in held if lock is not own]
+        try:
+            return self._cond.wait(timeout)
+        finally:
+            held.extend([own] * count)
 
     def __repr__(self) -> str:
         return f"<CheckedCondition {self._lock.kind.name}>"

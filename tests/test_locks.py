@@ -153,6 +153,17 @@ def test_two_locks_of_one_rank_fail(checked):
             second.acquire()
 
 
+def test_a_rank_whose_row_says_nests_may_hold_several(checked):
+    kind = locks.LockKind("pieces", 30, "nowhere", "a test", nests=True, why="taken in ascending order")
+    first, second = locks.CheckedLock(kind, threading.Lock()), locks.CheckedLock(kind, threading.Lock())
+    mount = locks.new_rlock("mount")
+    with first:
+        with second:
+            assert locks.held_locks() == ("pieces", "pieces")
+            with pytest.raises(locks.LockOrderError):
+                mount.acquire()   # still only upwards
+
+
 def test_a_leaf_is_the_end_of_the_line(checked):
     meta, objects, file = locks.new_lock("metadata"), locks.new_lock("objects"), locks.new_lock("file")
     with meta:
@@ -294,6 +305,18 @@ def test_waiting_under_the_mount_lock_is_a_violation(checked):
             with pytest.raises(locks.LockOrderError, match="waits on a condition of file while holding mount"):
                 changed.wait(0.01)
             assert locks.held_locks() == ("mount", "file")
+
+
+def test_wait_for_under_the_mount_lock_is_a_violation_even_without_waiting(checked):
+    """Whether it waits depends on a race (is a commit request in flight?): the call itself is reported."""
+    mount, file = locks.new_rlock("mount"), locks.new_lock("file")
+    changed = locks.new_condition(file)
+    with changed:
+        assert changed.wait_for(lambda: True)        # fine with only its own lock
+    with mount:
+        with changed:
+            with pytest.raises(locks.LockOrderError, match="waits on a condition of file while holding mount"):
+                changed.wait_for(lambda: True)
 
 
 def test_waiting_while_holding_a_higher_rank_is_a_violation(checked):
