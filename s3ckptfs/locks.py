@@ -60,7 +60,8 @@ to the file named by ``S3CKPTFS_LOCK_CHECK_LOG`` if set, and raised as
 ``LockOrderError`` in the offending thread only in ``strict`` mode (the
 in-process tests). In a FUSE daemon an exception from a FUSE thread would reach
 the caller as a strange errno, so the daemon logs and goes on; the test fixtures
-fail a test whose daemon wrote to that file.
+fail a test whose daemon wrote to that file. Code that catches ``Exception`` may
+swallow a raised LockOrderError; the record stays, and the fixtures look at it.
 """
 
 from __future__ import annotations
