@@ -104,8 +104,9 @@ ORDER: tuple[LockKind, ...] = (
              "the path table (staged files, lost files, mtime overrides, versions seen at open); "
              "CachedObject.backing_id and pt_handles",
              reentrant=True,
-             why="PassthroughFiles.choose_locked, called by open with the mount's and the file's lock held, "
-                 "asks Filesystem.staged_bytes(), which takes the mount's lock again"),
+             why="PassthroughFiles.choose_locked, called when a handle opens (create, open) with the "
+                 "mount's and the file's lock held, asks Filesystem.staged_bytes(), which takes the "
+                 "mount's lock again"),
     LockKind("uploader", 20, "Uploader._lock, with the condition Uploader._queue_changed",
              "the commit queue, the eager-upload slots and their waiting list, the stopping flag"),
     LockKind("file", 30, "StagedFile.lock, with the condition StagedFile.changed",
