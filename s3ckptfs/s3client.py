@@ -21,13 +21,14 @@ import os
 import stat
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import boto3
 import botocore.exceptions as bex
 from awscrt import checksums
 from botocore.config import Config
 
+from . import locks
 from .errors import S3Error, TRANSIENT_CODES
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,23 @@ def translate(exc: Exception, what: str) -> S3Error:
     return S3Error("Unknown", f"{what}: {exc!r}")
 
 
+def _checked_pages(pages: Iterable[dict], what: str) -> Iterator[dict]:
+    """The pages of a paginator, checking before each request that no lock forbids one (locks.py, rule 3)."""
+    pages = iter(pages)
+    while True:
+        locks.assert_no_locks_held(what)
+        page = next(pages, None)
+        if page is None:
+            return
+        yield page
+
+
 class S3Client:
-    """Thread-safe operations on one bucket. Every method raises S3Error on failure."""
+    """Thread-safe operations on one bucket. Every method raises S3Error on failure.
+
+    Every method that makes a request first calls ``locks.assert_no_locks_held``:
+    no S3 request under the mount's lock or a file's lock.
+    """
 
     def __init__(self, bucket: str, *, endpoint_url: str | None = None, region: str | None = None,
                  profile: str | None = None, max_connections: int = 32, retry_attempts: int = 8,
@@ -159,6 +175,7 @@ class S3Client:
 
     def head(self, key: str) -> ObjectInfo | None:
         """The object's info, or None if it does not exist."""
+        locks.assert_no_locks_held("S3 HEAD")
         try:
             response = self._client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
@@ -173,6 +190,7 @@ class S3Client:
 
         Listing entries carry no user metadata: their ``mode`` is None.
         """
+        locks.assert_no_locks_held("S3 LIST")
         files: list[ObjectInfo] = []
         dirs: list[str] = []
         paginator = self._client.get_paginator("list_objects_v2")
@@ -188,19 +206,26 @@ class S3Client:
         return files, dirs
 
     def list_all(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object whose key starts with ``prefix`` (recursive)."""
+        """Every object whose key starts with ``prefix`` (recursive).
+
+        Each page is a request, made when the caller asks for the entry after the
+        last of the page before: the caller must not hold the mount's or a file's lock then.
+        """
         paginator = self._client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for page in _checked_pages(paginator.paginate(Bucket=self.bucket, Prefix=prefix), "S3 LIST"):
                 for item in page.get("Contents", []):
                     yield ObjectInfo(key=item["Key"], size=item["Size"], etag=item.get("ETag", ""),
                                      mtime=item["LastModified"].timestamp(), mode=None)
+        except locks.LockOrderError:
+            raise
         except Exception as exc:
             raise translate(exc, f"LIST {prefix}") from exc
 
     def dir_summary(self, prefix: str) -> tuple[bool, bool, float | None]:
         """(anything under ``prefix``, a ``prefix`` marker object exists, newest LastModified of
         its direct children) from the first page of a delimited listing."""
+        locks.assert_no_locks_held("S3 LIST")
         try:
             response = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, Delimiter="/",
                                                     MaxKeys=1000)
@@ -224,6 +249,7 @@ class S3Client:
         """
         if length <= 0:
             return 0
+        locks.assert_no_locks_held("S3 GET")
         kwargs = {"Bucket": self.bucket, "Key": key, "Range": f"bytes={start}-{start + length - 1}"}
         if etag:
             kwargs["IfMatch"] = etag
@@ -257,6 +283,7 @@ class S3Client:
 
     def get_bytes(self, key: str) -> bytes:
         """The whole body of a small object (symlink targets)."""
+        locks.assert_no_locks_held("S3 GET")
         try:
             return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except Exception as exc:
@@ -270,6 +297,7 @@ class S3Client:
         The server rejects a body damaged on the way (BadDigest), by ``checksum``
         (CRC32C, see ``crc32c``) or else by its MD5 (see ``body_digest``).
         """
+        locks.assert_no_locks_held("S3 PUT")
         extra = body_digest(body, checksum)
         try:
             response = self._client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata or {},
@@ -279,6 +307,7 @@ class S3Client:
         return response.get("ETag", "")
 
     def create_multipart(self, key: str, metadata: dict[str, str] | None = None, checksums: bool = False) -> str:
+        locks.assert_no_locks_held("S3 CreateMultipartUpload")
         extra = {"ChecksumAlgorithm": "CRC32C"} if checksums else {}
         try:
             response = self._client.create_multipart_upload(Bucket=self.bucket, Key=key, Metadata=metadata or {},
@@ -289,6 +318,7 @@ class S3Client:
 
     def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
                     checksum: str | None = None) -> str:
+        locks.assert_no_locks_held("S3 UploadPart")
         extra = body_digest(body, checksum)
         try:
             response = self._client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
@@ -303,6 +333,7 @@ class S3Client:
 
         Returns the ETag and the object checksum the server computed (None if it gave none).
         """
+        locks.assert_no_locks_held("S3 CompleteMultipartUpload")
         listed = []
         for number, etag, checksum in parts:
             entry = {"PartNumber": number, "ETag": etag}
@@ -318,6 +349,7 @@ class S3Client:
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
         """Abort an upload; one that no longer exists is not an error."""
+        locks.assert_no_locks_held("S3 AbortMultipartUpload")
         try:
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except Exception as exc:
@@ -328,6 +360,7 @@ class S3Client:
 
     def list_parts(self, key: str, upload_id: str) -> list[tuple[int, int, str, str | None]]:
         """(number, size, etag, crc32c or None) of the parts an unfinished upload holds."""
+        locks.assert_no_locks_held("S3 ListParts")
         found = []
         try:
             paginator = self._client.get_paginator("list_parts")
@@ -340,6 +373,7 @@ class S3Client:
 
     def copy(self, src_key: str, dst_key: str, size: int) -> None:
         """Server-side copy, keeping metadata. Multipart copy above 5 GiB."""
+        locks.assert_no_locks_held("S3 COPY")
         source = {"Bucket": self.bucket, "Key": src_key}
         try:
             if size < MULTIPART_COPY_THRESHOLD:
@@ -354,6 +388,7 @@ class S3Client:
             raise translate(exc, f"COPY {src_key} -> {dst_key}") from exc
 
     def delete(self, key: str) -> None:
+        locks.assert_no_locks_held("S3 DELETE")
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
@@ -361,6 +396,7 @@ class S3Client:
 
     def check_access(self, prefix: str) -> None:
         """One ListObjectsV2 (max-keys 1) on the prefix: proves endpoint, credentials and bucket."""
+        locks.assert_no_locks_held("S3 LIST")
         try:
             self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
         except Exception as exc:

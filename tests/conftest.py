@@ -31,9 +31,16 @@ from typing import Any
 
 import pytest
 
-from s3ckptfs import devserver
+# -- lock-order checking, part 1 of 2 (part 2, the fixtures, is at the end) ------------------
+# Before anything imports s3ckptfs: every lock made in this process is checked
+# (s3ckptfs/locks.py), and every daemon or command the tests start inherits the setting
+# through cli_env.
+os.environ["S3CKPTFS_LOCK_CHECK"] = "1"
+# --------------------------------------------------------------------------------------------
+
+from s3ckptfs import devserver, locks  # noqa: E402 - after the lock check is switched on
 # The mount and daemon-process helpers are the package's own, importable from here too.
-from s3ckptfs.mounts import (LOG_FILE, PID_FILE, is_mounted, mounted_paths, pid_alive, read_pid,  # noqa: F401
+from s3ckptfs.mounts import (LOG_FILE, PID_FILE, is_mounted, mounted_paths, pid_alive, read_pid,  # noqa: E402,F401
                              unmount, unmount_until_gone, wait_gone)
 
 MOUNT_TIMEOUT = 60.0
@@ -540,3 +547,40 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             factory.remember_pids()
             for title, text in factory.log_tails():
                 report.sections.append((title, text))
+
+
+# --------------------------------------------------------------------------
+# Lock-order checking, part 2 of 2 (s3ckptfs/locks.py)
+# --------------------------------------------------------------------------
+# In-process, a violation raises LockOrderError in the offending thread (strict) and is
+# recorded; daemons only record and log theirs, and append them to one file for the whole
+# session. A test fails if anything was recorded while it ran, in-process or by a daemon.
+# A violation in a background thread between two tests is counted against the next one.
+
+locks.enable(strict=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lock_check_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The file every daemon of the session appends its lock-order violations to."""
+    path = tmp_path_factory.mktemp("lock-check") / "violations.jsonl"
+    previous = os.environ.get(locks.ENV_LOG)
+    os.environ[locks.ENV_LOG] = str(path)   # inherited through cli_env by every daemon
+    yield path
+    if previous is None:
+        os.environ.pop(locks.ENV_LOG, None)
+    else:
+        os.environ[locks.ENV_LOG] = previous
+
+
+@pytest.fixture(autouse=True)
+def lock_order_checked(lock_check_log: Path) -> Iterator[None]:
+    """Fail the test if a lock-order violation was recorded while it ran (set up first, torn down last)."""
+    offset = lock_check_log.stat().st_size if lock_check_log.exists() else 0
+    yield
+    found = [str(violation) for violation in locks.clear_violations()]
+    found += [f"(in a daemon) {entry.get('rule')} [thread {entry.get('thread')}; "
+              f"held: {', '.join(entry.get('held') or []) or 'nothing'}]\n{entry.get('stack', '').rstrip()}"
+              for entry in locks.read_log(lock_check_log, offset)]
+    if found:
+        pytest.fail("lock order violated (see s3ckptfs/locks.py):\n\n" + "\n\n".join(found), pytrace=False)
