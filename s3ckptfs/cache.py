@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import uuid
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -46,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from . import locks
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def boot_id() -> str:
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        locks.fsync(fd)
     finally:
         os.close(fd)
 
@@ -135,7 +135,7 @@ class Journal:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, data)
-            os.fsync(fd)
+            locks.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -193,7 +193,7 @@ class UploadRegistry:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, json.dumps({"key": key, "upload_id": upload_id}).encode())
-            os.fsync(fd)
+            locks.fsync(fd)
         finally:
             os.close(fd)
 
@@ -257,8 +257,8 @@ class ObjectCache:
         self.directory = directory
         self.block_size = block_size
         self.limit_bytes = limit_bytes
-        self._lock = threading.Lock()
-        self._progress = threading.Condition(self._lock)   # a block grew or finished
+        self._lock = locks.new_lock("objects")
+        self._progress = locks.new_condition(self._lock)   # a block grew or finished
         self._entries: OrderedDict[tuple[str, str], CachedObject] = OrderedDict()
         self._bytes = 0
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import errno
 import itertools
-import threading
 from dataclasses import dataclass
 
+from . import locks
 from .cache import CachedObject
 from .errors import FsError
 from .s3client import ObjectInfo
@@ -37,7 +37,7 @@ class HandleTable:
     """fh (int) -> Handle. Thread-safe; its lock is a leaf."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = locks.new_lock("handles")
         self._handles: dict[int, Handle] = {}
         self._numbers = itertools.count(1)
 

@@ -7,15 +7,18 @@ point here instead of repeating it.
 
 The order, outermost first::
 
-    mount -> uploader -> file -> leaves
+    mount -> uploader -> journal -> file -> leaves
 
-    mount     Filesystem._lock: the path table (staged files, lost files, mtime
-              overrides, versions seen at open) and the passthrough fields of
-              cached copies
-    uploader  Uploader._lock (+ _queue_changed): the commit queue, eager slots
+    mount     PathTable.lock (fs/table.py), the mount's lock: the path table
+              (staged files and directories, lost files, pending namespace
+              changes, mtime overrides, versions seen at open) and the
+              passthrough fields of cached copies
+    uploader  Uploader._lock (+ _queue_changed): the commit queue
+    journal   StagedFile.journal_lock: one file's journal record being written
+              (held across its fsync, so never under the mount's or a file's lock)
     file      StagedFile.lock (+ changed): every field of one staged file
-    leaves    passthrough.holders, room, close_seq, metadata, objects, handles,
-              watch.timers: each guards one small structure of its own
+    leaves    parts, passthrough.holders, room, close_seq, metadata, objects,
+              handles, outage, watch.timers: each guards one small structure
 
 The rules:
 
@@ -100,20 +103,25 @@ class LockKind:
 LEAF = 90
 
 ORDER: tuple[LockKind, ...] = (
-    LockKind("mount", 10, "Filesystem._lock",
-             "the path table (staged files, lost files, mtime overrides, versions seen at open); "
-             "CachedObject.backing_id and pt_handles",
+    LockKind("mount", 10, "PathTable.lock (fs/table.py)",
+             "the path table (staged files and directories, lost files, pending namespace changes, mtime "
+             "overrides, versions seen at open); CachedObject.backing_id and pt_handles",
              reentrant=True,
              why="PassthroughFiles.choose_locked, called when a handle opens (create, open) with the "
-                 "mount's and the file's lock held, asks Filesystem.staged_bytes(), which takes the "
-                 "mount's lock again"),
+                 "mount's and the file's lock held, asks PathTable.staged_bytes(), which takes the "
+                 "mount's lock again; the rooms call each other's *_locked helpers under it"),
     LockKind("uploader", 20, "Uploader._lock, with the condition Uploader._queue_changed",
-             "the commit queue, the eager-upload slots and their waiting list, the stopping flag"),
+             "the commit queue (commits and namespace changes), the stopping flag"),
+    LockKind("journal", 25, "StagedFile.journal_lock",
+             "writing one file's journal record: the record written last is the newest (held across the "
+             "record's fsync, which is why it ranks above the file's lock and is never taken under it)"),
     LockKind("file", 30, "StagedFile.lock, with the condition StagedFile.changed",
              "every field of one staged file; changed: a part or a commit request finished"),
+    LockKind("parts", LEAF, "PartUploads._lock (parts.py)", "the eager-upload slots and their waiting list"),
+    LockKind("outage", LEAF, "Outage._lock (fs/bounded.py)", "whether S3 is answering, and the fallback count"),
     LockKind("passthrough.holders", LEAF, "PassthroughFiles._holders_lock",
              "kernel backing ids: holders, the file of each id, the id of each file"),
-    LockKind("room", LEAF, "Filesystem._room (a condition with a lock of its own)",
+    LockKind("room", LEAF, "Core.room (fs/core.py; a condition with a lock of its own)",
              "nothing but the wait: writers held back by cache_size wait on it for staged data to leave"),
     LockKind("close_seq", LEAF, "staging._close_seq_lock", "the last close sequence number handed out"),
     LockKind("metadata", LEAF, "MetadataCache._lock", "TTL entries, listings and the change generation"),

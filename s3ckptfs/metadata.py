@@ -29,9 +29,10 @@ is away.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
+
+from . import locks
 
 
 
@@ -50,8 +51,8 @@ class MetadataCache:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.stale_if_error = stale_if_error
-        self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, object]] = {}
+        self._lock = locks.new_lock("metadata")
+        self._entries: dict[str, tuple[float, float, object]] = {}  # path -> (fresh until, kept until, value)
         # directory -> [fresh until, usable as a stale answer until, children]
         self._listings: dict[str, list] = {}
         self._generation = 0  # bumped by every local change
@@ -65,16 +66,21 @@ class MetadataCache:
         """The cached answer for ``path`` (ObjectInfo, DirInfo or MISSING), or None if unknown."""
         now = time.monotonic()
         with self._lock:
-            hit = self._entries.get(path)
-            if hit is not None:
-                if hit[0] > now:
-                    return hit[1]
-                del self._entries[path]
+            hit = self._entry_locked(path, now)
+            if hit is not None and hit[0] > now:
+                return hit[2]
             parent, _, name = path.rpartition("/")
             listing = self._listing_locked(parent or "/", now)
             if listing is not None and listing[0] > now:
                 return listing[2].get(name, MISSING)
         return None
+
+    def _entry_locked(self, path: str, now: float) -> tuple[float, float, object] | None:
+        hit = self._entries.get(path)
+        if hit is not None and hit[0] <= now and hit[1] <= now:
+            del self._entries[path]
+            return None
+        return hit
 
     def _listing_locked(self, directory: str, now: float) -> list | None:
         """The listing kept for ``directory`` (fresh or stale), dropped once past both."""
@@ -85,15 +91,17 @@ class MetadataCache:
         return listing
 
     def get_stale(self, path: str) -> object | None:
-        """The last known answer for ``path`` from its parent's listing, however old (within
-        stale_if_error): ObjectInfo, DirInfo or MISSING; None if that directory was never listed."""
+        """The last known answer for ``path``, however old (within stale_if_error): ObjectInfo,
+        DirInfo or MISSING from its parent's listing; else what was last seen of the path itself
+        (never "does not exist" without a listing); None if nothing is known."""
         now = time.monotonic()
         parent, _, name = path.rpartition("/")
         with self._lock:
             listing = self._listing_locked(parent or "/", now)
-            if listing is None:
-                return None
-            return listing[2].get(name, MISSING)
+            if listing is not None:
+                return listing[2].get(name, MISSING)
+            hit = self._entry_locked(path, now)
+            return hit[2] if hit is not None and hit[2] is not MISSING else None
 
     def get_stale_listing(self, directory: str) -> dict[str, object] | None:
         """The last known listing of ``directory`` with local changes (within stale_if_error), or None."""
@@ -123,8 +131,10 @@ class MetadataCache:
     def _put_locked(self, path: str, value: object) -> None:
         self._note_locked(path, value)
         ttl = self.negative_ttl if value is MISSING else self.ttl
-        if ttl > 0:
-            self._entries[path] = (time.monotonic() + ttl, value)
+        kept = 0.0 if value is MISSING else self.stale_if_error
+        if ttl > 0 or kept > 0:
+            now = time.monotonic()
+            self._entries[path] = (now + ttl, now + max(ttl, kept), value)
 
     def _note_locked(self, path: str, value: object) -> None:
         """Apply a local change to the parent's kept listing, fresh or stale."""

@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from . import partplan
+from . import locks, partplan
 from .cache import UploadRegistry
 from .errors import S3Error
 from .s3client import crc32c, object_metadata
@@ -45,7 +45,7 @@ class PartUploads:
         self.eager_limit = concurrency if eager_uploads is None else min(eager_uploads, concurrency)
         self._eager_inflight = 0
         self._eager_waiting: deque[tuple[StagedFile, int]] = deque()
-        self._lock = threading.Lock()
+        self._lock = locks.new_lock("parts")
         self._upload_nice = upload_nice
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3ckptfs-part",
                                         initializer=self._lower_priority)

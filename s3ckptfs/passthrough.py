@@ -26,6 +26,7 @@ import stat
 import threading
 from typing import Callable, Protocol
 
+from . import locks
 from . import partplan
 from .cache import CacheDir, CachedObject, ObjectCache
 from .config import Options
@@ -92,7 +93,7 @@ class PassthroughFiles:
         self._holders: dict[int, int] = {}
         self._file_of: dict[int, tuple[int, int]] = {}     # backing id -> (st_dev, st_ino)
         self._backing_of: dict[tuple[int, int], int] = {}
-        self._holders_lock = threading.Lock()
+        self._holders_lock = locks.new_lock("passthrough.holders")
 
     def enable(self, backend: PassthroughBackend) -> None:
         self.backing = backend

@@ -29,13 +29,12 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import partplan
+from . import locks, partplan
 from .cache import boot_id
 from .errors import S3Error
 
@@ -77,7 +76,7 @@ def reserve_space(fd: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-_close_seq_lock = threading.Lock()
+_close_seq_lock = locks.new_lock("close_seq")
 _last_close_seq = 0
 
 
@@ -124,8 +123,9 @@ class StagedFile:
         self.mode = mode
         self.mtime = mtime
         self.part_base = part_base
-        self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)
+        self.lock = locks.new_lock("file")
+        self.changed = locks.new_condition(self.lock)
+        self.journal_lock = locks.new_lock("journal")  # serializes writing this file's journal record
         self.version = 1
         self.committed_version = 0
         self.part_generation: dict[int, int] = {}

@@ -43,7 +43,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from . import partplan
+from . import locks, partplan
 from .cache import UploadRegistry
 from .errors import S3Error
 from .metrics import Metrics
@@ -132,8 +132,8 @@ class Uploader:
         self.resume_upload = self.parts.resume_upload
         self.abort_later = self.parts.abort_later
         self._listener = listener
-        self._lock = threading.Lock()
-        self._queue_changed = threading.Condition(self._lock)
+        self._lock = locks.new_lock("uploader")
+        self._queue_changed = locks.new_condition(self._lock)
         self._queue: deque[Commit] = deque()
         self._stopping = False
         self._stop_event = threading.Event()

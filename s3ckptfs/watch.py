@@ -28,6 +28,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from . import locks
 from .errors import FsError
 from .fs import Filesystem
 
@@ -44,7 +45,7 @@ class Watcher(FileSystemEventHandler):
         self.root = root
         self.settle = settle
         self.delete = delete
-        self._lock = threading.Lock()
+        self._lock = locks.new_lock("watch.timers")
         self._timers: dict[str, threading.Timer] = {}
         self._observer = Observer()
 

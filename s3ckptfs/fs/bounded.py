@@ -21,6 +21,7 @@ import threading
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Callable, TypeVar
 
+from .. import locks
 from ..errors import S3Error
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class Outage:
     """Counts answers given from kept listings while S3 fails; logs the start and end of each outage."""
 
     def __init__(self, on_fallback: Callable[[], None] | None = None) -> None:
-        self._lock = threading.Lock()
+        self._lock = locks.new_lock("outage")
         self._since: str | None = None
         self._on_fallback = on_fallback
         self.fallbacks = 0

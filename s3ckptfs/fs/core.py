@@ -13,10 +13,10 @@ from __future__ import annotations
 import errno
 import logging
 import stat
-import threading
 import time
 from dataclasses import dataclass
 
+from .. import locks
 from ..cache import CacheDir, Journal, ObjectCache, UploadRegistry
 from ..config import MountConfig
 from ..errors import FsError, S3Error
@@ -76,7 +76,7 @@ class Core:
         self.handles = HandleTable()
         self.table = PathTable()
         self.mount_time = time.time()
-        self.room = threading.Condition()  # notified when staged data leaves the cache (writers wait on it)
+        self.room = locks.new_condition(locks.new_lock("room"))  # notified when staged data leaves the cache
         self.passthrough: PassthroughFiles  # set by the facade
 
     def room_freed(self) -> None:

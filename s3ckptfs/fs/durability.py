@@ -16,6 +16,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from .. import locks
 from ..cache import fsync_dir
 from ..errors import FsError
 from ..staging import StagedFile, next_close_seq
@@ -46,15 +47,10 @@ class Durability:
         started = time.monotonic()
         try:
             if not self.background:
-                os.fsync(file.fd)
+                locks.fsync(file.fd)
                 fsync_dir(self.core.cache_dir.staging)  # the file's name must survive a power loss too
-            with file.lock:
-                if file.deleted:
-                    return  # unlinked meanwhile: its record is gone and must stay gone
-                file.data_synced = not self.background
-                file.close_seq = next_close_seq()
-                self.journal.write(file.id, file.journal_record_locked())
-                file.journaled_version = version
+            if not self._write_record(file, version, synced=not self.background, closing=True):
+                return  # unlinked meanwhile: its record is gone and must stay gone
             log.debug("journaled %s (%d bytes) in %.3fs", file.path, file.size, time.monotonic() - started)
         except OSError as exc:
             with file.lock:
@@ -62,6 +58,40 @@ class Durability:
             raise FsError(exc.errno or errno.EIO, f"cannot journal {file.path}: {exc}") from exc
         if self.background:
             self.sync_data_later(file, version)
+
+    def _write_record(self, file: StagedFile, version: int, *, synced: bool | None = None,
+                      closing: bool = False, only_if_journaled: int | None = None) -> bool:
+        """Write the file's journal record, without the file's lock (the record is fsync'd).
+
+        ``journal_lock`` makes the record written last the newest. Records are removed
+        under file.lock (discard, commit): if that happened while this one was being
+        written, it is removed again. False if the file was deleted meanwhile.
+        """
+        with file.journal_lock:
+            with file.lock:
+                if file.deleted:
+                    return False
+                if only_if_journaled is not None and file.journaled_version != only_if_journaled:
+                    return True  # journaled again since, for a newer version
+                if synced is not None:
+                    file.data_synced = synced
+                if closing:
+                    file.close_seq = next_close_seq()
+                record = file.journal_record_locked()
+            self.journal.write(file.id, record)
+            with file.lock:
+                if file.deleted or (not file.dirty and file.committed_version >= version):
+                    self.journal.remove(file.id)  # deleted, or committed, while it was written
+                    return not file.deleted
+                file.journaled_version = max(file.journaled_version, version)
+        return True
+
+    def rewrite_record(self, file: StagedFile) -> None:
+        """The file's path or key changed (rename): its record, if it has one, says so."""
+        with file.lock:
+            version = file.journaled_version
+        if version:
+            self._write_record(file, version)
 
     def sync_data_later(self, file: StagedFile, version: int) -> None:
         try:
@@ -74,8 +104,6 @@ class Durability:
 
         Nothing to do if the record is gone meanwhile (committed, replaced, unlinked)
         or was written again for a newer version (whose own sync is queued behind this one).
-        Records are removed only under file.lock, so checking and rewriting under it
-        never brings back a removed record.
         """
         fd = -1
         try:
@@ -84,13 +112,9 @@ class Durability:
                         or not self.journal.exists(file.id)):
                     return
                 fd = os.dup(file.fd)  # the commit may close file.fd meanwhile
-            os.fsync(fd)
+            locks.fsync(fd)
             fsync_dir(self.core.cache_dir.staging)
-            with file.lock:
-                if file.deleted or file.journaled_version != version or not self.journal.exists(file.id):
-                    return
-                file.data_synced = True
-                self.journal.write(file.id, file.journal_record_locked())
+            self._write_record(file, version, synced=True, only_if_journaled=version)
         except OSError as exc:
             log.error("background fsync of %s failed (%s): it is still uploaded from memory, but a restart "
                       "of the machine before that would lose it", file.path, exc)

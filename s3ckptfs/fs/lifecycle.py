@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 
+from .. import locks
 from ..errors import FsError, S3Error
 from ..remoteops import RemoteOp
 from ..metadata import DirInfo
@@ -141,6 +142,7 @@ class Lifecycle:
 
     @staticmethod
     def wait(ticket: Ticket, file: StagedFile) -> None:
+        locks.assert_no_locks_held(f"wait for the commit of {file.path}")
         ticket.wait()
         if ticket.error is not None:
             raise FsError(ticket.error.errno if ticket.error.errno != errno.ENOENT else errno.EIO,

@@ -24,6 +24,7 @@ from ..s3client import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Uploader
 from .core import Core, s3_errno
+from .durability import Durability
 from .lifecycle import Lifecycle
 from .lookup import Lookup
 from .opens import Opens
@@ -35,8 +36,8 @@ log = logging.getLogger(__name__)
 class Namespace:
     """unlink, mkdir, rmdir, rename, symlink, readlink, chmod, chown, utimens. Thread-safe."""
 
-    def __init__(self, core: Core, lookup: Lookup, opens: Opens, lifecycle: Lifecycle, pending: PendingOps,
-                 uploader: Uploader) -> None:
+    def __init__(self, core: Core, lookup: Lookup, opens: Opens, lifecycle: Lifecycle, durability: Durability,
+                 pending: PendingOps, uploader: Uploader) -> None:
         self.core = core
         self.table = core.table
         self.meta = core.meta
@@ -44,6 +45,7 @@ class Namespace:
         self.lookup = lookup
         self.opens = opens
         self.lifecycle = lifecycle
+        self.durability = durability
         self.pending = pending
         self.uploader = uploader
 
@@ -151,12 +153,12 @@ class Namespace:
         handles.unname(new)     # a replaced file lives on in its open handles, nameless
         handles.move(old, new)  # the kernel keeps open files on their inode, now named new
 
-    def _retarget_locked(self, file: StagedFile, new: str, records: list[tuple[str, dict]]) -> tuple[bool, bool]:
+    def _retarget_locked(self, file: StagedFile, new: str, rewrite: list[StagedFile]) -> tuple[bool, bool]:
         """Point a staged file at a new path (mount's lock held).
 
         Returns (its committed object must move in S3, the old key may hold an object
-        to delete); its journal record, rewritten for the new key, is added to ``records``
-        for the caller to write once it has let go of the lock. A dirty file simply commits under the new key (an upload already
+        to delete); the file is added to ``rewrite``: the caller rewrites its journal
+        record once it has let go of the lock. A dirty file simply commits under the new key (an upload already
         started for the old key is aborted and redone); a clean one is already in S3
         under the old key and is moved server-side. A commit request in flight is not
         waited for: it lands under the old key, and the file commits again under the
@@ -172,9 +174,7 @@ class Namespace:
             if file.committing:
                 file.version += 1  # dirty: commit again under the new key
             moved_object = not file.dirty
-            record = file.journal_record_locked() if file.journaled_version else None
-        if record is not None:
-            records.append((file.id, record))
+        rewrite.append(file)
         self.core.objects.invalidate(old_key)
         return moved_object, old_may_hold
 
@@ -182,7 +182,7 @@ class Namespace:
                      target: ObjectInfo | DirInfo | None) -> None:
         old_key = self.core.key_for(old)
         op: RemoteOp | None = RemoteOp(MOVE, old_key, new_key, source.size, hides=(old,))
-        records: list[tuple[str, dict]] = []
+        rewrite: list[StagedFile] = []
         with self.table.lock:
             self.lifecycle.clear_lost_locked(old, "renamed")
             self.lifecycle.clear_lost_locked(new, "replaced by a rename")
@@ -195,7 +195,7 @@ class Namespace:
                 shows: dict[str, object] = {new: source}
             else:
                 shows = {}
-                moved_object, old_may_hold = self._retarget_locked(file, new, records)
+                moved_object, old_may_hold = self._retarget_locked(file, new, rewrite)
                 self.table.staged[new] = file
                 with file.lock:
                     # What was under the new name stays in S3 until this file's commit replaces it.
@@ -206,7 +206,7 @@ class Namespace:
             self.table.move_locked(old, new)
             if op is not None:
                 self.pending.show_locked(op, shows)
-        self._write_records(records)
+        self._rewrite_records(rewrite)
         if needs_commit:
             self.uploader.request_commit(file)
         if op is not None:
@@ -223,11 +223,11 @@ class Namespace:
         else:
             self.meta.note(new, ObjectInfo(key=new_key, size=source.size, etag="", mtime=source.mtime,
                                            mode=source.mode))
-    def _write_records(self, records: list[tuple[str, dict]]) -> None:
-        for file_id, record in records:
-            self.core.journal.write(file_id, record)
+    def _rewrite_records(self, files: list[StagedFile]) -> None:
+        for file in files:
+            self.durability.rewrite_record(file)
 
-    def _move_staged_locked(self, old: str, new: str, records: list[tuple[str, dict]]) -> list[RemoteOp]:
+    def _move_staged_locked(self, old: str, new: str, rewrite: list[StagedFile]) -> list[RemoteOp]:
         """Retarget every file and directory marker staged at or below ``old`` to ``new`` (mount's lock held).
 
         Returns the operations S3 needs for the files: a move of each one already
@@ -240,7 +240,7 @@ class Namespace:
         for file in moving:
             old_key = file.key
             self.table.drop_locked(file)
-            moved_object, old_may_hold = self._retarget_locked(file, new + file.path[len(old):], records)
+            moved_object, old_may_hold = self._retarget_locked(file, new + file.path[len(old):], rewrite)
             self.table.put_locked(file)
             if file.deleted or file.is_dir_marker:
                 continue  # markers are moved with their directory
@@ -268,15 +268,15 @@ class Namespace:
         servers list an empty folder until its own key is deleted). Until the last
         of them has run, the new tree is shown from the path table.
         """
-        records: list[tuple[str, dict]] = []
+        rewrite: list[StagedFile] = []
         with self.table.lock:
             if self.table.local_dir_locked(old) is not None:  # all of it is here: no S3 request
-                self._move_staged_locked(old, new, records)
+                self._move_staged_locked(old, new, rewrite)
                 local = True
             else:
                 local = False
         if local:
-            self._write_records(records)
+            self._rewrite_records(rewrite)
             self._note_rename(old, new, "", source)
             self.meta.put_created_dir(new)
             return
@@ -293,7 +293,7 @@ class Namespace:
                 if isinstance(entry, ObjectInfo) and path not in staged:
                     ops.append(RemoteOp(MOVE, key_for(path), key_for(new + path[len(old):]), entry.size))
                     shows.append({new + path[len(old):]: entry})
-            for op in self._move_staged_locked(old, new, records):
+            for op in self._move_staged_locked(old, new, rewrite):
                 ops.append(op)
                 shows.append({})
             for d in sorted(dirs, reverse=True):
@@ -302,14 +302,14 @@ class Namespace:
             # The last operation keeps the old tree hidden and the new directories shown.
             ops[-1].hides = (old,)
             shows[-1] = {new + d[len(old):]: (source if d == old else DirInfo(None)) for d in dirs}
+            self._note_rename(old, new, "", source)
+            for d in dirs:  # the new tree's listings start empty and learn each entry as it is shown
+                self.meta.put_created_dir(new + d[len(old):])
             for op, shown in zip(ops, shows):
                 self.pending.show_locked(op, shown)
-        self._write_records(records)
+        self._rewrite_records(rewrite)
         for op in ops:
             self.pending.submit(op)
-        self._note_rename(old, new, "", source)
-        for d in dirs:  # known content: listed from the path table while S3 is away
-            self.meta.put_created_dir(new + d[len(old):])
 
     # -- symlinks --------------------------------------------------------------------------
 

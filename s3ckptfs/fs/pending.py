@@ -10,6 +10,7 @@ by ``sync`` and at the next start.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from ..errors import S3Error
@@ -93,11 +94,15 @@ class PendingOps:
                 # A listing taken before the change must not be merged after it (token).
                 self.core.meta.forget_tree(path)
                 self.core.meta.note(path, MISSING)
-            for path in op.shows:
+            for path, record in op.shows.items():
                 shown = table.moved.get(path)
                 if shown is not None and shown[1] is op:
                     del table.moved[path]
                     self.core.meta.forget(path)  # S3 answers for it now (its ETag is the copy's)
+                    entry = entry_from_record(record)
+                    if isinstance(entry, ObjectInfo) and op.dst:
+                        entry = dataclasses.replace(entry, key=op.dst, etag="")
+                    self.core.meta.note(path, entry)  # the kept listing stays whole
         self.core.journal.remove(op.id)
 
     def recover(self, record: dict) -> None:

@@ -20,8 +20,9 @@ do the slow part of their work (S3 requests, fsync) without it.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
+
+from .. import locks
 
 from ..remoteops import RemoteOp
 from ..staging import StagedFile
@@ -53,9 +54,8 @@ class PathTable:
     """path -> StagedFile, lost files, mtime overrides. Every method expects ``lock`` held unless it says."""
 
     def __init__(self) -> None:
-        # The mount's lock. Re-entrant because a room holding it calls helpers that take it
-        # again (e.g. register_locked -> discard via the lifecycle); see s3ckptfs/locks.py.
-        self.lock = threading.RLock()
+        # The mount's lock; re-entrant, see its row in s3ckptfs/locks.py.
+        self.lock = locks.new_rlock("mount")
         self.staged: dict[str, StagedFile] = {}
         self.dirs: dict[str, StagedFile] = {}   # directories made here whose marker is not yet committed
         self.lost: dict[str, LostFile] = {}
