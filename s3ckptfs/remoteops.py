@@ -18,23 +18,28 @@ succeeds; a move whose source is gone but whose destination exists is done.
 from __future__ import annotations
 
 import logging
+import stat
 import uuid
 from dataclasses import dataclass, field
 
 from .errors import S3Error
+from .s3client import object_metadata
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
 
 DELETE = "delete"
 MOVE = "move"
-COPY = "copy"   # copy only, and nothing to do if the source is absent (a directory's marker)
+MARKER = "marker"  # recreate a directory's marker under a new key, if there is one
+DIR_MODE = stat.S_IFDIR | 0o755
 _GONE_CODES = ("NoSuchKey", "NotFound", "404")
 
 
 @dataclass
 class RemoteOp:
-    """One delete (``key``), move (``key`` -> ``dst``: copy, then delete) or copy to make in S3."""
+    """One change to make in S3: delete ``key``; move ``key`` to ``dst`` (copy, then delete); or
+    recreate the directory marker ``key`` as ``dst`` with its mtime (some servers, SeaweedFS
+    among them, cannot copy a marker: they store it as a directory)."""
 
     kind: str
     key: str
@@ -54,12 +59,11 @@ class RemoteOp:
 
     def run(self, store: ObjectStore) -> None:
         """Make the change in S3 (raises S3Error)."""
-        if self.kind == COPY:
-            try:
-                store.copy(self.key, self.dst, self.size)
-            except S3Error as err:
-                if err.code not in _GONE_CODES:
-                    raise
+        if self.kind == MARKER:
+            marker = store.head(self.key)
+            if marker is not None:  # else an implicit directory: nothing to recreate
+                mode = marker.mode if marker.mode and stat.S_ISDIR(marker.mode) else DIR_MODE
+                store.put(self.dst, b"", object_metadata(marker.mtime, mode))
             return
         if self.kind == MOVE:
             try:

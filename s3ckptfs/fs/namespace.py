@@ -19,7 +19,7 @@ import time
 
 from ..errors import FsError, S3Error
 from ..metadata import MISSING, DirInfo
-from ..remoteops import COPY, DELETE, MOVE, RemoteOp
+from ..remoteops import DELETE, MARKER, MOVE, RemoteOp
 from ..s3client import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Uploader
@@ -287,7 +287,7 @@ class Namespace:
         dirs = [old] + [path for path, entry in entries if isinstance(entry, DirInfo)]
         with self.table.lock:
             staged = {f.path for f in self.table.staged_below_locked(old)}
-            ops = [RemoteOp(COPY, key_for(d) + "/", key_for(new + d[len(old):]) + "/") for d in sorted(dirs)]
+            ops = [RemoteOp(MARKER, key_for(d) + "/", key_for(new + d[len(old):]) + "/") for d in sorted(dirs)]
             shows: list[dict[str, object]] = [{} for _ in ops]
             for path, entry in entries:
                 if isinstance(entry, ObjectInfo) and path not in staged:
