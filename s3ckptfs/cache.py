@@ -229,7 +229,7 @@ class CachedObject:
     inflight: dict[int, Future] = field(default_factory=dict)
     filled: dict[int, int] = field(default_factory=dict)  # in-flight block -> bytes from its start on disk
     readers: int = 0
-    backing_id: int = 0        # FUSE passthrough of a complete copy (guarded by Filesystem._lock)
+    backing_id: int = 0        # FUSE passthrough of a complete copy (guarded by the mount's lock)
     pt_handles: int = 0        # open handles using that backing id
     taken: bool = False        # handed over to a writer as its staging file (no longer in the cache)
 

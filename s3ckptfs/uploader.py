@@ -393,9 +393,9 @@ class Uploader:
 
     # The last request of a commit (the PUT of a small file, or CompleteMultipartUpload) runs
     # without file.lock: a slow or retried request must not stall other operations on the
-    # file, nor (through Filesystem._lock, taken before file.lock) the whole mount. While it
-    # runs, file.committing is set; unlink and rename of the file wait for it to clear (the
-    # request writes under the key the file had when it began), nothing else does.
+    # file, nor (through the mount's lock, taken before file.lock) the whole mount. While it
+    # runs, file.committing is set: an unlink or rename meanwhile queues a delete of the old
+    # key behind it (the request writes under the key the file had when it began).
 
     def _begin_small_put_locked(self, file: StagedFile) -> CommitCall:
         self.abort_later(file.forget_upload_locked())

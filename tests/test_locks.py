@@ -509,23 +509,8 @@ def test_the_table_explains_itself():
     assert set(locks.NO_SLOW_CALLS_UNDER) <= set(names)
 
 
-# Locks made with threading directly, not yet from the table: the core's lead takes these
-# over to locks.new_* (and then removes them from here). No new ones may appear.
-NOT_YET_FROM_THE_TABLE = {
-    ("filesystem.py", "self._lock", "RLock"),
-    ("filesystem.py", "self._room", "Condition"),
-    ("staging.py", "_close_seq_lock", "Lock"),
-    ("staging.py", "self.lock", "Lock"),
-    ("staging.py", "self.changed", "Condition"),
-    ("uploader.py", "self._lock", "Lock"),
-    ("uploader.py", "self._queue_changed", "Condition"),
-    ("passthrough.py", "self._holders_lock", "Lock"),
-    ("metadata.py", "self._lock", "Lock"),
-    ("cache.py", "self._lock", "Lock"),
-    ("cache.py", "self._progress", "Condition"),
-    ("handles.py", "self._lock", "Lock"),
-    ("watch.py", "self._lock", "Lock"),
-}
+# Every lock of the package comes from the table; none is made with threading directly.
+NOT_YET_FROM_THE_TABLE: set[tuple[str, str, str]] = set()
 
 
 def test_no_new_lock_outside_the_table():
