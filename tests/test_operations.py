@@ -203,7 +203,9 @@ def test_unlink_pending_file_cancels_upload(mnt, s3):
 # -- directories ------------------------------------------------------------------------------
 
 def test_mkdir_rmdir_and_marker(mnt, s3):
+    """mkdir and rmdir take effect at once here; their markers reach S3 in close order (sync waits)."""
     os.mkdir(mnt.path / "d")
+    mnt.sync()
     assert list_keys(s3, mnt.bucket, mnt.key("d")) == [mnt.key("d") + "/"]
     assert (mnt.path / "d").is_dir()
     with pytest.raises(FileExistsError):
@@ -214,6 +216,8 @@ def test_mkdir_rmdir_and_marker(mnt, s3):
     assert info.value.errno == errno.ENOTEMPTY
     os.unlink(mnt.path / "d" / "f")
     os.rmdir(mnt.path / "d")
+    assert not (mnt.path / "d").exists()
+    mnt.sync()
     assert list_keys(s3, mnt.bucket, mnt.key("d")) == []
     assert not (mnt.path / "d").exists()
 
@@ -241,9 +245,11 @@ def test_other_writers_seen_after_ttl(bucket, mount_factory, s3):
 def test_rename_remote_file(mnt, s3):
     s3.put_object(Bucket=mnt.bucket, Key=mnt.key("a.txt"), Body=b"content")
     os.rename(mnt.path / "a.txt", mnt.path / "b.txt")
+    assert (mnt.path / "b.txt").read_bytes() == b"content"  # at once here (read from a.txt until moved)
+    assert not (mnt.path / "a.txt").exists()
+    mnt.sync()
     assert list_keys(s3, mnt.bucket, mnt.key("")) == [mnt.key("b.txt")]
     assert (mnt.path / "b.txt").read_bytes() == b"content"
-    assert not (mnt.path / "a.txt").exists()
 
 
 def test_rename_open_file_follows_to_new_name(mnt, s3):
