@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 from ..errors import S3Error
 from ..metadata import MISSING, DirInfo
@@ -134,6 +135,8 @@ class PendingOps:
         """One row per pending operation, for ``s3ckptfs status``."""
         with self.table.lock:
             rows = [(op, self.table.failed_ops.get(op.id)) for op in self.table.ops.values()]
-        return [{"path": (op.paths() or [op.key])[0], "key": op.key, "size": 0, "uploaded": 0, "age": 0.0,
+        now = time.time()
+        return [{"path": (op.paths() or [op.key])[0], "key": op.key, "size": 0, "uploaded": 0,
+                 "age": round(max(0.0, now - op.close_seq / 1e9), 1),  # close_seq is wall-clock ns
                  "state": "failed" if error else "pending", "error": error, "operation": op.label}
                 for op, error in rows]
