@@ -43,8 +43,9 @@ from .handles import Handle, HandleTable
 from .metadata import MISSING, DirInfo, MetadataCache
 from .metrics import Metrics
 from .passthrough import PassthroughBackend, PassthroughFiles
-from .s3client import ObjectInfo, S3Client, object_metadata
+from .s3client import ObjectInfo, object_metadata
 from .staging import StagedFile, next_close_seq, pwrite_all, start_writeback
+from .store import ObjectStore
 from .uploader import Ticket, Uploader
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,8 @@ def _s3_errno(err: S3Error, what: str) -> FsError:
 class Filesystem:
     """The semantics of one mount. Thread-safe: FUSE calls it from many threads."""
 
-    def __init__(self, config: MountConfig, s3: S3Client, cache_dir: CacheDir,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, config: MountConfig, s3: ObjectStore, cache_dir: CacheDir,
+                 metrics: Metrics | None = None, *, backoff: Callable[[int], float] | None = None) -> None:
         opts = config.options
         self.config = config
         self.options = opts
@@ -109,7 +110,7 @@ class Filesystem:
                                  on_committed=self._on_committed, registry=self.registry,
                                  upload_nice=opts.upload_nice, eager_uploads=opts.eager_uploads,
                                  retry_window=opts.retry_window, checksums=opts.checksums, metrics=metrics,
-                                 on_settled=self._commit_or_retire)
+                                 on_settled=self._commit_or_retire, backoff=backoff)
         self.downloads = ThreadPoolExecutor(max_workers=opts.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
         # local_sync=background: staging files are fsync'd here after close, one at a time, in close order

@@ -20,7 +20,6 @@ import logging
 import os
 import stat
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import boto3
@@ -29,26 +28,12 @@ from awscrt import checksums
 from botocore.config import Config
 
 from .errors import S3Error, TRANSIENT_CODES
+from .store import ObjectInfo  # noqa: F401 - defined with the interface; importable from here as before
 
 log = logging.getLogger(__name__)
 
 MULTIPART_COPY_THRESHOLD = 5 * (1 << 30)  # CopyObject's limit; above it, UploadPartCopy
 _STREAM_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What S3 says of one object. ``mode``/``mtime`` come from metadata when present."""
-
-    key: str
-    size: int
-    etag: str
-    mtime: float
-    mode: int | None = None       # None when only a listing was seen (no metadata)
-
-    @property
-    def is_symlink(self) -> bool:
-        return self.mode is not None and stat.S_ISLNK(self.mode)
 
 
 def crc32c(data: bytes | memoryview) -> str:
@@ -120,7 +105,7 @@ def translate(exc: Exception, what: str) -> S3Error:
 
 
 class S3Client:
-    """Thread-safe operations on one bucket. Every method raises S3Error on failure."""
+    """Thread-safe operations on one bucket (implements ``store.ObjectStore``). Every method raises S3Error."""
 
     def __init__(self, bucket: str, *, endpoint_url: str | None = None, region: str | None = None,
                  profile: str | None = None, max_connections: int = 32, retry_attempts: int = 8,

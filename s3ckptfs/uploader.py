@@ -51,8 +51,9 @@ from . import partplan
 from .cache import UploadRegistry
 from .errors import S3Error
 from .metrics import Metrics
-from .s3client import S3Client, composite_crc32c, crc32c, object_metadata
+from .s3client import composite_crc32c, crc32c, object_metadata
 from .staging import Digest, StagedFile, UploadedPart
+from .store import ObjectStore
 
 # The last request of a commit, prepared under file.lock and run without it: it returns
 # (key, etag, version, record), where record() stores the outcome on the file (under file.lock).
@@ -62,6 +63,11 @@ CommitCall = Callable[[], CommitResult]
 log = logging.getLogger(__name__)
 
 BACKOFF_CAP = 30.0
+
+
+def default_backoff(attempt: int) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based): capped exponential, jittered."""
+    return min(BACKOFF_CAP, 0.5 * 2 ** min(attempt - 1, 10)) * random.uniform(0.5, 1.0)
 
 
 class Ticket:
@@ -97,11 +103,13 @@ CommittedCallback = Callable[[StagedFile, str, str, int], None]
 class Uploader:
     """Schedules part uploads and ordered commits. Thread-safe."""
 
-    def __init__(self, s3: S3Client, *, concurrency: int, single_put_limit: int,
+    def __init__(self, s3: ObjectStore, *, concurrency: int, single_put_limit: int,
                  on_committed: CommittedCallback, registry: UploadRegistry, upload_nice: int = 0,
                  eager_uploads: int | None = None, retry_window: float = 0.0, checksums: bool = True,
-                 metrics: Metrics | None = None, on_settled: Callable[[StagedFile], None] | None = None) -> None:
+                 metrics: Metrics | None = None, on_settled: Callable[[StagedFile], None] | None = None,
+                 backoff: Callable[[int], float] | None = None) -> None:
         self.s3 = s3
+        self._backoff = backoff or default_backoff  # tests retry in milliseconds
         self.metrics = metrics or Metrics()
         self.checksums = checksums
         self.registry = registry
@@ -379,7 +387,7 @@ class Uploader:
                     file.retrying = None
                     file.commit_queued = False
                 return error
-            delay = min(BACKOFF_CAP, 0.5 * 2 ** min(commit.attempts - 1, 10)) * random.uniform(0.5, 1.0)
+            delay = self._backoff(commit.attempts)
             if commit.attempts == 1 or commit.attempts % 10 == 0:
                 log.warning("upload of %s failed (%s); retrying (attempt %d, next in %.1fs)",
                             file.path, error, commit.attempts, delay)
