@@ -11,7 +11,8 @@ assertion, so teardown never waits on a hang.
 Stall paths:
   create-at-close  CreateMultipartUpload of a file over single_put_limit, started by its close
                    (flush, then the kernel's release of the handle)
-  create-eager     the same request started while the file is still written (its first part)
+  create-eager     the same request started while the file is still written (its first part),
+                   the writer still holding the file open
   put              the single PUT of a small file
   upload-part      an UploadPart of a multipart file
   complete         CompleteMultipartUpload
@@ -54,9 +55,12 @@ QUERIES = ["readdir", "stat_other", "read_other", "stat_self"]
 
 
 def in_thread(action: Callable[[], Any], name: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``action`` in a daemon thread; returns it, and its result once it has started running."""
     result: dict[str, Any] = {}
+    running = threading.Event()
 
     def run() -> None:
+        running.set()
         started = time.monotonic()
         try:
             result["value"] = action()
@@ -66,6 +70,7 @@ def in_thread(action: Callable[[], Any], name: str) -> tuple[threading.Thread, d
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
+    running.wait(10)
     return thread, result
 
 
@@ -102,7 +107,8 @@ def test_the_mount_answers_while_the_store_hangs_on_one_upload(inproc, fake_stor
             vfs.listdir("run")  # cache the listing, the new file in it
             fake_store.inject(fakestore.HANG, op, key=key)
             # The writer goes on: its second part makes the first one upload, starting the upload.
-            writer, _ = in_thread(lambda: (fs.write(fh, body[4 * KiB:], 4 * KiB), vfs.close(fh)), "writer")
+            # It then stays open (a writer still busy), to be closed once the store answers.
+            writer, _ = in_thread(lambda: fs.write(fh, body[4 * KiB:], 4 * KiB), "writer")
             workers.append(writer)
         else:
             fs.write(fh, body, 0)
@@ -112,7 +118,7 @@ def test_the_mount_answers_while_the_store_hangs_on_one_upload(inproc, fake_stor
             releaser, _ = in_thread(lambda: fs.release(fh), "release")
             workers.append(releaser)
         assert fake_store.wait_hanging(op, key, timeout=10), f"the store never saw {op} of {key}"
-        time.sleep(0.05)  # let the release (or the writer) reach whatever it waits for
+        workers[0].join(0.3)  # it finishes, or it is blocked by now (even on a busy machine)
 
         queries = {
             "readdir": lambda: [name for name, _ in fs.readdir("/run")],
@@ -130,6 +136,8 @@ def test_the_mount_answers_while_the_store_hangs_on_one_upload(inproc, fake_stor
     asked.join(10)
     for worker in workers:
         worker.join(10)
+    if path == "create-eager":
+        vfs.close(fh)
     assert answered, f"{query} took more than {ANSWER_WITHIN}s while the store hung on {op}"
     assert "error" not in result, result
     assert result["value"] == expected[query]
