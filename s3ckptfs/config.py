@@ -229,7 +229,7 @@ def split_mount_options(items: list[str]) -> tuple[dict[str, str], list[str]]:
                 mount[name] = value
             elif name == "config":
                 mount["config"] = value
-            elif name in GENERIC_MOUNT_FLAGS or name.startswith(("x-", "comment")):
+            elif name in GENERIC_MOUNT_FLAGS or key.strip().startswith(("x-", "comment")):
                 continue
             elif name in ("sync", "async") and not sep:
                 rest.append(f"write_mode={name}")

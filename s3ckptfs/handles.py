@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from . import locks
 from .cache import CachedObject
 from .errors import FsError
-from .s3client import ObjectInfo
+from .store import ObjectInfo
 from .staging import StagedFile
 
 

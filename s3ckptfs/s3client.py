@@ -20,7 +20,6 @@ import logging
 import os
 import stat
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import boto3
@@ -30,26 +29,12 @@ from botocore.config import Config
 
 from . import locks
 from .errors import S3Error, TRANSIENT_CODES
+from .store import ObjectInfo
 
 log = logging.getLogger(__name__)
 
 MULTIPART_COPY_THRESHOLD = 5 * (1 << 30)  # CopyObject's limit; above it, UploadPartCopy
 _STREAM_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What S3 says of one object. ``mode``/``mtime`` come from metadata when present."""
-
-    key: str
-    size: int
-    etag: str
-    mtime: float
-    mode: int | None = None       # None when only a listing was seen (no metadata)
-
-    @property
-    def is_symlink(self) -> bool:
-        return self.mode is not None and stat.S_ISLNK(self.mode)
 
 
 def crc32c(data: bytes | memoryview) -> str:
@@ -132,7 +117,7 @@ def _checked_pages(pages: Iterable[dict], what: str) -> Iterator[dict]:
 
 
 class S3Client:
-    """Thread-safe operations on one bucket. Every method raises S3Error on failure.
+    """Thread-safe operations on one bucket (implements ``store.ObjectStore``). Every method raises S3Error.
 
     Every method that makes a request first calls ``locks.assert_no_locks_held``:
     no S3 request under the mount's lock or a file's lock.

@@ -1,60 +1,141 @@
-"""What the filesystem core needs from an object store.
+"""What the filesystem core needs from an object store, and nothing more.
 
-``S3Client`` (s3client.py, boto3) implements it for S3; the test suite has an
-in-memory fake with injectable faults. Every method raises ``S3Error`` on
-failure, never a transport library's exception.
+``S3Client`` (s3client.py, over boto3) implements this interface for real S3;
+``tests/fakestore.py`` implements it in memory, so that the core runs in a test
+without a server or FUSE. The core (filesystem, uploader, passthrough, cache,
+watch) depends on this protocol only, never on boto3.
+
+Contract shared by every method: a failed request raises ``S3Error`` (errors.py)
+whose ``code`` is the S3 error code (``NoSuchKey``, ``AccessDenied``,
+``PreconditionFailed``, ...) or a transport class (``ConnectionError``), and
+whose ``transient`` says whether the same request may succeed later. Nothing
+else escapes, except a local ``OSError`` while writing downloaded bytes to a
+file descriptor. Request-level retries are the implementation's business; the
+callers retry whole operations (see uploader.py).
+
+Object metadata follows the convention s3client.py documents: ``mtime``
+(decimal seconds) and ``mode`` (octal st_mode) as user metadata, written by
+``s3client.object_metadata`` and read back into ``ObjectInfo`` by ``head``.
 """
 
 from __future__ import annotations
 
+import stat
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
-from .s3client import ObjectInfo
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the store says of one object. ``mode``/``mtime`` come from metadata when present."""
+
+    key: str
+    size: int
+    etag: str
+    mtime: float
+    mode: int | None = None       # None when only a listing was seen (no metadata)
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.mode is not None and stat.S_ISLNK(self.mode)
 
 
 class ObjectStore(Protocol):
+    """Thread-safe operations on one bucket. Every method raises S3Error on failure."""
+
+    # -- reads ------------------------------------------------------------------------
+
     def head(self, key: str) -> ObjectInfo | None:
-        """The object's size, ETag and metadata, or None if there is no such key."""
+        """The object's info with its metadata (``mode`` never None), or None if it does not exist.
+
+        Without s3ckptfs metadata, ``mtime`` is LastModified and ``mode`` a regular file's.
+        """
+        ...
 
     def list_dir(self, prefix: str) -> tuple[list[ObjectInfo], list[str]]:
-        """Objects directly under ``prefix`` and the names of the sub-prefixes (delimiter '/')."""
+        """ListObjectsV2 with delimiter '/': the objects directly under ``prefix`` (a ``prefix``
+        marker object included) and the names of sub-prefixes, without their slash.
+
+        Listing entries carry no user metadata: their ``mode`` is None, ``mtime`` is LastModified.
+        """
+        ...
 
     def list_all(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object under ``prefix``, recursively."""
+        """Every object whose key starts with ``prefix`` (recursive, no metadata); may raise while iterated."""
+        ...
 
     def dir_summary(self, prefix: str) -> tuple[bool, bool, float | None]:
-        """(anything under prefix, a marker object ``prefix`` exists, newest mtime seen)."""
+        """From the first page of a delimited listing of ``prefix``: (anything under it, a ``prefix``
+        marker object exists, newest LastModified of its direct children other than the marker)."""
+        ...
 
     def get_range_into(self, key: str, start: int, length: int, fd: int, etag: str | None = None,
-                       progress: Callable[[int], None] | None = None) -> None:
-        """Write bytes [start, start+length) of the object into ``fd`` at ``start``; If-Match ``etag``."""
+                       file_offset: int | None = None, progress: Callable[[int], None] | None = None) -> int:
+        """Download ``[start, start+length)`` of ``key`` into ``fd`` at ``file_offset`` (default ``start``).
+
+        ``progress(bytes written so far)`` is called as the bytes arrive. With ``etag``
+        the read is conditional: an object whose ETag differs fails with
+        PreconditionFailed instead of mixing two versions. Fewer bytes than ``length``
+        fail with IncompleteRead (transient). Returns the number of bytes written.
+        """
+        ...
 
     def get_bytes(self, key: str) -> bytes:
-        """The whole (small) object."""
+        """The whole body of a small object (symlink targets). A missing key fails with NoSuchKey."""
+        ...
+
+    # -- writes -----------------------------------------------------------------------
 
     def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None,
             checksum: str | None = None) -> str:
-        """Write a whole object; returns its ETag."""
+        """One PUT: the object appears whole or not at all. Returns the ETag.
+
+        A body that does not match ``checksum`` (CRC32C, base64) fails with BadDigest (transient).
+        """
+        ...
 
     def create_multipart(self, key: str, metadata: dict[str, str] | None = None, checksums: bool = False) -> str:
-        """Start a multipart upload; returns its upload id."""
+        """Start a multipart upload of ``key`` with ``metadata``; returns its upload id.
+
+        With ``checksums`` the parts carry CRC32Cs and completion reports the object's composite checksum.
+        """
+        ...
 
     def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes,
                     checksum: str | None = None) -> str:
-        """Upload (or replace) one part; returns its ETag."""
+        """Upload (or replace, before completion) one part; returns its ETag.
+
+        An unknown or finished upload fails with NoSuchUpload; a body that does not
+        match ``checksum`` with BadDigest (transient).
+        """
+        ...
 
     def complete_multipart(self, key: str, upload_id: str,
                            parts: list[tuple[int, str, str | None]]) -> tuple[str, str | None]:
-        """Make the object from ``parts`` [(number, etag, checksum)]; returns (ETag, server checksum)."""
+        """Make the object visible from ``parts``: (number, etag, crc32c or None), ascending.
+
+        Returns the object's ETag and the composite checksum the server computed
+        (``s3client.composite_crc32c``), or None if it gave none. An ETag or checksum
+        that does not match the uploaded part fails with InvalidPart; an unknown
+        upload with NoSuchUpload.
+        """
+        ...
 
     def abort_multipart(self, key: str, upload_id: str) -> None:
-        """Abort an upload; its parts are discarded."""
+        """Abort an upload and drop its parts; one that no longer exists is not an error."""
+        ...
 
     def list_parts(self, key: str, upload_id: str) -> list[tuple[int, int, str, str | None]]:
-        """[(number, size, etag, checksum)] of an upload in progress."""
+        """(number, size, etag, crc32c or None) of the parts an unfinished upload holds, ascending."""
+        ...
 
     def copy(self, src_key: str, dst_key: str, size: int) -> None:
-        """Server-side copy (multipart above 5 GiB)."""
+        """Server-side copy keeping the metadata (``size``: the source's, to choose the method).
+
+        A missing source fails with NoSuchKey.
+        """
+        ...
 
     def delete(self, key: str) -> None:
-        """Delete a key (no error if absent)."""
+        """Delete one object; a missing one is not an error."""
+        ...

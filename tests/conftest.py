@@ -1,4 +1,4 @@
-"""Shared fixtures: a local S3 server, fresh buckets and real FUSE mounts.
+"""Shared fixtures: a local S3 server, fresh buckets and real FUSE mounts; in-process mounts.
 
 The S3 server (SeaweedFS, see ``s3ckptfs.devserver``) lives for the whole
 session. Each mount runs the real command line in background mode, exactly as
@@ -9,6 +9,11 @@ teardown that had to force anything fails with the tail of the daemon log.
 
 All command-line runs write their output to files, not pipes, so that a
 daemon which keeps an inherited descriptor open cannot hang the test.
+
+Every test that uses the server (the ``s3server`` fixture, directly or through
+another fixture) is marked ``fuse``: ``-m "not fuse"`` selects the in-process
+layer, which needs neither root, FUSE nor SeaweedFS (``inproc`` fixture, see
+inproc.py and fakestore.py).
 """
 
 from __future__ import annotations
@@ -584,3 +589,49 @@ def lock_order_checked(lock_check_log: Path) -> Iterator[None]:
               for entry in locks.read_log(lock_check_log, offset)]
     if found:
         pytest.fail("lock order violated (see s3ckptfs/locks.py):\n\n" + "\n\n".join(found), pytrace=False)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``fuse`` every test that needs the S3 server (and so, here, a mount), however it gets it."""
+    for item in items:
+        if "s3server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.fuse)
+
+
+# --------------------------------------------------------------------------
+# In-process layer: the core over an in-memory store, no FUSE, no server
+# --------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_store() -> Iterator[Any]:
+    """A fresh FakeStore; every hang is released at teardown."""
+    from fakestore import FakeStore
+
+    store = FakeStore()
+    yield store
+    store.clear_faults()
+
+
+@pytest.fixture
+def inproc(fake_store: Any, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """``inproc(**options)`` -> a started ``InProcessMount`` over ``fake_store``, cache dir in memory.
+
+    Options are ``Options`` fields on top of ``inproc.small_options()``. At teardown every
+    hang is released and every instance still running is stopped without draining.
+    """
+    from inproc import InProcessMount, fast_tmp_dir, small_options
+
+    mounts: list[Any] = []
+    with fast_tmp_dir(tmp_path / "cache") as base:
+        def make(**options: Any) -> Any:
+            mount = InProcessMount(fake_store, base / f"cache{len(mounts)}", small_options(**options))
+            mounts.append(mount)
+            mount.start()
+            return mount
+
+        try:
+            yield make
+        finally:
+            fake_store.clear_faults()
+            for mount in mounts:
+                mount.close()

@@ -9,7 +9,7 @@ import pytest
 from conftest import get_bytes, list_keys
 from s3ckptfs import devserver
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]  # starts servers of its own too
 
 
 def test_server_round_trip(s3: Any, bucket: str) -> None:

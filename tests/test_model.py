@@ -9,7 +9,7 @@ At the end, after sync, the tree seen through a second mount of the same prefix
 (its own cache, no metadata caching: a fresh node) must hold the same names and
 bytes as the model.
 
-S3CKPTFS_MODEL_EXAMPLES sets the number of sequences (default 300; run many more
+S3CKPTFS_MODEL_EXAMPLES sets the number of sequences (default 100; run many more
 by hand).
 """
 
@@ -31,7 +31,7 @@ from s3ckptfs import control
 MiB = 1 << 20
 NAMES = ["a", "b", "c.pt", ".tmp1", "d=1"]
 DIRS = ["", "x", "x/y", "z"]
-EXAMPLES = int(os.environ.get("S3CKPTFS_MODEL_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("S3CKPTFS_MODEL_EXAMPLES", "100"))
 RESTART_ONE_IN = 4
 SYNC_TIMEOUT = 300
 

@@ -108,23 +108,6 @@ def test_relative_mountpoint_and_cache_dir(bucket, s3server, s3, mount_factory):
         run_cli(["unmount", mountpoint.name], env, cwd=mountpoint.parent)
 
 
-@pytest.mark.parametrize("content, expected", [
-    ('source = "s3://b/p"\nbogus = 1\n', "unknown key 'bogus'"),
-    ('[options]\nwrite_mode = "sometimes"\n', "write_mode"),
-    ('[options]\nnot_an_option = 1\n', "unknown option 'not_an_option'"),
-    ('source = [1\n', "not valid TOML"),
-])
-def test_bad_config_file_is_one_line_naming_key_and_file(s3server, tmp_path, content, expected):
-    config = tmp_path / "bad.toml"
-    config.write_text(content)
-    result = run_cli(["mount", "--config", str(config)], cli_env(s3server))
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("s3ckptfs: error:"), result.stderr
-    assert expected in lines[0]
-    assert "bad.toml" in lines[0] or "TOML" in lines[0]
-
-
 @pytest.fixture
 def installed_command():
     """mount.fuse3 runs 's3ckptfs' from the system PATH, where a pip install as root puts it."""

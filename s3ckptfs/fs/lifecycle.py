@@ -22,7 +22,7 @@ from .. import locks
 from ..errors import FsError, S3Error
 from ..remoteops import RemoteOp
 from ..metadata import DirInfo
-from ..s3client import ObjectInfo
+from ..store import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Ticket, Uploader
 from .core import Core

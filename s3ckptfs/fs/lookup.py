@@ -21,7 +21,7 @@ import errno
 
 from ..errors import FsError, S3Error
 from ..metadata import MISSING, DirInfo
-from ..s3client import ObjectInfo
+from ..store import ObjectInfo
 from ..staging import StagedFile
 from .bounded import BoundedRequests, Outage
 from .core import DIR_MODE, FILE_MODE, SYMLINK_MAX, Core, Stat, parent_of, s3_errno

@@ -20,7 +20,7 @@ import time
 from ..errors import FsError, S3Error
 from ..metadata import MISSING, DirInfo
 from ..remoteops import DELETE, MARKER, MOVE, RemoteOp
-from ..s3client import ObjectInfo
+from ..store import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Uploader
 from .core import Core, s3_errno

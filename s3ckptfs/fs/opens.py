@@ -23,7 +23,7 @@ from ..cache import CachedObject
 from ..errors import FsError
 from ..handles import Handle
 from ..metadata import MISSING, DirInfo
-from ..s3client import ObjectInfo
+from ..store import ObjectInfo
 from ..staging import StagedFile
 from .core import FILE_MODE, Core, parent_of
 from .lifecycle import Lifecycle, free_staging

@@ -17,7 +17,7 @@ import time
 from ..errors import S3Error
 from ..metadata import MISSING, DirInfo
 from ..remoteops import RemoteOp
-from ..s3client import ObjectInfo
+from ..store import ObjectInfo
 from ..staging import next_close_seq
 from ..uploader import Ticket, Uploader
 from .core import Core

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from ..cache import CachedObject
 from ..errors import FsError, S3Error
 from ..handles import Handle
-from ..s3client import ObjectInfo
+from ..store import ObjectInfo
 from ..staging import StagedFile
 from .core import Core, s3_errno
 from .lifecycle import free_staging
