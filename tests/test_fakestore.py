@@ -202,3 +202,20 @@ def test_a_severed_client_fails_even_while_hanging():
     with pytest.raises(S3Error, match="ConnectionError"):
         client.head("k")
     assert store.head("k") is None, "other clients of the store are not affected"
+
+
+def test_s3client_and_the_fake_implement_the_whole_interface():
+    import inspect
+
+    from fakestore import FakeClient
+    from s3ckptfs.s3client import S3Client
+    from s3ckptfs.store import ObjectStore
+
+    methods = [name for name, _ in inspect.getmembers(ObjectStore, inspect.isfunction) if not name.startswith("_")]
+    assert len(methods) == 14
+    for name in methods:
+        expected = inspect.signature(getattr(ObjectStore, name))
+        for implementation in (S3Client, FakeClient):
+            found = inspect.signature(getattr(implementation, name))
+            assert list(found.parameters) == list(expected.parameters), (implementation.__name__, name)
+            assert [p.default for p in found.parameters.values()] == [p.default for p in expected.parameters.values()]

@@ -15,7 +15,8 @@ Every operation must succeed on both or fail on both with the same errno; reads
 and write counts must be equal; after each step the names seen through the core
 must be the local directory's. At the end, after sync, the store must hold
 exactly the local tree (names and bytes, directories as markers or prefixes),
-the core must read back the same bytes, and no multipart upload may be left.
+the core and a fresh instance on its own cache (a new node) must read back the
+same bytes, and no multipart upload may be left.
 
 S3CKPTFS_INPROC_EXAMPLES sets the number of sequences (default 2000).
 """
@@ -322,6 +323,15 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                     history = "\n".join(self.steps)
                     assert store_tree(self.store, self.mount.prefix) == expected, history
                     assert self.vfs.tree(with_bytes=True) == expected, history
+                    # A fresh node (its own cache, no metadata caching) reads the same tree from the store.
+                    fresh = InProcessMount(self.store, self.mount.cache_root.with_name(
+                        self.mount.cache_root.name + "-fresh"), small_options(metadata_ttl=0, negative_ttl=0))
+                    fresh.start()
+                    try:
+                        assert Vfs(fresh.fs).tree(with_bytes=True) == expected, history
+                    finally:
+                        fresh.stop()
+                        shutil.rmtree(fresh.cache_root, ignore_errors=True)
                     self.store.clear_faults()
                     assert self.mount.stop(SYNC_TIMEOUT), history
                     assert self.store.uploads() == [], f"multipart uploads left behind\n{history}"
