@@ -189,6 +189,8 @@ def test_rename_of_a_committed_file_is_a_copy_then_a_delete(inproc, fake_store):
     vfs.write_file("a", data_of(SMALL))
     assert mount.fs.sync() == []
     vfs.rename("a", "b")
+    assert vfs.read_bytes("b") == data_of(SMALL)  # at once here; in the store in close order
+    assert mount.fs.sync() == []
     assert fake_store.objects(mount.prefix) == {"mnt/b": data_of(SMALL)}
     assert fake_store.count("copy", "mnt/b") == 1 and fake_store.count("delete", "mnt/a") >= 1
     assert vfs.read_bytes("b") == data_of(SMALL)
@@ -243,10 +245,11 @@ def test_unlink_of_a_committed_file_deletes_the_object(inproc, fake_store):
     fake_store.put_object("mnt/old", b"x")
     vfs = Vfs(mount.fs)
     vfs.unlink("old")
-    assert fake_store.objects(mount.prefix) == {}
     with pytest.raises(OSError) as missing:
-        vfs.unlink("old")
+        vfs.unlink("old")  # gone here at once; from the store in close order
     assert missing.value.errno == errno.ENOENT
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {}
 
 
 # -- directories, links, attributes --------------------------------------------------------
@@ -256,6 +259,8 @@ def test_mkdir_rmdir_markers_and_enotempty(inproc, fake_store):
     fs = mount.fs
     vfs = Vfs(fs)
     vfs.mkdir("d")
+    assert vfs.is_dir("d")  # at once here; its marker reaches the store in close order
+    assert fs.sync() == []
     assert fake_store.objects(mount.prefix) == {"mnt/d/": b""}
     with pytest.raises(OSError) as exists:
         fs.mkdir("/d", 0o755)
@@ -270,8 +275,9 @@ def test_mkdir_rmdir_markers_and_enotempty(inproc, fake_store):
     assert busy.value.errno == errno.ENOTEMPTY
     vfs.unlink("d/pending")
     vfs.rmdir("d")
-    assert fake_store.objects(mount.prefix) == {}
     assert not vfs.exists("d")
+    assert fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {}
     with pytest.raises(OSError) as missing:
         fs.mkdir("/no/such/parent", 0o755)
     assert missing.value.errno == errno.ENOENT

@@ -17,11 +17,10 @@ Stall paths:
   upload-part      an UploadPart of a multipart file
   complete         CompleteMultipartUpload
 
-Known defect (filed in issue 14): ``Uploader._ensure_upload_locked`` makes
-CreateMultipartUpload under the file's lock, and readdir, getattr and release
-take that lock (release and readdir under the mount's lock). The cases this
-defect breaks today are marked xfail(strict=True); they start passing, and must
-then lose their marker, once the request moves out of the lock.
+CreateMultipartUpload used to run under the file's lock, which readdir, getattr
+and release take (release and readdir under the mount's lock): the create-*
+cases then stalled until the store answered. It now runs without the lock
+(parts.py), as every request does (s3ckptfs/locks.py).
 """
 
 from __future__ import annotations
@@ -41,15 +40,6 @@ ANSWER_WITHIN = 1.0
 BIG = 18 * KiB          # over single_put_limit (6 KiB): multipart, parts of 4 KiB
 SMALL = 2 * KiB
 
-DEFECT = ("CreateMultipartUpload runs under the file's lock (Uploader._ensure_upload_locked), which readdir, "
-          "getattr and release take (the last two under the mount's lock): issue 14")
-
-# (path, query) pairs that today's code fails; see the module docstring.
-STALLS_TODAY = {
-    ("create-at-close", "readdir"), ("create-at-close", "stat_other"), ("create-at-close", "read_other"),
-    ("create-at-close", "stat_self"),
-    ("create-eager", "readdir"), ("create-eager", "stat_self"),
-}
 PATHS = ["create-at-close", "create-eager", "put", "upload-part", "complete"]
 QUERIES = ["readdir", "stat_other", "read_other", "stat_self"]
 
@@ -77,8 +67,7 @@ def in_thread(action: Callable[[], Any], name: str) -> tuple[threading.Thread, d
 def cases():
     for path in PATHS:
         for query in QUERIES:
-            marks = [pytest.mark.xfail(strict=True, reason=DEFECT)] if (path, query) in STALLS_TODAY else []
-            yield pytest.param(path, query, marks=marks, id=f"{path}-{query}")
+            yield pytest.param(path, query, id=f"{path}-{query}")
 
 
 @pytest.mark.timeout(30)
