@@ -17,8 +17,8 @@ The order, outermost first::
     journal   StagedFile.journal_lock: one file's journal record being written
               (held across its fsync, so never under the mount's or a file's lock)
     file      StagedFile.lock (+ changed): every field of one staged file
-    leaves    parts, passthrough.holders, room, close_seq, metadata, objects,
-              handles, outage, watch.timers: each guards one small structure
+    leaves    parts, requests, outage, passthrough.holders, room, close_seq, metadata,
+              objects, handles, watch.timers: each guards one small structure
 
 The rules:
 
@@ -118,6 +118,7 @@ ORDER: tuple[LockKind, ...] = (
     LockKind("file", 30, "StagedFile.lock, with the condition StagedFile.changed",
              "every field of one staged file; changed: a part or a commit request finished"),
     LockKind("parts", LEAF, "PartUploads._lock (parts.py)", "the eager-upload slots and their waiting list"),
+    LockKind("requests", LEAF, "BoundedRequests._count_lock (fs/bounded.py)", "its thread counts"),
     LockKind("outage", LEAF, "Outage._lock (fs/bounded.py)", "whether S3 is answering, and the fallback count"),
     LockKind("passthrough.holders", LEAF, "PassthroughFiles._holders_lock",
              "kernel backing ids: holders, the file of each id, the id of each file"),

@@ -32,16 +32,42 @@ T = TypeVar("T")
 class BoundedRequests:
     """Runs store requests on daemon threads; callers wait for each at most a deadline."""
 
-    def __init__(self, deadline: float, threads: int = 8) -> None:
+    def __init__(self, deadline: float, threads: int = 8, idle_exit: float = 30.0) -> None:
         self.deadline = deadline
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._probing = threading.Event()
-        for number in range(threads):
-            threading.Thread(target=self._serve, name=f"s3ckptfs-meta-{number}", daemon=True).start()
+        self._max_threads = threads
+        self._idle_exit = idle_exit
+        self._threads = 0          # started and not exited
+        self._idle = 0             # of which waiting for work
+        self._count_lock = locks.new_lock("requests")
+
+    def _submit(self, future: Future, call: Callable[[], object]) -> None:
+        """Queue a call; start a thread for it if none is idle (up to the limit). Threads exit when idle."""
+        with self._count_lock:
+            start = self._idle == 0 and self._threads < self._max_threads
+            if start:
+                self._threads += 1
+        self._work.put((future, call))
+        if start:
+            threading.Thread(target=self._serve, name="s3ckptfs-meta", daemon=True).start()
 
     def _serve(self) -> None:
         while True:
-            future, call = self._work.get()
+            with self._count_lock:
+                self._idle += 1
+            try:
+                item = self._work.get(timeout=self._idle_exit)
+            except queue.Empty:
+                item = None  # idle long enough: exit (a sentinel None from shutdown does the same)
+            with self._count_lock:
+                self._idle -= 1
+                if item is None:
+                    if not self._work.empty() and self._idle_exit > 0.01:
+                        continue  # work came in as it timed out, counted on this thread
+                    self._threads -= 1
+                    return
+            future, call = item
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -49,11 +75,19 @@ class BoundedRequests:
             except BaseException as exc:  # handed to the waiting caller
                 future.set_exception(exc)
 
+    def shutdown(self) -> None:
+        """Let idle threads go now (a request still hanging ends with the process or its timeout)."""
+        self._idle_exit = 0.01
+        with self._count_lock:
+            waiting = self._idle
+        for _ in range(waiting):
+            self._work.put(None)
+
     def call(self, what: str, request: Callable[[], T], deadline: float | None = None) -> T:
         """``request()``'s result, or its S3Error, or S3Error("Timeout") after ``deadline`` seconds."""
         limit = self.deadline if deadline is None else deadline
         future: Future = Future()
-        self._work.put((future, request))
+        self._submit(future, request)
         try:
             return future.result(timeout=limit)
         except FutureTimeout:
@@ -76,7 +110,7 @@ class BoundedRequests:
                 self._probing.clear()
             on_answer()
 
-        self._work.put((Future(), run))
+        self._submit(Future(), run)
 
 
 class Outage:

@@ -187,6 +187,7 @@ class Filesystem:
         self.durability.shutdown()
         drained = self.uploader.shutdown(drain_timeout)
         self.reads.shutdown()
+        self.lookup.requests.shutdown()
         return drained
 
     def join_threads(self, timeout: float = 10.0) -> bool:
