@@ -6,7 +6,10 @@ clean restart and a crash with a restart from the same cache dir, plus an fsync
 between two writes of one open file, and store faults between operations (503s,
 refused connections, short hangs and latency, AccessDenied where the write mode
 lets a sequence see it only in sync, and outages during which every upload is
-refused, so that a crash finds files still pending). Each sequence runs a fresh
+refused, so that a crash finds files still pending, and outages during which S3
+is unreachable: every request refused or hanging, lookups and listings answered
+from kept listings, namespace changes queued; a call that needs bytes only S3
+has may then fail with EIO, and changes nothing). Each sequence runs a fresh
 ``Filesystem`` over a fresh ``FakeStore`` with KiB-sized parts, so the multipart
 paths run on small data; its options are drawn too (metadata caching on or off,
 write mode, local sync, checksums, eager uploads).
@@ -23,6 +26,7 @@ S3CKPTFS_INPROC_EXAMPLES sets the number of sequences (default 2000).
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -70,8 +74,7 @@ def outcome(action):
 
 
 def not_a_marker(op: str, key: str) -> bool:
-    """Faults hit file uploads only: directory markers are written synchronously by mkdir and
-    rename, which rely on the S3 client's own request retries (the fake has none)."""
+    """Faults and upload outages hit file uploads only (full outages hit everything)."""
     return not key.endswith("/")
 
 
@@ -165,11 +168,13 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                 self.model_root.mkdir()
                 self.local = Local(self.model_root)
                 options = small_options(metadata_ttl=ttl, negative_ttl=ttl, write_mode=write_mode,
-                                        local_sync=local_sync, checksums=checksums, eager_uploads=eager)
+                                        local_sync=local_sync, checksums=checksums, eager_uploads=eager,
+                                        metadata_deadline=0.05)  # full outages: fall back fast
                 self.mount = InProcessMount(self.store, base / f"cache{number}", options)
                 self.mount.start()
                 self.write_mode = write_mode
                 self.outage: fakestore.Rule | None = None
+                self.full_outage: fakestore.Rule | None = None   # every request fails: S3 unreachable
                 self.restarts = 0
                 self.final_crash = final_crash
                 self.denied: list[fakestore.Rule] = []
@@ -185,8 +190,22 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                 assert self.mount.fs is not None
                 return Vfs(self.mount.fs)
 
-            def both(self, action, what: str) -> None:
+            def both(self, action, what: str, needs_data: bool = False) -> None:
+                """The same call on the model and the core: the same result or the same errno.
+
+                While S3 is unreachable, a call that ``needs_data`` (the bytes of an object
+                not in the cache) may fail with EIO on the core alone; it then changes nothing.
+                """
                 self.steps.append(what)
+                if needs_data and self.full_outage is not None:
+                    actual = outcome(lambda: action(self.vfs))
+                    if actual == ("err", errno.EIO):
+                        self.steps.append("  (EIO: its data is in S3 only)")
+                        return
+                    expected = outcome(lambda: action(self.local))
+                    assert actual == expected, (f"core gave {actual}, a local directory {expected}\n"
+                                                + "\n".join(self.steps))
+                    return
                 expected = outcome(lambda: action(self.local))
                 actual = outcome(lambda: action(self.vfs))
                 assert actual == expected, (f"core gave {actual}, a local directory {expected}\n"
@@ -196,14 +215,15 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
 
             @rule(path=paths, offset=offsets, data=blobs)
             def write(self, path, offset, data):
-                self.both(lambda fs: fs.write_at(path, offset, data), f"write {path} @{offset} +{len(data)}")
+                self.both(lambda fs: fs.write_at(path, offset, data), f"write {path} @{offset} +{len(data)}",
+                          needs_data=True)
 
             @rule(path=paths, data=blobs)
             def append_to(self, path, data):
-                self.both(lambda fs: fs.append(path, data), f"append {path} +{len(data)}")
+                self.both(lambda fs: fs.append(path, data), f"append {path} +{len(data)}", needs_data=True)
 
             # Not once AccessDenied may strike: fsync would fail where the model's does not.
-            @precondition(lambda self: not self.denied and self.outage is None)
+            @precondition(lambda self: not self.denied and self.outage is None and self.full_outage is None)
             @rule(path=paths, first=st.tuples(offsets, blobs), second=st.tuples(offsets, blobs))
             def write_fsync_write(self, path, first, second):
                 def action(fs):
@@ -215,7 +235,7 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
 
             @rule(path=paths, size=offsets)
             def truncate(self, path, size):
-                self.both(lambda fs: fs.truncate(path, size), f"truncate {path} {size}")
+                self.both(lambda fs: fs.truncate(path, size), f"truncate {path} {size}", needs_data=True)
 
             @rule(src=paths, dst=paths)
             def rename_file(self, src, dst):
@@ -243,9 +263,9 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
 
             @rule(path=paths)
             def read(self, path):
-                self.both(lambda fs: fs.read_bytes(path), f"read {path}")
+                self.both(lambda fs: fs.read_bytes(path), f"read {path}", needs_data=True)
 
-            @precondition(lambda self: self.outage is None)
+            @precondition(lambda self: self.outage is None and self.full_outage is None)
             @rule()
             def sync(self):
                 self.steps.append("sync")
@@ -258,7 +278,11 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                 self.restarts += 1
                 self.steps.append("crash+restart" if crash else "stop+start")
                 # During an outage a clean stop gives up draining at once (the data is journaled).
+                if not crash:
+                    self.end_full_outage()  # a clean stop waits for requests in flight: let them end
                 self.mount.restart(crash=crash, drain_timeout=0.05 if self.outage else SYNC_TIMEOUT)
+                # A fresh start knows no listing: S3 must answer again before the next lookups.
+                self.end_full_outage()
 
             @rule(kind=st.sampled_from(sorted(FAULTS)), times=st.integers(1, 3),
                   op=st.sampled_from([None, *UPLOAD_OPERATIONS]))
@@ -285,12 +309,33 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
             def outage_ends(self):
                 self.end_outage()
 
+            # S3 unreachable: every request refused, or hanging (then lookups wait the deadline
+            # once and answer from kept listings; the uploads wait until the hang is released).
+            @precondition(lambda self: self.outage is None and self.full_outage is None
+                          and self.write_mode == "async")
+            @rule(kind=st.sampled_from(["refuse", "hang"]))
+            def full_outage_begins(self, kind):
+                self.full_outage = self.store.inject(fakestore.REFUSE if kind == "refuse" else fakestore.HANG)
+                self.steps.append(f"S3 unreachable ({kind})")
+
+            @precondition(lambda self: self.full_outage is not None)
+            @rule()
+            def full_outage_ends(self):
+                self.end_full_outage()
+
             @invariant()
             def same_names(self):
                 if hasattr(self, "mount"):
                     assert sorted(self.vfs.tree()) == sorted(local_tree(self.model_root)), "\n".join(self.steps)
 
             # -- helpers ---------------------------------------------------------------
+
+            def end_full_outage(self) -> None:
+                if self.full_outage is not None:
+                    self.full_outage.remove()
+                    self.store.release()
+                    self.full_outage = None
+                    self.steps.append("S3 answers again")
 
             def end_outage(self) -> None:
                 if self.outage is not None:
@@ -318,6 +363,7 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                         self.mount.restart(crash=True)
                         self.restarts += 1
                     self.end_outage()
+                    self.end_full_outage()
                     self.sync_all()
                     expected = local_tree(self.model_root)
                     history = "\n".join(self.steps)
@@ -339,6 +385,8 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                     counts["operations"] += len(self.steps) - 1
                     counts["restarts"] += self.restarts
                     counts["faults"] += sum(step.startswith("fault") for step in self.steps)
+                    counts["unreachable"] += sum(step.startswith("S3 unreachable") for step in self.steps)
+                    counts["eio"] += sum(step.startswith("  (EIO") for step in self.steps)
                 finally:
                     self.store.clear_faults()
                     self.mount.close()
@@ -351,5 +399,6 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
         CoreVersusLocal.TestCase().runTest()
 
     print(f"\nin-process reference model: {counts['sequences']} sequences checked, {counts['operations']} "
-          f"operations, {counts['restarts']} restarts or crashes, {counts['faults']} store faults")
+          f"operations, {counts['restarts']} restarts or crashes, {counts['faults']} store faults, "
+          f"{counts['unreachable']} times S3 unreachable ({counts['eio']} calls needing its data failed)")
     assert counts["sequences"] >= min(EXAMPLES, 100)

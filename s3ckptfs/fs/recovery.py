@@ -44,7 +44,9 @@ class Recovery:
             if not under(path, file.path):
                 continue
             with file.lock:
-                wanted = file.dirty and not file.deleted and file.writers == 0
+                # A file whose last close requested its commit may still count a writer here:
+                # FUSE reports the release after close(2) has returned.
+                wanted = file.dirty and not file.deleted and (file.writers == 0 or file.commit_queued)
             if wanted:
                 tickets.append((file, self.uploader.request_commit(file)))
         self.pending.retry_failed(path)
