@@ -47,7 +47,10 @@ config_mountpoint() {
 mountpoints() {
     local file
     if [ -n "${S3CKPTFS_MOUNTPOINT:-}" ]; then
-        printf '%s\n' $S3CKPTFS_MOUNTPOINT
+        # Split on spaces, never glob.
+        local -a listed
+        read -r -a listed <<<"$S3CKPTFS_MOUNTPOINT"
+        printf '%s\n' "${listed[@]}"
         return
     fi
     for file in ${S3CKPTFS_CONFIG:-/etc/s3ckptfs/*.toml}; do
