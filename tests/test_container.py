@@ -201,6 +201,8 @@ def test_pod_mounts_on_the_host_and_stop_drains(pod, fault_proxy, s3, bucket):
     (pod.mountpoint / "step_1.pt").write_bytes(b"first checkpoint")
     s3ckptfs.sync(pod.mountpoint / "step_1.pt", timeout=60)  # the host finds the container's daemon
     assert get_bytes(s3, bucket, "pod/step_1.pt") == b"first checkpoint"
+    ready = podman("exec", name, "/usr/local/bin/s3ckptfs-entrypoint", "ready", check=False)
+    assert ready.returncode == 0, ready.stderr  # the DaemonSet's readiness probe
 
     fault_proxy.delay(40)
     payload = os.urandom(24 * MiB)

@@ -51,6 +51,7 @@ mirror() {
         return
     fi
     local site
+    # shellcheck disable=SC2016  # $(SITE) is apt's template, not the shell's
     site="$(apt-get indextargets --format '$(SITE)' 2>/dev/null | grep -v -- '-security' | sort -u | head -n 1 || true)"
     echo "${site:-http://deb.debian.org/debian}"
 }
@@ -103,6 +104,7 @@ if podman image exists "$base_tag"; then
     log "base image $base_tag exists"
 else
     log "mmdebstrap $SUITE ($PACKAGES) from $(mirror)"
+    # shellcheck disable=SC2016  # "$1" is for mmdebstrap's hook, not this shell
     mmdebstrap --variant=minbase --include="$PACKAGES" \
         --aptopt='Acquire::Languages "none"' \
         --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/doc/*' \
@@ -119,5 +121,12 @@ log "podman build ($RUNTIME) on $base_tag"
 podman --runtime "$RUNTIME" build --pull=never --build-arg "BASE=$base_tag" -t "$image_tag" \
     -f "$work/context/Containerfile" "$work/context" >&2
 podman tag "$image_tag" localhost/s3ckptfs:latest
+# Images of older sources are of no use any more: keep the disk bounded.
+for old in $(podman images --format '{{.Repository}}:{{.Tag}}' localhost/s3ckptfs); do
+    case "$old" in
+        "$image_tag"|localhost/s3ckptfs:latest) ;;
+        *) podman rmi "$old" >/dev/null 2>&1 || true ;;
+    esac
+done
 log "built $image_tag in $((SECONDS - started))s"
 echo "$image_tag"
