@@ -136,6 +136,24 @@ def _locate(path: str | os.PathLike[str]) -> tuple[_Daemon, str, str]:
         by_path[os.path.join(os.path.realpath(head), tail)] = daemon  # above the mount: safe to resolve
         by_path[daemon.mountpoint] = daemon
     mounts = _mount_table()
+
+    def served(resolved: str) -> tuple[_Daemon, str] | None:
+        """The deepest directory among ``resolved`` (free of symlinks) and its parents that a daemon serves."""
+        probe = resolved
+        while True:
+            if probe in by_path:
+                return by_path[probe], probe
+            fstype, source = mounts.get(probe, ("", ""))
+            if fstype == "fuse.s3ckptfs":
+                same_source = [daemon for daemon in daemons if daemon.source == source]
+                if not same_source:
+                    raise NotMountedError(f"{probe} is an s3ckptfs mount of {source}, but its daemon's control "
+                                          f"socket is not in {' or '.join(map(str, _runtime_dirs()))}")
+                return same_source[0], probe
+            if probe == "/":
+                return None
+            probe = os.path.dirname(probe)
+
     parts = [part for part in absolute.split("/") if part]
     resolved = "/"
     for index in range(len(parts) + 1):
@@ -143,16 +161,11 @@ def _locate(path: str | os.PathLike[str]) -> tuple[_Daemon, str, str]:
             candidate = os.path.join(resolved, parts[index - 1])
             # A mountpoint is never a symlink; not resolving it keeps a hung mount from hanging us.
             resolved = candidate if candidate in mounts else os.path.realpath(candidate)
-        inside = "/" + "/".join(parts[index:])
-        if resolved in by_path:
-            return by_path[resolved], resolved, inside
-        fstype, source = mounts.get(resolved, ("", ""))
-        if fstype == "fuse.s3ckptfs":
-            same_source = [daemon for daemon in daemons if daemon.source == source]
-            if same_source:
-                return same_source[0], resolved, inside
-            raise NotMountedError(f"{resolved} is an s3ckptfs mount of {source}, but its daemon's control "
-                                  f"socket is not in {' or '.join(map(str, _runtime_dirs()))}")
+        found = served(resolved)
+        if found is not None:
+            daemon, mountpoint = found
+            inside = "/".join([resolved[len(mountpoint):].strip("/"), *parts[index:]]).strip("/")
+            return daemon, mountpoint, "/" + inside
     raise NotMountedError(f"{absolute} is not on an s3ckptfs mount (no daemon serves it)")
 
 
@@ -194,7 +207,10 @@ def sync(path: str | os.PathLike[str], timeout: float | None = None,
     """Block until every file closed under ``path`` is complete in S3; return the seconds it took.
 
     ``path`` is a file or directory on an s3ckptfs mount, or the mountpoint
-    itself (everything). Files still open for writing are not waited for.
+    itself (everything). Files still open for writing are not waited for
+    (one held open under ``path`` delays the call by ``RELEASE_GRACE``: a
+    file just closed counts as open until the kernel's release reaches the
+    daemon, and the call waits for that).
     ``on_progress`` is called about twice a second with
     ``{"files", "bytes_total", "bytes_done"}`` while uploads are in flight.
 
@@ -205,8 +221,10 @@ def sync(path: str | os.PathLike[str], timeout: float | None = None,
     """
     started = time.monotonic()
     daemon, mount, inside = _locate(path)
+    _await_releases(daemon, inside, min(RELEASE_GRACE, timeout) if timeout is not None else RELEASE_GRACE)
+    remaining = None if timeout is None else max(0.1, timeout - (time.monotonic() - started))
     try:
-        answer = _request(daemon, {"cmd": "sync", "path": inside}, on_progress, timeout=timeout)
+        answer = _request(daemon, {"cmd": "sync", "path": inside}, on_progress, timeout=remaining)
     except TimeoutError:
         pending = _pending_under(daemon, mount, inside)
         raise SyncTimeoutError(f"{len(pending)} file(s) under {path} not in S3 after {timeout:g}s",
@@ -218,6 +236,27 @@ def sync(path: str | os.PathLike[str], timeout: float | None = None,
         names = ", ".join(item.path for item in failed[:5]) + (" ..." if len(failed) > 5 else "")
         raise SyncError(f"{len(failed)} file(s) under {path} are not in S3: {names}", failed)
     return time.monotonic() - started
+
+
+# close(2) returns once the kernel has sent FLUSH; the RELEASE that tells the daemon the file
+# is closed follows asynchronously, and until it arrives the daemon counts the file as open
+# (and a sync does not wait for it). A sync right after a close waits this long at most for
+# such files to be released; a file really held open under the path costs that delay once.
+RELEASE_GRACE = 0.5
+
+
+def _open_under(daemon: _Daemon, inside: str) -> set[str]:
+    prefix = inside.rstrip("/") + "/"
+    answer = _request(daemon, {"cmd": "status"}, timeout=10)
+    return {item["path"] for item in answer.get("pending", []) if item["state"] == "open"
+            and (inside == "/" or item["path"] == inside or item["path"].startswith(prefix))}
+
+
+def _await_releases(daemon: _Daemon, inside: str, limit: float) -> None:
+    """Wait (at most ``limit`` seconds) until no file under ``inside`` counts as open for writing."""
+    deadline = time.monotonic() + limit
+    while _open_under(daemon, inside) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _local(mountpoint: str, inside: str) -> str:

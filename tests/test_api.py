@@ -65,6 +65,12 @@ def test_sync_waits_for_the_files_under_a_path(mnt, s3, tmp_path):
     assert s3ckptfs.find_mount(link / "b" / "other.pt") == str(mnt.path)
     s3ckptfs.sync(link / "b" / "other.pt")
     assert get_bytes(s3, mnt.bucket, mnt.key("b/other.pt")) == b"other"
+    into = tmp_path / "into-b"  # a symlink to a directory inside the mount
+    into.symlink_to(mnt.path / "b")
+    (mnt.path / "b" / "third.pt").write_bytes(b"third")
+    assert s3ckptfs.find_mount(into / "third.pt") == str(mnt.path)
+    s3ckptfs.sync(into)
+    assert get_bytes(s3, mnt.bucket, mnt.key("b/third.pt")) == b"third"
     s3ckptfs.sync(mnt.path)  # everything: nothing left to wait for
 
 
@@ -159,3 +165,13 @@ def test_other_users_sync_a_shared_mount(bucket, mount_factory, s3):
         mount.unmount()
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.mark.fuse
+def test_sync_right_after_close_waits_for_the_file(mnt, s3):
+    """close(2) returns before the daemon hears of the release: sync must still wait for the file."""
+    for index in range(60):
+        name = f"quick{index}.pt"
+        (mnt.path / name).write_bytes(b"q" * 100)
+        s3ckptfs.sync(mnt.path / name)
+        assert list_keys(s3, mnt.bucket, mnt.key(name)) == [mnt.key(name)], f"missed after {index} tries"
