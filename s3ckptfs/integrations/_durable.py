@@ -1,9 +1,10 @@
 """What the framework callbacks share: wait for checkpoint directories to be in S3, and say so.
 
-The callbacks log to the ``s3ckptfs.integrations`` logger. A training script
-often configures no logging at all, and then an INFO line would vanish; so the
-first callback made in such a process gives that logger a handler of its own
-(stderr), which ``logging.basicConfig`` or any handler set up later replaces.
+The callbacks log to the ``s3ckptfs.integrations`` logger, at INFO. A training
+script often configures no logging at all, and then those lines would vanish;
+so the logger gets a handler of its own that writes to stderr only while the
+root logger has no handler (once ``logging.basicConfig`` or a framework sets
+one up, the lines go there instead, and only there).
 """
 
 from __future__ import annotations
@@ -23,14 +24,22 @@ log = logging.getLogger("s3ckptfs.integrations")
 DEFAULT_SIGTERM_TIMEOUT = 25.0
 
 
+class _UntilConfigured(logging.StreamHandler):
+    """Writes to stderr only while the root logger has no handler of its own."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
 def ensure_visible_logging() -> None:
-    """Give our logger a stderr handler if nothing in the process would show its INFO lines."""
-    if log.handlers or logging.getLogger().handlers:
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    """Make sure the callbacks' INFO lines are seen, whatever the script did with logging."""
+    if not any(isinstance(handler, _UntilConfigured) for handler in log.handlers):
+        handler = _UntilConfigured(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.INFO)
 
 
 def checkpoint_dirs(paths: Iterable[str | os.PathLike[str] | None]) -> list[str]:

@@ -12,7 +12,7 @@ On SIGTERM (a scheduler's preemption), Lightning finishes the current batch
 and stops with ``SIGTERMException``; the callback then waits, at most
 ``sigterm_timeout`` seconds, for the checkpoints already written, and logs
 whether they are durable. The same happens when training stops on any other
-exception. It never raises there: the original exception goes on. Either way
+exception (but Ctrl-C). It never raises there: the original exception goes on. Either way
 the mount's daemon keeps uploading after the process exits; the wait is what
 lets the job's log say that the last checkpoint is safe.
 
@@ -72,8 +72,8 @@ class DurableCheckpoints(Callback):
                          raise_errors=self.raise_errors)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if trainer.local_rank != 0:
-            return
+        if trainer.local_rank != 0 or isinstance(exception, KeyboardInterrupt):
+            return  # Ctrl-C at a terminal: the user is there, and the daemon keeps uploading
         why = "SIGTERM" if type(exception).__name__ == "SIGTERMException" else f"stopped by {exception!r}"
         try:
             make_durable(self._dirs(trainer), timeout=self.sigterm_timeout, why=why, raise_errors=False)
