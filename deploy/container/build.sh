@@ -60,7 +60,13 @@ mirror() {
 gather_wheels() {
     local dest="$1"
     mkdir -p "$dest"
-    "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$dest" "$REPO" >&2
+    # Built from a copy: a build leaves a build/ directory behind in its source tree.
+    local src
+    src="$(mktemp -d)"
+    cp -r "$REPO/s3ckptfs" "$REPO/pyproject.toml" "$REPO/README.md" "$src/"
+    find "$src" -name __pycache__ -prune -exec rm -rf {} +
+    "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$dest" "$src" >&2
+    rm -rf "$src"
     local wheel
     wheel="$(ls "$dest"/s3ckptfs-*.whl)"
     "$PYTHON" -m pip download -q --only-binary=:all: --python-version 3.13 --implementation cp \
