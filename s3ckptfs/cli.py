@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="wait until everything written so far is in S3")
     sync.add_argument("mountpoint", metavar="MOUNTPOINT")
     sync.add_argument("path", nargs="?", help="only files under this path")
+    sync.add_argument("--timeout", type=float, metavar="SECONDS",
+                      help="give up waiting after SECONDS (exit 1, listing what is pending; uploads go on)")
 
     status = sub.add_parser("status", help="show pending and failed uploads")
     status.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -143,9 +145,10 @@ def _show_progress(progress: dict) -> None:
           end="", file=sys.stderr, flush=True)
 
 
-def _sync(mountpoint: str, path: str | None) -> list[dict]:
+def _sync(mountpoint: str, path: str | None, timeout: float | None = None) -> list[dict]:
+    """Failed files ([] when all is in S3); TimeoutError once ``timeout`` seconds have passed."""
     started = time.monotonic()
-    answer = control.request(mountpoint, {"cmd": "sync", "path": path or "/"}, _show_progress)
+    answer = control.request(mountpoint, {"cmd": "sync", "path": path or "/"}, _show_progress, timeout=timeout)
     if sys.stderr.isatty():
         print(f"\rsynced in {time.monotonic() - started:.1f}s" + " " * 40, file=sys.stderr)
     if "failed" not in answer:
@@ -161,10 +164,27 @@ def cmd_sync(args: argparse.Namespace) -> int:
         if real != mountpoint and not real.startswith(mountpoint.rstrip("/") + "/"):
             raise ConfigError(f"{args.path} is not inside {mountpoint}")
         path = "/" + real[len(mountpoint):].strip("/")
-    failed = _sync(mountpoint, path)
+    try:
+        failed = _sync(mountpoint, path, args.timeout)
+    except TimeoutError:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        return _report_timeout(mountpoint, path or "/", args.timeout)
     for failure in failed:
         print(f"{PROG}: error: {failure['path']} is not in S3: {failure['error']}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _report_timeout(mountpoint: str, under: str, timeout: float) -> int:
+    """After ``sync --timeout``: one line per file under ``under`` still not in S3, then the verdict."""
+    answer = control.request(mountpoint, {"cmd": "status"}, timeout=30)
+    prefix = under.rstrip("/") + "/"
+    for item in answer.get("pending", []):
+        if item["state"] != "open" and (under == "/" or item["path"] == under or item["path"].startswith(prefix)):
+            print(f"{PROG}: error: {item['path']} is not in S3 yet ({item['state']}, "
+                  f"{item['uploaded'] / 2**20:.1f}/{item['size'] / 2**20:.1f} MiB uploaded"
+                  + (f"; {item['error']}" if item.get("error") else "") + ")", file=sys.stderr)
+    return _fail(f"sync timed out after {timeout:g}s; the uploads go on")
 
 
 def cmd_unmount(args: argparse.Namespace) -> int:

@@ -8,6 +8,11 @@ file beside it (``.json``) names the daemon's pid, mountpoint and cache dir.
 Protocol: the client sends one JSON object on a line; the daemon answers with
 zero or more ``{"progress": ...}`` lines followed by one final object that has
 an ``"ok"`` key. Commands: ``status``, ``sync`` (with optional ``path``).
+
+Access: the socket is the daemon owner's alone, unless the mount is shared
+with other users (``allow_other``): then they may ask for ``sync`` and
+``status`` too (the root runtime directory is the node's, so a training job
+running as a user finds the mount that root serves).
 """
 
 from __future__ import annotations
@@ -25,9 +30,12 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 
+SYSTEM_RUNTIME_DIR = Path("/run/s3ckptfs")
+
+
 def runtime_dir() -> Path:
     if os.geteuid() == 0:
-        return Path("/run/s3ckptfs")
+        return SYSTEM_RUNTIME_DIR
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     return Path(xdg) / "s3ckptfs" if xdg else Path(f"/tmp/s3ckptfs-{os.geteuid()}")
 
@@ -54,20 +62,25 @@ Handler = Callable[[dict, Callable[[dict], None]], dict]
 class ControlServer:
     """Serves control requests for one mount on a background thread."""
 
-    def __init__(self, mountpoint: str, handler: Handler, info: dict) -> None:
+    def __init__(self, mountpoint: str, handler: Handler, info: dict, shared: bool = False) -> None:
+        """``shared``: other users may connect (the mount is ``allow_other``)."""
         self.path = socket_path(mountpoint)
         self._info_path = info_path(mountpoint)
         self._handler = handler
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if shared:
+            # Others must find the socket (list the dir, read the info file) and connect to it.
+            os.chmod(self.path.parent, os.stat(self.path.parent).st_mode & 0o777 | 0o755)
         try:
             self.path.unlink()
         except FileNotFoundError:
             pass
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(self.path))
-        os.chmod(self.path, 0o600)
+        os.chmod(self.path, 0o666 if shared else 0o600)
         self._sock.listen(16)
         self._info_path.write_text(json.dumps(info))
+        os.chmod(self._info_path, 0o644 if shared else 0o600)
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="s3ckptfs-control", daemon=True)
         self._thread.start()
@@ -115,9 +128,14 @@ class ControlError(Exception):
 
 
 def request(mountpoint: str, message: dict, on_progress: Callable[[dict], None] | None = None,
-            timeout: float | None = None) -> dict:
-    """Send one request to the daemon serving ``mountpoint``; return its final answer."""
-    path = socket_path(mountpoint)
+            timeout: float | None = None, socket_file: Path | None = None) -> dict:
+    """Send one request to the daemon serving ``mountpoint``; return its final answer.
+
+    ``socket_file`` names the socket directly (found from its info file), so
+    the mountpoint need not be resolved. ``timeout`` bounds the whole exchange:
+    TimeoutError once it has passed.
+    """
+    path = socket_file or socket_path(mountpoint)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(str(path))

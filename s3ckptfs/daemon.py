@@ -238,7 +238,8 @@ def run(config: MountConfig) -> int:
     recovered = fs.recover()
     control = ControlServer(str(config.mountpoint), _control_handler(fs),
                             {"pid": os.getpid(), "mountpoint": str(config.mountpoint),
-                             "cache_dir": str(config.cache_dir), "source": config.source})
+                             "cache_dir": str(config.cache_dir), "source": config.source},
+                            shared=config.options.allow_other)
 
     def confirm_ready() -> None:
         deadline = time.monotonic() + 30
