@@ -26,8 +26,9 @@ from ..staging import StagedFile
 from .bounded import BoundedRequests, Outage
 from .core import DIR_MODE, FILE_MODE, SYMLINK_MAX, Core, Stat, parent_of, s3_errno
 
-# Without a kept listing to answer from, a lookup waits this many deadlines before EIO.
-NO_FALLBACK_DEADLINES = 4
+# Without a kept listing to answer from, a lookup waits this many deadlines (30 s by default)
+# before EIO: long enough for the S3 client's retries through a storm of 503s.
+NO_FALLBACK_DEADLINES = 15
 
 
 class Lookup:
