@@ -41,7 +41,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from . import locks, partplan
 from .cache import UploadRegistry
@@ -164,14 +164,19 @@ class Uploader:
             self._queue_changed.notify_all()
             return commit.ticket
 
-    def request_op(self, op: RemoteOp) -> Ticket:
-        """Queue a namespace change behind every commit requested so far."""
+    def request_op(self, op: RemoteOp, ahead_of: Iterable[StagedFile] = ()) -> Ticket:
+        """Queue a namespace change behind every commit requested so far, or, with ``ahead_of``,
+        just ahead of the first of those files' commits not yet started."""
         with self._lock:
             commit = Commit(None, op)
             if self._stopping:  # journaled: made at the next start
                 commit.ticket.finish(S3Error("ShuttingDown", "the daemon is stopping"))
                 return commit.ticket
-            self._queue.append(commit)
+            files = set(map(id, ahead_of))
+            # The head of the queue is the commit running now: never ahead of it.
+            at = next((i for i, queued in enumerate(self._queue) if i > 0 and queued.file is not None
+                       and id(queued.file) in files and queued.attempts == 0), len(self._queue))
+            self._queue.insert(at, commit)
             self._queue_changed.notify_all()
             return commit.ticket
 

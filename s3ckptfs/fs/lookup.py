@@ -67,18 +67,10 @@ class Lookup:
         if path == "/":
             return DirInfo(self.core.mount_time)
         with self.table.lock:
-            staged = self.table.get(path)
-            if staged is not None:
-                return None if staged.deleted else staged_info(staged)
-            made_here = self.table.dirs.get(path)
-            if made_here is not None and not made_here.deleted:
-                return DirInfo(made_here.mtime)
-            shown = self.table.moved.get(path)
-            if shown is not None:
-                return shown[0]  # type: ignore[return-value]
+            known, local = self._local_locked(path)
+            if known:
+                return local
             staged_children = self.table.live_below_locked(path)
-            if self.table.hidden_locked(path):  # removed here; S3 may still have it until its op runs
-                return DirInfo(max(f.mtime for f in staged_children)) if staged_children else None
         cached = self.meta.get(path)
         if cached is MISSING:
             return DirInfo(max(f.mtime for f in staged_children)) if staged_children else None
@@ -99,10 +91,17 @@ class Lookup:
             exists, has_marker, newest = store.dir_summary(key + "/")
             return None, exists, store.head(key + "/") if has_marker else None, newest
 
-        stale = self.meta.get_stale(path)
         try:
-            info, exists, marker, newest = self._ask(f"lookup {path}", ask, stale is not None)
+            info, exists, marker, newest = self._ask(f"lookup {path}", ask, self.meta.get_stale(path) is not None)
         except S3Error as err:
+            # What is known now (a file may have been committed and retired while S3 was asked).
+            with self.table.lock:
+                known, local = self._local_locked(path)
+                if known:
+                    return local
+                stale = self.meta.get_stale(path)
+                if stale is MISSING and self.table.live_below_locked(path):
+                    stale = DirInfo(max(f.mtime for f in self.table.live_below_locked(path)))
             answer = self._fall_back(f"lookup {path}", err, stale)
             return None if answer is MISSING else answer  # type: ignore[return-value]
         if info is not None:
@@ -139,6 +138,23 @@ class Lookup:
         if changed and attempts > 1:
             return self.lookup(path, attempts - 1)
         return None
+
+    def _local_locked(self, path: str) -> tuple[bool, ObjectInfo | DirInfo | None]:
+        """(True, answer) if this mount's own state answers for ``path`` (mount's lock held)."""
+        table = self.table
+        staged = table.get(path)
+        if staged is not None:
+            return True, None if staged.deleted else staged_info(staged)
+        made_here = table.dirs.get(path)
+        if made_here is not None and not made_here.deleted:
+            return True, DirInfo(made_here.mtime)
+        shown = table.moved.get(path)
+        if shown is not None:
+            return True, shown[0]  # type: ignore[return-value]
+        if table.hidden_locked(path):  # removed here; S3 may still have it until its op runs
+            children = table.live_below_locked(path)
+            return True, DirInfo(max(f.mtime for f in children)) if children else None
+        return False, None
 
     def stat_of(self, path: str, entry: ObjectInfo | DirInfo) -> Stat:
         if isinstance(entry, DirInfo):
@@ -199,8 +215,8 @@ class Lookup:
                 token = self.meta.token()
             listed, fresh = self._list(path, dir_key)
             with self.table.lock:
-                if not fresh:  # S3 away: the kept listing, as it is
-                    children = self._merge_staged_locked(path, listed)
+                if not fresh:  # S3 away: the kept listing as it is now (a commit may have updated it)
+                    children = self._merge_staged_locked(path, self.meta.get_stale_listing(path) or listed)
                     break
                 if self.meta.token() == token:  # no local change while we listed
                     self.meta.put_listing(path, listed, token)

@@ -286,7 +286,8 @@ class Namespace:
             key_for(new + path[len(old):])
         dirs = [old] + [path for path, entry in entries if isinstance(entry, DirInfo)]
         with self.table.lock:
-            staged = {f.path for f in self.table.staged_below_locked(old)}
+            moving = [f for f in self.table.staged_below_locked(old) if not f.is_dir_marker]
+            staged = {f.path for f in moving}
             ops = [RemoteOp(MARKER, key_for(d) + "/", key_for(new + d[len(old):]) + "/") for d in sorted(dirs)]
             shows: list[dict[str, object]] = [{} for _ in ops]
             for path, entry in entries:
@@ -309,7 +310,9 @@ class Namespace:
                 self.pending.show_locked(op, shown)
         self._rewrite_records(rewrite)
         for op in ops:
-            self.pending.submit(op)
+            # Markers land before the moved files commit under the new name: a server that made
+            # the folder implicitly first would not keep the marker's mtime (SeaweedFS does not).
+            self.pending.submit(op, ahead_of=moving if op.kind == MARKER else None)
 
     # -- symlinks --------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from ..errors import S3Error
 from ..metadata import MISSING, DirInfo
 from ..remoteops import RemoteOp
 from ..store import ObjectInfo
-from ..staging import next_close_seq
+from ..staging import StagedFile, next_close_seq
 from ..uploader import Ticket, Uploader
 from .core import Core
 from .table import under
@@ -66,10 +66,15 @@ class PendingOps:
             self.core.meta.forget(path)
             self.core.meta.note(path, entry)
 
-    def submit(self, op: RemoteOp) -> Ticket:
-        """Journal ``op`` (fsync: call without the mount's lock) and queue it behind the commits before it."""
+    def submit(self, op: RemoteOp, ahead_of: list[StagedFile] | None = None) -> Ticket:
+        """Journal ``op`` (fsync: call without the mount's lock) and queue it behind the commits before it,
+        or ahead of the pending commits of ``ahead_of`` (which then follow it after a restart too)."""
+        if ahead_of:
+            seqs = [f.close_seq for f in ahead_of if f.close_seq]
+            if seqs:
+                op.close_seq = min(op.close_seq, min(seqs) - 1)
         self.core.journal.write(op.id, op.record())
-        return self.uploader.request_op(op)
+        return self.uploader.request_op(op, ahead_of or ())
 
     def _show_locked(self, op: RemoteOp) -> None:
         table = self.table
