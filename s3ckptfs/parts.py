@@ -17,11 +17,13 @@ is completed or aborted, so a crash never leaves an orphan behind for long.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from . import locks, partplan
 from .cache import UploadRegistry
@@ -37,7 +39,8 @@ class PartUploads:
     """The part-upload pool and the eager limit. Thread-safe; its lock is a leaf."""
 
     def __init__(self, s3: ObjectStore, *, concurrency: int, single_put_limit: int, eager_uploads: int | None,
-                 registry: UploadRegistry, checksums: bool, upload_nice: int = 0) -> None:
+                 registry: UploadRegistry, checksums: bool, upload_nice: int = 0,
+                 backoff: Callable[[int], float] | None = None) -> None:
         self.s3 = s3
         self.registry = registry
         self.checksums = checksums
@@ -50,6 +53,8 @@ class PartUploads:
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="s3ckptfs-part",
                                         initializer=self._lower_priority)
         self._misc_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="s3ckptfs-abort")
+        self._backoff = backoff or (lambda attempt: min(30.0, 0.5 * 2 ** min(attempt - 1, 6)))
+        self._stopping = threading.Event()
 
     def _lower_priority(self) -> None:
         if self._upload_nice:
@@ -240,14 +245,26 @@ class PartUploads:
         key, upload_id = stale
 
         def abort() -> None:
-            try:
-                self.s3.abort_multipart(key, upload_id)
+            for attempt in itertools.count(1):
+                try:
+                    self.s3.abort_multipart(key, upload_id)
+                except S3Error as err:
+                    if err.code == "NoSuchUpload":
+                        pass  # completed or aborted already: nothing left to abort
+                    elif err.transient and not self._stopping.is_set():
+                        # S3 away for now: try again in this run (not only at the next start).
+                        if not self._stopping.wait(self._backoff(attempt)):
+                            continue
+                        return  # stopping: stays registered, aborted at the next start
+                    else:
+                        log.warning("could not abort multipart upload of %s: %s", key, err)
+                        return  # stays registered: aborted at the next start
                 self.registry.remove(upload_id)
-            except S3Error as err:  # stays registered: aborted at the next start
-                log.warning("could not abort multipart upload of %s: %s", key, err)
+                return
 
         self._misc_pool.submit(abort)
 
     def shutdown(self, wait: bool) -> None:
+        self._stopping.set()
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
         self._misc_pool.shutdown(wait=True)

@@ -126,7 +126,7 @@ class Uploader:
         self.single_put_limit = single_put_limit
         self.parts = PartUploads(s3, concurrency=concurrency, single_put_limit=single_put_limit,
                                  eager_uploads=eager_uploads, registry=registry, checksums=checksums,
-                                 upload_nice=upload_nice)
+                                 upload_nice=upload_nice, backoff=self._backoff)
         # The part side, as the core calls it.
         self.part_filled = self.parts.part_filled
         self.resume_upload = self.parts.resume_upload
