@@ -8,6 +8,13 @@ Modes, switchable at any time from the test (each call replaces the last):
                                 mode is on, send a TCP RST (SO_LINGER 0) to both sides once one
                                 request has sent ``after_bytes`` bytes (0: at its first byte)
 * ``down()``                    reset every open connection, and every new one at accept
+* ``refuse()``                  reset every open connection and stop listening: a connect is
+                                refused (ECONNREFUSED) until the mode changes, then the proxy
+                                listens on the same port again
+* ``hang()``                    a frozen server or a partition: every open connection, and every
+                                one accepted while the mode is on, is read from but never
+                                answered nor forwarded; when the mode changes, those connections
+                                are reset, so that clients reconnect and retry
 * ``slowdown(fraction)``        answer ``503 SlowDown`` to that fraction of requests, then close
 * ``deny()``                    answer ``403 AccessDenied`` to every request, then close
 
@@ -56,12 +63,13 @@ def s3_error(status: int, reason: str, code: str, head_only: bool = False) -> by
 
 
 class _Conn:
-    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+    def __init__(self, client: socket.socket, upstream: socket.socket | None) -> None:
         self.client, self.upstream = client, upstream
         self.epoch = -1          # the mode epoch this connection's doom was decided in
         self.doomed = False
         self.cut_at = 0          # bytes of the current request after which it is reset
         self.closed = False
+        self.hung = False        # frozen by hang(): nothing is forwarded either way
 
 
 class FaultProxy:
@@ -69,16 +77,17 @@ class FaultProxy:
 
     def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
         self.upstream = (upstream_host, upstream_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.2)
+        self._listener: socket.socket | None = self._listen(0)
         self.port = self._listener.getsockname()[1]
+        self._listening = threading.Event()  # set while the listener matches the mode
+        self._listening.set()
         self._lock = threading.Lock()
         self._conns: set[_Conn] = set()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._mode, self._params, self._epoch, self._counter = "pass", {}, 0, 0
         self.requests: list[str] = []
-        self.stats = {"connections": 0, "resets": 0, "errors": 0, "corrupted": 0}
+        self.stats = {"connections": 0, "resets": 0, "errors": 0, "corrupted": 0, "hung": 0}
         self._spawn(self._accept_loop)
 
     @property
@@ -89,7 +98,15 @@ class FaultProxy:
 
     def _set(self, mode: str, **params) -> None:
         with self._lock:
+            previous = self._mode
             self._mode, self._params, self._epoch, self._counter = mode, params, self._epoch + 1, 0
+            hung = [conn for conn in self._conns if conn.hung] if mode != "hang" else []
+            if (mode == "refuse") != (previous == "refuse"):
+                self._listening.clear()  # the accept loop closes or reopens the listener
+        for conn in hung:
+            self._kill(conn)
+        if not self._listening.wait(timeout=5):
+            raise RuntimeError(f"faultproxy: the listener did not follow the switch to {mode!r}")
 
     def passthrough(self) -> None:
         self._set("pass")
@@ -112,6 +129,19 @@ class FaultProxy:
 
     def down(self) -> None:
         self._set("down")
+        self._kill_all()
+
+    def refuse(self) -> None:
+        self._set("refuse")
+        self._kill_all()
+
+    def hang(self) -> None:
+        self._set("hang")
+        with self._lock:
+            for conn in self._conns:
+                conn.hung = True
+
+    def _kill_all(self) -> None:
         with self._lock:
             conns = list(self._conns)
         for conn in conns:
@@ -125,43 +155,77 @@ class FaultProxy:
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
 
+    @staticmethod
+    def _listen(port: int) -> socket.socket:
+        listener = socket.create_server(("127.0.0.1", port))  # SO_REUSEADDR: the port can be taken again
+        listener.settimeout(0.2)
+        return listener
+
     def _kill(self, conn: _Conn) -> None:
         with self._lock:
             if conn.closed:
                 return
             conn.closed = True
             self._conns.discard(conn)
-        for sock in (conn.client, conn.upstream):
+        for sock in filter(None, (conn.client, conn.upstream)):
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the pump threads blocked in recv
             except OSError:
                 pass
             rst_close(sock)
 
+    def _follow_refuse(self) -> socket.socket | None:
+        """Close or reopen the listener as the mode asks (only this thread touches it after start)."""
+        with self._lock:
+            refusing = self._mode == "refuse"
+        listener = self._listener
+        if refusing and listener is not None:
+            self._listener = None
+            listener.close()
+        elif not refusing and listener is None and not self._stopping.is_set():
+            self._listener = self._listen(self.port)
+        with self._lock:
+            if (self._mode == "refuse") == (self._listener is None):
+                self._listening.set()
+        return self._listener
+
     def _accept_loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                client, _ = self._listener.accept()
+                listener = self._follow_refuse()
+            except OSError as exc:  # the port was taken meanwhile: tests would hang on it
+                raise RuntimeError(f"faultproxy: cannot listen on port {self.port} again: {exc}") from exc
+            if listener is None:
+                time.sleep(0.02)
+                continue
+            try:
+                client, _ = listener.accept()
             except (TimeoutError, socket.timeout):
                 continue
             except OSError:
-                return
+                if self._stopping.is_set():
+                    return
+                continue
             with self._lock:
                 self.stats["connections"] += 1
-                down = self._mode == "down"
+                mode = self._mode
+            upstream = None
             try:
-                if down:
+                if mode in ("down", "refuse"):
                     raise ConnectionRefusedError("proxy is down")
-                upstream = socket.create_connection(self.upstream, timeout=10)
-                upstream.settimeout(None)
+                if mode != "hang":  # a hung server accepts, but nothing reaches it
+                    upstream = socket.create_connection(self.upstream, timeout=10)
+                    upstream.settimeout(None)
             except OSError:
                 rst_close(client)
                 continue
             conn = _Conn(client, upstream)
+            conn.hung = upstream is None
             with self._lock:
                 self._conns.add(conn)
             self._spawn(self._requests, conn)
-            self._spawn(self._responses, conn)
+            if upstream is not None:
+                self._spawn(self._responses, conn)
 
     def _pause(self) -> None:
         with self._lock:
@@ -172,6 +236,8 @@ class FaultProxy:
     def _responses(self, conn: _Conn) -> None:
         try:
             while data := conn.upstream.recv(CHUNK):
+                if conn.hung:
+                    continue  # a frozen server sends nothing; the rest of the answer is lost
                 self._pause()
                 conn.client.sendall(data)
         except OSError:
@@ -223,11 +289,16 @@ class FaultProxy:
                         line = head.split(b"\r\n", 1)[0].decode("latin-1")
                         with self._lock:
                             self.requests.append(line)
+                            if self._mode == "hang":
+                                conn.hung = True
+                            if conn.hung:
+                                self.stats["hung"] += 1
                         fields = head.decode("latin-1").lower()
                         length = re.search(r"\r\ncontent-length:\s*(\d+)", fields)
                         body_left = int(length.group(1)) if length else 0
                         raw = "transfer-encoding: chunked" in fields
-                        fault, sent, piece = self._fault_for(conn, line, bool(body_left or raw)), 0, head
+                        fault = None if conn.hung else self._fault_for(conn, line, bool(body_left or raw))
+                        sent, piece = 0, head
                         if fault in ("slowdown", "deny"):
                             status, reason, code = ((503, "Slow Down", "SlowDown") if fault == "slowdown"
                                                     else (403, "Forbidden", "AccessDenied"))
@@ -237,6 +308,8 @@ class FaultProxy:
                             conn.client.sendall(answer)
                             self._drain(conn)
                             raise ConnectionAbortedError
+                    if conn.hung:
+                        continue  # read and dropped: never forwarded, never answered
                     if fault == "reset" and sent + len(piece) >= conn.cut_at:
                         conn.upstream.sendall(piece[:max(0, conn.cut_at - sent)])
                         with self._lock:
@@ -262,7 +335,10 @@ class FaultProxy:
     def stop(self) -> None:
         """Stop accepting, reset every connection, and wait for the threads."""
         self._stopping.set()
-        self._listener.close()
+        self._listening.set()
+        listener = self._listener
+        if listener is not None:
+            listener.close()
         with self._lock:
             conns, threads = list(self._conns), list(self._threads)
         for conn in conns:
