@@ -27,13 +27,24 @@ connection into a plain byte pipe. Injected answers are sent before the body is
 read (botocore sends ``Expect: 100-continue`` with bodies and stops on a final
 answer). ``requests`` records every request line seen; ``stats`` counts faults.
 
+``run_schedule([("hang", 60), ("refuse", 60)])`` goes through modes on the
+proxy's own clock, then passes again; ``cancel_schedule()`` ends it early.
+
+``FaultProxyProcess`` runs the same proxy in a child process, driven through a
+pipe with the same methods. A test must use it when its own calls on the mount
+can block while holding the GIL: ``torch.save`` to a path opens the file in C++
+without releasing it, so a lookup that waits for the proxy would wait for a
+proxy thread that cannot run (a deadlock until botocore's read timeout).
+
 Fixtures: a test module registers ``running_proxy`` (started in front of
 ``s3server``, stopped at the end) and ``healing_proxy`` as ``fault_proxy``; the
 latter switches back to pass-through before the test's mounts are torn down.
+``running_proxy_process`` is ``running_proxy`` with the proxy in a child process.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import re
 import socket
@@ -88,6 +99,9 @@ class FaultProxy:
         self._mode, self._params, self._epoch, self._counter = "pass", {}, 0, 0
         self.requests: list[str] = []
         self.stats = {"connections": 0, "resets": 0, "errors": 0, "corrupted": 0, "hung": 0}
+        self._schedule_stop = threading.Event()
+        self._schedule_done = threading.Event()
+        self._schedule_done.set()
         self._spawn(self._accept_loop)
 
     @property
@@ -140,6 +154,46 @@ class FaultProxy:
         with self._lock:
             for conn in self._conns:
                 conn.hung = True
+
+    # -- schedules -------------------------------------------------------------------
+
+    def run_schedule(self, phases: list[tuple[str, float]]) -> float:
+        """Switch to each ``(mode, seconds)`` of ``phases`` in turn (modes without parameters:
+        ``hang``, ``refuse``, ``down``, ``deny``, ``slowdown``), then back to pass-through.
+
+        The first mode is on when this returns; the rest follows on a thread. Returns the
+        ``time.monotonic()`` of the start (the clock is the same in every process).
+        """
+        self.cancel_schedule()
+        stop, done = threading.Event(), threading.Event()
+        self._schedule_stop, self._schedule_done = stop, done
+        getattr(self, phases[0][0])()
+        started = time.monotonic()
+        self._spawn(self._follow_schedule, phases, started, stop, done)
+        return started
+
+    def _follow_schedule(self, phases, started: float, stop: threading.Event, done: threading.Event) -> None:
+        try:
+            end = started
+            for index, (mode, seconds) in enumerate(phases):
+                if index:
+                    getattr(self, mode)()
+                end += seconds
+                if stop.wait(max(0.0, end - time.monotonic())):
+                    break
+        finally:
+            self.passthrough()
+            done.set()
+
+    def cancel_schedule(self, timeout: float = 30.0) -> None:
+        """End a running schedule now (the proxy passes again when this returns)."""
+        self._schedule_stop.set()
+        if not self._schedule_done.wait(timeout):
+            raise RuntimeError("faultproxy: the schedule did not stop")
+
+    def wait_schedule(self, timeout: float | None = None) -> bool:
+        """Wait for the end of a running schedule; False if it still runs after ``timeout``."""
+        return self._schedule_done.wait(timeout)
 
     def _kill_all(self) -> None:
         with self._lock:
@@ -335,6 +389,7 @@ class FaultProxy:
     def stop(self) -> None:
         """Stop accepting, reset every connection, and wait for the threads."""
         self._stopping.set()
+        self._schedule_stop.set()
         self._listening.set()
         listener = self._listener
         if listener is not None:
@@ -347,9 +402,94 @@ class FaultProxy:
             thread.join(timeout=5)
 
 
+def _serve(pipe, upstream_port: int, upstream_host: str) -> None:
+    """Child process of ``FaultProxyProcess``: run a proxy, answer calls until ``stop`` or EOF."""
+    proxy = FaultProxy(upstream_port, upstream_host)
+    try:
+        while True:
+            try:
+                name, args, kwargs = pipe.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                attr = getattr(proxy, name)
+                value = attr(*args, **kwargs) if callable(attr) else attr
+                pipe.send((True, value))
+            except Exception as exc:  # noqa: BLE001 - raised again in the parent
+                pipe.send((False, exc))
+            if name == "stop":
+                return
+    finally:
+        proxy.stop()
+
+
+class FaultProxyProcess:
+    """A ``FaultProxy`` in a child process: the same modes, ``stats``, ``requests``, ``url``."""
+
+    _REMOTE = {"passthrough", "delay", "reset", "slowdown", "deny", "corrupt", "down", "refuse", "hang",
+               "run_schedule", "cancel_schedule", "wait_schedule"}
+
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        context = multiprocessing.get_context("spawn")
+        self._pipe, child = context.Pipe()
+        self._lock = threading.Lock()
+        self._process = context.Process(target=_serve, args=(child, upstream_port, upstream_host),
+                                        daemon=True, name="faultproxy")
+        self._process.start()
+        child.close()
+        self.port: int = self._call("port")
+
+    def _call(self, name: str, *args, **kwargs):
+        with self._lock:
+            self._pipe.send((name, args, kwargs))
+            ok, value = self._pipe.recv()
+        if not ok:
+            raise value
+        return value
+
+    def __getattr__(self, name: str):
+        if name in self._REMOTE:
+            return lambda *args, **kwargs: self._call(name, *args, **kwargs)
+        raise AttributeError(name)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return self._call("stats")
+
+    @property
+    def requests(self) -> list[str]:
+        return self._call("requests")
+
+    def stop(self) -> None:
+        """Stop the proxy and its process (killed if it does not exit)."""
+        try:
+            if self._process.is_alive():
+                self._call("stop")
+        except (EOFError, OSError):
+            pass
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=5)
+        self._pipe.close()
+
+
 def running_proxy(s3server):
     """Generator for a fixture: a proxy in front of the S3 server, stopped at the end."""
     proxy = FaultProxy(s3server.s3_port)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def running_proxy_process(s3server):
+    """``running_proxy`` with the proxy in a child process (``FaultProxyProcess``)."""
+    proxy = FaultProxyProcess(s3server.s3_port)
     try:
         yield proxy
     finally:
@@ -360,4 +500,5 @@ def healing_proxy(running_proxy, mount_factory):
     """Generator for the ``fault_proxy`` fixture: the running proxy, switched back to pass-through
     before the test's mounts are torn down (so that they can drain whatever the test left)."""
     yield running_proxy
+    running_proxy.cancel_schedule()
     running_proxy.passthrough()
