@@ -128,6 +128,7 @@ class CallLog:
 
     def __init__(self, phase: Callable[[], str] = lambda: "none") -> None:
         self.phase = phase
+        self.baseline = "local"   # where the saves that ratios compare with were made
         self.calls: list[Call] = []
         self.notes: list[str] = []
         self._t0 = time.monotonic()
@@ -154,6 +155,11 @@ class CallLog:
         with self._lock:
             self.notes.append(text)
 
+    def adopt_baseline(self, other: CallLog) -> None:
+        """Compare saves with ``other``'s (a run on the mount without outage) instead of local ones."""
+        self.baseline = "reference run without outage"
+        self.calls += [Call(**{**asdict(c), "where": self.baseline}) for c in other.on_mount() if c.save]
+
     def on_mount(self) -> list[Call]:
         return [c for c in self.calls if c.where == "mount"]
 
@@ -165,8 +171,9 @@ class CallLog:
         return max(calls, key=lambda c: c.seconds, default=None)
 
     def save_ratios(self) -> list[tuple[Call, float]]:
-        """Each save on the mount with the ratio of its time to the same save on local disk."""
-        local = {(c.step, c.label): c.seconds for c in self.calls if c.where == "local" and c.save}
+        """Each save on the mount with the ratio of its time to the same save in the baseline
+        (on local disk, unless ``adopt_baseline`` said otherwise)."""
+        local = {(c.step, c.label): c.seconds for c in self.calls if c.where == self.baseline and c.save}
         return [(c, c.seconds / max(local[(c.step, c.label)], 1e-6)) for c in self.on_mount()
                 if c.save and (c.step, c.label) in local]
 
@@ -186,7 +193,8 @@ class CallLog:
             "saves": len(saves),
             "longest_save_seconds": max(saves, default=None),
             "median_save_seconds": statistics.median(saves) if saves else None,
-            "save_ratio_over_local": {
+            "save_ratio_baseline": self.baseline,
+            "save_ratio": {
                 "max": max((r for _, r in ratios), default=None),
                 "median": statistics.median([r for _, r in ratios]) if ratios else None,
                 "max_during_outage": max(during, default=None),
