@@ -90,6 +90,10 @@ def make_client(config: MountConfig, *, quick: bool = False) -> S3Client:
         raise ConfigError(f"cannot set up the S3 client: {err}") from None
 
 
+class S3Unreachable(ConfigError):
+    """The endpoint does not answer (or answers only with errors worth retrying)."""
+
+
 def check_s3(config: MountConfig) -> None:
     """One ListObjectsV2 on the prefix proves endpoint, credentials, bucket and permission."""
     client = make_client(config, quick=True)
@@ -106,15 +110,34 @@ def check_s3(config: MountConfig) -> None:
         if err.code in ("AccessDenied", "403", "Forbidden") or err.status == 403:
             raise ConfigError(f"access denied listing {where} ({err.code})") from None
         if err.code == "ConnectionError":
-            raise ConfigError(f"cannot connect to endpoint {client.endpoint}") from None
+            raise S3Unreachable(f"cannot connect to endpoint {client.endpoint}") from None
+        if err.transient:
+            raise S3Unreachable(f"cannot list {where}: {err}") from None
         raise ConfigError(f"cannot list {where}: {err}") from None
 
 
+
+def has_pending_work(cache_dir: Path) -> bool:
+    """Whether the cache dir holds closed files or namespace changes not yet in S3 (journal records)."""
+    journal = CacheDir(cache_dir).journal_dir
+    return journal.is_dir() and any(journal.glob("*.json"))
+
+
 def preflight(config: MountConfig) -> None:
-    """Every check that can be made before mounting. Raises ConfigError."""
+    """Every check that can be made before mounting. Raises ConfigError.
+
+    S3 unreachable is fatal for a fresh mount, but not for a restart whose cache dir
+    still holds pending work: that mount comes up, keeps what it has, and uploads
+    it once S3 answers (a daemon killed during an outage restarts during it).
+    """
     check_mountpoint(config.mountpoint)
     check_cache_dir(config.cache_dir, config.mountpoint)
-    check_s3(config)
+    try:
+        check_s3(config)
+    except S3Unreachable as exc:
+        if not has_pending_work(config.cache_dir):
+            raise
+        log.warning("%s; mounting anyway: the cache dir holds pending work, uploaded once S3 answers", exc)
 
 
 # -- systemd ---------------------------------------------------------------------------
