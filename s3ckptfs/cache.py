@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import shutil
 import uuid
 from collections import OrderedDict
@@ -245,6 +246,10 @@ class CachedObject:
         return sum(min(self.block_size, self.size - b * self.block_size) for b in self.present)
 
 
+# A read waiting for bytes that S3 does not send fails (EIO) after this many seconds.
+READ_STALL_LIMIT = 20.0
+
+
 class ObjectCache:
     """Clean object data on disk, bounded in bytes, evicted least recently used first.
 
@@ -338,16 +343,25 @@ class ObjectCache:
             entry.filled[block] = nbytes
             self._progress.notify_all()
 
-    def wait_for(self, entry: CachedObject, block: int, upto: int, download: Future) -> None:
+    def wait_for(self, entry: CachedObject, block: int, upto: int, download: Future,
+                 stall_limit: float = READ_STALL_LIMIT) -> None:
         """Wait until ``block`` holds its first ``upto`` bytes; raises the download's error if it failed.
 
         A sequential reader follows the download as it streams, instead of waiting
-        for the whole block (32 MiB by default) to arrive.
+        for the whole block (32 MiB by default) to arrive. If no byte of the block
+        arrives for ``stall_limit`` seconds (S3 not answering), raises TimeoutError:
+        the reader gets EIO instead of hanging with the S3 client's retries.
         """
         download.add_done_callback(self._wake_all)
         with self._lock:
+            seen, since = entry.filled.get(block, 0), time.monotonic()
             while not (entry.has_block(block) or entry.filled.get(block, 0) >= upto or download.done()):
-                self._progress.wait()
+                self._progress.wait(1.0)
+                now, filled = time.monotonic(), entry.filled.get(block, 0)
+                if filled != seen:
+                    seen, since = filled, now
+                elif now - since > stall_limit:
+                    raise TimeoutError(f"no bytes of {entry.key} from S3 for {stall_limit:g}s")
             if entry.has_block(block) or entry.filled.get(block, 0) >= upto:
                 return
         download.result()  # raises what failed; a success has marked the block present

@@ -99,6 +99,9 @@ class Reads:
                     log.warning("%s changed in S3 while open; reopen to read the new version", handle.path)
                     raise FsError(errno.ESTALE, handle.path) from err
                 raise s3_errno(err, f"read {handle.path}") from err
+            except TimeoutError as exc:
+                log.error("read %s: %s", handle.path, exc)
+                raise FsError(errno.EIO, f"read {handle.path}: {exc}") from exc
             except OSError as exc:
                 raise FsError(exc.errno or errno.EIO, f"read {handle.path}: {exc}") from exc
         return entry.fd, offset, end - offset
