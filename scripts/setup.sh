@@ -137,9 +137,22 @@ ensure_libfuse() {
     return 0
 }
 
+ensure_podman() {
+    # Only the container lifecycle test needs them; without them it is skipped with the reason.
+    # crun fails on setrlimit on some VMs: the tests run podman with runc.
+    if ! command -v podman >/dev/null 2>&1 || ! command -v mmdebstrap >/dev/null 2>&1 \
+        || ! command -v runc >/dev/null 2>&1; then
+        log "installing podman, mmdebstrap and runc (for the container test)"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 || true
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman mmdebstrap runc >/dev/null 2>&1 \
+            || log "warning: podman unavailable; the container test will be skipped"
+    fi
+}
+
 ensure_env() {
     ensure_fuse
     ensure_systemd_analyze
+    ensure_podman
     ensure_venv
     ensure_libfuse
     export PATH="$VENV/bin:$PATH"
