@@ -152,7 +152,6 @@ ensure_podman() {
 ensure_env() {
     ensure_fuse
     ensure_systemd_analyze
-    ensure_podman
     ensure_venv
     ensure_libfuse
     export PATH="$VENV/bin:$PATH"

@@ -5,6 +5,7 @@ set -euo pipefail
 # shellcheck source=scripts/setup.sh
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 ensure_env
+ensure_podman
 cd "$REPO_ROOT"
 
 status=0
