@@ -69,15 +69,18 @@ swallow a raised LockOrderError; the record stays, and the fixtures look at it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterable, TypeVar
+
+from . import lockreport
+# What the checker saw is kept in lockreport.py; these names are part of this module's interface.
+from .lockreport import LockOrderError, Violation, clear_violations, read_log, violations  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -138,29 +141,6 @@ KINDS: dict[str, LockKind] = {kind.name: kind for kind in ORDER}
 NO_SLOW_CALLS_UNDER: tuple[str, ...] = ("mount", "file")
 
 
-class LockOrderError(AssertionError):
-    """A thread broke the lock order (raised only in strict mode, in the offending thread)."""
-
-
-@dataclass(frozen=True)
-class Violation:
-    """One breach of the rules, as recorded."""
-
-    thread: str
-    rule: str                  # what happened, in words
-    held: tuple[str, ...]      # names of the checked locks the thread held, in the order taken
-    taking: str | None         # the lock being taken (or taken back after a wait), if any
-    stack: str                 # the offending call site and a few callers
-
-    def line(self) -> str:
-        """One line of JSON, as appended to the S3CKPTFS_LOCK_CHECK_LOG file."""
-        return json.dumps(asdict(self), sort_keys=True)
-
-    def __str__(self) -> str:
-        return (f"{self.rule} [thread {self.thread}; held: {', '.join(self.held) or 'nothing'}]\n"
-                f"{self.stack.rstrip()}")
-
-
 def _env_on(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -170,11 +150,6 @@ _strict = False
 _log_path: str | None = os.environ.get(ENV_LOG) or None
 
 _tls = threading.local()           # .held: list of CheckedLock, in the order taken (re-entries repeated)
-_report_lock = threading.Lock()    # the checker's own; guards the four below, never taken on the hot path
-_violations: list[Violation] = []
-_seen: set[tuple] = set()          # distinct violations already logged
-_dropped = 0
-MAX_RECORDED = 1000
 
 
 # -- switching ---------------------------------------------------------------------------
@@ -439,23 +414,6 @@ def held_locks() -> tuple[str, ...]:
     return tuple(lock.kind.name for lock in getattr(_tls, "held", ()))
 
 
-def violations() -> list[Violation]:
-    """Every violation recorded in this process so far (up to MAX_RECORDED)."""
-    with _report_lock:
-        return list(_violations)
-
-
-def clear_violations() -> list[Violation]:
-    """Forget the recorded violations; returns them."""
-    global _dropped
-    with _report_lock:
-        found = list(_violations)
-        _violations.clear()
-        _seen.clear()
-        _dropped = 0
-        return found
-
-
 def _call_site() -> str:
     """A short stack from the first frame outside this module."""
     frame = sys._getframe(1)
@@ -465,7 +423,6 @@ def _call_site() -> str:
 
 
 def _violation(rule: str, held: Iterable[CheckedLock], taking: CheckedLock | None) -> None:
-    global _dropped
     if getattr(_tls, "reporting", False):
         return  # a violation while reporting one (a logging handler taking a checked lock): not twice
     _tls.reporting = True
@@ -473,52 +430,13 @@ def _violation(rule: str, held: Iterable[CheckedLock], taking: CheckedLock | Non
         found = Violation(thread=threading.current_thread().name, rule=rule,
                           held=tuple(lock.kind.name for lock in held),
                           taking=taking.kind.name if taking is not None else None, stack=_call_site())
-        site = (found.rule, found.held, found.taking, found.stack)
-        with _report_lock:
-            if len(_violations) < MAX_RECORDED:
-                _violations.append(found)
-            else:
-                _dropped += 1
-            first = site not in _seen
-            _seen.add(site)
-            path = _log_path
-            if first and path:
-                _append_line(path, found.line())
+        first = lockreport.record(found, _log_path)
         if first:
             log.error("lock order violated: %s", found)
     finally:
         _tls.reporting = False
     if _strict:
         raise LockOrderError(str(found))
-
-
-def _append_line(path: str, line: str) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (line + "\n").encode())
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        log.warning("cannot append to the lock check log %s: %s", path, exc)
-
-
-def read_log(path: str | os.PathLike[str], offset: int = 0) -> list[dict]:
-    """The violations a S3CKPTFS_LOCK_CHECK_LOG file holds from byte ``offset`` on (for test fixtures)."""
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(offset)
-            data = stream.read()
-    except FileNotFoundError:
-        return []
-    found = []
-    for raw in data.decode(errors="replace").splitlines():
-        if raw.strip():
-            try:
-                found.append(json.loads(raw))
-            except ValueError:
-                found.append({"rule": raw})
-    return found
 
 
 def describe() -> str:

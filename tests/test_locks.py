@@ -518,7 +518,7 @@ def test_no_new_lock_outside_the_table():
                          r"BoundedSemaphore)\(", re.M)
     found = set()
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "locks.py":
+        if path.name in ("locks.py", "lockreport.py"):  # the checker's own, never checked
             continue
         for target, kind in pattern.findall(path.read_text()):
             found.add((str(path.relative_to(PACKAGE)), target, kind))
