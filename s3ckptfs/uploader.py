@@ -213,70 +213,78 @@ class Uploader:
                 self._queue_changed.notify_all()
             commit.ticket.finish(error)
 
-    def _run_op(self, commit: Commit) -> S3Error | None:
-        """Make a namespace change in S3, retrying transient errors like a commit (holding the queue)."""
-        op = commit.op
-        assert op is not None
-        started = time.monotonic()
-        while True:
-            commit.attempts += 1
-            try:
-                op.run(self.s3)
-                self._listener.op_done(op, None)
-                return None
-            except S3Error as err:
-                error = err
-            except Exception as err:
-                log.exception("unexpected error: %s", op.label)
-                error = S3Error("InternalError", repr(err))
-            out_of_time = self.retry_window > 0 and time.monotonic() - started > self.retry_window
-            if not error.transient or out_of_time or self._stop_event.is_set():
-                if not self._stop_event.is_set():
-                    log.error("%s failed: %s", op.label, error)
-                    self._listener.op_done(op, error)
-                return error
-            delay = self._backoff(commit.attempts)
-            if commit.attempts == 1 or commit.attempts % 10 == 0:
-                log.warning("%s failed (%s); retrying (attempt %d, next in %.1fs)", op.label, error,
-                            commit.attempts, delay)
-            self._stop_event.wait(delay)
+    def _with_retries(self, commit: Commit, what: str, attempt: Callable[[], None],
+                      retrying: Callable[[S3Error], None], give_up: Callable[[S3Error], None]) -> S3Error | None:
+        """Run ``attempt`` until it succeeds; returns None, or the error it gave up on.
 
-    def _commit_with_retries(self, commit: Commit) -> S3Error | None:
-        file = commit.file
-        assert file is not None
+        A transient error is retried with capped exponential backoff for as long as
+        ``retry_window`` allows, holding back everything queued behind it, so the order
+        holds; ``retrying`` is told of each one. ``give_up`` is told of the last error.
+        """
         started = time.monotonic()
         while True:
             commit.attempts += 1
             try:
-                if self._commit_once(file):
-                    self.metrics.upload_seconds.observe(time.monotonic() - commit.requested)
-                with file.lock:
-                    file.retrying = None
-                self._listener.settled(file)
+                attempt()
                 return None
             except S3Error as err:
                 error = err
             except OSError as err:
-                error = S3Error("LocalIOError", f"{file.path}: {err}")
+                error = S3Error("LocalIOError", f"{what}: {err}")
             except Exception as err:
-                log.exception("unexpected error committing %s", file.path)
+                log.exception("unexpected error: %s", what)
                 error = S3Error("InternalError", repr(err))
             out_of_time = self.retry_window > 0 and time.monotonic() - started > self.retry_window
             if not error.transient or out_of_time or self._stop_event.is_set():
-                log.error("upload of %s failed, data kept in the cache: %s", file.path, error)
-                self.metrics.upload_failures.inc()
-                with file.lock:
-                    file.failure = error
-                    file.retrying = None
-                    file.commit_queued = False
+                give_up(error)
                 return error
             delay = self._backoff(commit.attempts)
             if commit.attempts == 1 or commit.attempts % 10 == 0:
-                log.warning("upload of %s failed (%s); retrying (attempt %d, next in %.1fs)",
-                            file.path, error, commit.attempts, delay)
+                log.warning("%s failed (%s); retrying (attempt %d, next in %.1fs)", what, error,
+                            commit.attempts, delay)
+            retrying(error)
+            self._stop_event.wait(delay)
+
+    def _run_op(self, commit: Commit) -> S3Error | None:
+        """Make a namespace change in S3, retrying transient errors like a commit."""
+        op = commit.op
+        assert op is not None
+
+        def attempt() -> None:
+            op.run(self.s3)
+            self._listener.op_done(op, None)
+
+        def give_up(error: S3Error) -> None:
+            if not self._stop_event.is_set():  # else journaled: made at the next start
+                log.error("%s failed: %s", op.label, error)
+                self._listener.op_done(op, error)
+
+        return self._with_retries(commit, op.label, attempt, lambda error: None, give_up)
+
+    def _commit_with_retries(self, commit: Commit) -> S3Error | None:
+        file = commit.file
+        assert file is not None
+
+        def attempt() -> None:
+            if self._commit_once(file):
+                self.metrics.upload_seconds.observe(time.monotonic() - commit.requested)
+            with file.lock:
+                file.retrying = None
+            self._listener.settled(file)
+
+        def retrying(error: S3Error) -> None:
             with file.lock:
                 file.retrying = error
-            self._stop_event.wait(delay)
+
+        def give_up(error: S3Error) -> None:
+            log.error("upload of %s failed, data kept in the cache: %s", file.path, error)
+            self.metrics.upload_failures.inc()
+            with file.lock:
+                file.failure = error
+                file.retrying = None
+                file.commit_queued = False
+
+        return self._with_retries(commit, f"upload of {file.path}", attempt, retrying, give_up)
 
     def _commit_once(self, file: StagedFile) -> bool:
         """Make S3 hold the file's current content under its current key, or raise S3Error.
