@@ -229,7 +229,6 @@ class CachedObject:
     present: set[int] = field(default_factory=set)
     inflight: dict[int, Future] = field(default_factory=dict)
     filled: dict[int, int] = field(default_factory=dict)  # in-flight block -> bytes from its start on disk
-    waiting: dict[int, tuple[int, float]] = field(default_factory=dict)  # block -> (bytes, since) a reader waits
     readers: int = 0
     backing_id: int = 0        # FUSE passthrough of a complete copy (guarded by the mount's lock)
     pt_handles: int = 0        # open handles using that backing id
@@ -247,8 +246,9 @@ class CachedObject:
         return sum(min(self.block_size, self.size - b * self.block_size) for b in self.present)
 
 
-# A read waiting for bytes that S3 does not send fails (EIO) after this many seconds.
-READ_STALL_LIMIT = 20.0
+# A read waiting for bytes that S3 does not send fails (EIO) after this many seconds. The kernel
+# retries a failed read-ahead with a read of its own, so a reader may see twice this.
+READ_STALL_LIMIT = 12.0
 
 
 class ObjectCache:
@@ -355,17 +355,14 @@ class ObjectCache:
         """
         download.add_done_callback(self._wake_all)
         with self._lock:
-            # Readers of one block share the time since its last byte: the kernel retries a failed
-            # read-ahead with a read of its own, which must not wait the whole limit again.
+            seen, since = entry.filled.get(block, 0), time.monotonic()
             while not (entry.has_block(block) or entry.filled.get(block, 0) >= upto or download.done()):
-                filled, now = entry.filled.get(block, 0), time.monotonic()
-                seen, since = entry.waiting.get(block, (filled, now))
+                self._progress.wait(1.0)
+                now, filled = time.monotonic(), entry.filled.get(block, 0)
                 if filled != seen:
                     seen, since = filled, now
-                entry.waiting[block] = (seen, since)
-                if now - since > stall_limit:
+                elif now - since > stall_limit:
                     raise TimeoutError(f"no bytes of {entry.key} from S3 for {stall_limit:g}s")
-                self._progress.wait(1.0)
             if entry.has_block(block) or entry.filled.get(block, 0) >= upto:
                 return
         download.result()  # raises what failed; a success has marked the block present
@@ -379,7 +376,6 @@ class ObjectCache:
             self._progress.notify_all()
             entry.inflight.pop(block, None)
             entry.filled.pop(block, None)
-            entry.waiting.pop(block, None)
             if ok and not entry.complete and block not in entry.present:
                 entry.present.add(block)
                 self._bytes += nbytes

@@ -57,7 +57,7 @@ FRAMEWORK_OUTAGE_SECONDS = float(os.environ.get("S3CKPTFS_FRAMEWORK_OUTAGE_SECON
                                                 str(min(20.0, OUTAGE_SECONDS))))
 CALL_BOUND = 15.0        # no call on the mount may take this long during an outage
 METADATA_BOUND = 10.0    # an answer that needs S3 metadata: the 2 s deadline, with room for a noisy machine
-READ_BOUND = 30.0        # a read that needs S3 data: fails with EIO within this (no byte for 20 s)
+READ_BOUND = 30.0        # a read that needs S3 data: fails with EIO within this (no byte for 12 s, twice)
 # A directory never listed: 15 deadlines of 0.5 s per answer S3 does not give; a listdir may need two
 # (the directory itself, then its listing), with room for a noisy machine.
 UNLISTED_BOUND = 2 * 15 * 0.5 + 3.0
