@@ -67,6 +67,7 @@ class Filesystem:
         core.passthrough = self.passthrough = PassthroughFiles(core, self.uploader.part_filled)
         self.lookup = Lookup(core)
         self.reads = Reads(core)
+        self.reads.resolve = self.lookup.lookup
         self.opens = Opens(core, self.lookup, self.reads, self.lifecycle)
         self.writes = Writes(core, self.lookup, self.opens, self.reads, self.lifecycle, self.durability,
                              self.uploader)

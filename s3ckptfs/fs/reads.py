@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 from ..cache import CachedObject
 from ..errors import FsError, S3Error
@@ -31,6 +32,8 @@ class Reads:
         self.core = core
         self.downloads = ThreadPoolExecutor(max_workers=core.options.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
+        # path -> what it names now (the lookup room's), to follow an object moved while open
+        self.resolve: Callable[[str], object] | None = None
 
     def hydrate(self, file: StagedFile, entry: ObjectInfo) -> None:
         """Fill a new staging file with the whole object (parallel ranged GETs)."""
@@ -69,6 +72,29 @@ class Reads:
         return self._read_remote(handle, size, offset)
 
     def _read_remote(self, handle: Handle, size: int, offset: int) -> tuple[int, int, int]:
+        try:
+            return self._read_blocks(handle, size, offset)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT or not self._follow_move(handle):
+                raise
+            return self._read_blocks(handle, size, offset)
+
+    def _follow_move(self, handle: Handle) -> bool:
+        """The object read was moved in S3 since the open (a rename made there in close order):
+        read on from its new key, if the path now names an object of the same size."""
+        if self.resolve is None or handle.remote is None or handle.cached is None:
+            return False
+        info = self.resolve(handle.path)
+        if not isinstance(info, ObjectInfo) or info.key == handle.remote.key or info.size != handle.remote.size:
+            return False
+        old = handle.cached
+        handle.cached = self.core.objects.acquire(info.key, info.etag, info.size)
+        handle.remote = info
+        self.core.objects.release(old)
+        log.info("%s moved in S3 while open: reading on from %s", handle.path, info.key)
+        return True
+
+    def _read_blocks(self, handle: Handle, size: int, offset: int) -> tuple[int, int, int]:
         info, entry = handle.remote, handle.cached
         assert info is not None and entry is not None
         if offset >= info.size or size <= 0:
