@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from conftest import pid_alive
+from inproc import local_tree
 from s3ckptfs import control
 
 MiB = 1 << 20
@@ -48,18 +49,6 @@ def outcome(action):
         return ("ok", action())
     except OSError as exc:
         return ("err", exc.errno)
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    """Relative path -> bytes (files) or None (directories)."""
-    found: dict[str, bytes | None] = {}
-    for current, subdirs, files in os.walk(root):
-        rel = os.path.relpath(current, root)
-        for name in subdirs:
-            found[os.path.normpath(os.path.join(rel, name))] = None
-        for name in files:
-            found[os.path.normpath(os.path.join(rel, name))] = Path(current, name).read_bytes()
-    return found
 
 
 def write_at(path: Path, offset: int, data: bytes) -> int:
@@ -195,7 +184,7 @@ def test_mount_behaves_like_a_local_directory(model_mounts, tmp_path):
             if not hasattr(self, "real"):
                 return
             sync_now(mount)
-            assert tree(fresh.path / self.real.name) == tree(self.model), "\n".join(self.steps)
+            assert local_tree(fresh.path / self.real.name) == local_tree(self.model), "\n".join(self.steps)
             shutil.rmtree(self.real)
             shutil.rmtree(self.model)
             counts["sequences"] += 1
