@@ -138,3 +138,32 @@ def test_a_directory_never_listed_fails_with_eio_during_an_outage(tmp_path):
             store.release()
         finally:
             mount.close()
+
+
+@pytest.mark.timeout(60)
+def test_files_in_a_new_directory_are_created_while_its_marker_put_hangs(tmp_path):
+    """A trainer's second save into a directory it just made: the directory's marker PUT is
+    in flight (S3 hangs on it), yet nothing else can be in S3 under it, so lookups and the
+    listing of the directory are answered here at once, without waiting for the deadline."""
+    store = FakeStore()
+    with fast_tmp_dir(tmp_path / "cache") as cache:
+        mount = InProcessMount(store, cache, small_options(metadata_deadline=5.0))
+        try:
+            vfs = Vfs(mount.start())
+            vfs.mkdir("run")
+            assert not mount.fs.sync(timeout=30)
+            rule = store.inject(fakestore.HANG)
+            vfs.mkdir("run/tmp-checkpoint-2")
+            vfs.write_file("run/tmp-checkpoint-2/model.pt", b"m" * 5000)
+            assert store.wait_hanging("put", "mnt/run/tmp-checkpoint-2/")  # the marker PUT hangs
+            started = time.monotonic()
+            vfs.write_file("run/tmp-checkpoint-2/optimizer.pt", b"o" * 5000)
+            assert not vfs.exists("run/tmp-checkpoint-2/scheduler.pt")
+            assert sorted(vfs.listdir("run/tmp-checkpoint-2")) == ["model.pt", "optimizer.pt"]
+            assert time.monotonic() - started < 1.0
+            store.remove(rule)
+            store.release()
+            assert not mount.fs.sync(timeout=30)
+            assert store.objects("mnt/run/tmp-checkpoint-2/")["mnt/run/tmp-checkpoint-2/optimizer.pt"] == b"o" * 5000
+        finally:
+            mount.close()

@@ -151,7 +151,9 @@ class Lookup:
         shown = table.moved.get(path)
         if shown is not None:
             return True, shown[0]  # type: ignore[return-value]
-        if table.hidden_locked(path):  # removed here; S3 may still have it until its op runs
+        if table.hidden_locked(path) or table.contents_known_locked(parent_of(path)):
+            # Removed here (S3 may still have it until its op runs), or in a directory made
+            # here whose contents S3 cannot hold yet: only this mount's files are there.
             children = table.live_below_locked(path)
             return True, DirInfo(max(f.mtime for f in children)) if children else None
         return False, None
@@ -204,7 +206,7 @@ class Lookup:
         dir_key = self.core.dir_key(path)
         children: dict[str, object] | None = None
         with self.table.lock:
-            if self.table.local_dir_locked(path) is not None:  # made here, nothing of it in S3 yet
+            if self.table.contents_known_locked(path):  # made here, nothing else of it in S3
                 children = self._merge_staged_locked(path, {})
         for _attempt in range(0 if children is not None else 5):
             with self.table.lock:

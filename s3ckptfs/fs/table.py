@@ -122,8 +122,23 @@ class PathTable:
         if marker is None or marker.deleted:
             return None
         with marker.lock:
-            local = marker.committed_version == 0 and not marker.committing
+            local = marker.committed_version == 0 and not marker.committing and marker.failure is None
         return marker if local else None
+
+    def contents_known_locked(self, path: str) -> bool:
+        """Whether this mount knows all of directory ``path``: made here, its marker not yet in S3.
+
+        Weaker than ``local_dir_locked``: the marker's PUT may be in flight. Commits go in
+        close order, so whatever else S3 holds under the directory was committed after the
+        marker, by this mount, and is still in the path table. Lookups and listings then need
+        no S3 request (a rename or removal still does: the marker may have landed).
+        """
+        marker = self.dirs.get(path)
+        if marker is None or marker.deleted:
+            return False
+        with marker.lock:
+            # A marker whose commit gave up no longer holds back the files under it.
+            return marker.committed_version == 0 and marker.failure is None
 
     def only_here_locked(self, file: StagedFile) -> bool:
         """Whether no object can be under ``file``'s key: it never committed and replaced none."""
