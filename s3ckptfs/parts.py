@@ -133,7 +133,7 @@ class PartUploads:
                     file.changed.wait_for(lambda: not file.creating_upload)
                     continue
                 self.abort_later(file.forget_upload_locked())
-                file.creating_upload = True
+                file.begin_creating_upload_locked()
                 key, metadata = file.key, object_metadata(file.mtime, file.mode)
             upload_id = None
             try:
@@ -141,8 +141,7 @@ class PartUploads:
                 self.registry.add(key, upload_id)
             finally:
                 with file.lock:
-                    file.creating_upload = False
-                    file.changed.notify_all()
+                    file.end_creating_upload_locked()
                     adopted = (upload_id is not None and not file.deleted and file.key == key
                                and file.upload_id is None)
                     if adopted:

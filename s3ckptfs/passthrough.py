@@ -304,11 +304,11 @@ class PassthroughFiles:
                 file.at_risk_from = file.reserved_end
             if file.write_error is None and file.at_risk_from is not None and file.size >= file.at_risk_from:
                 # The writer may have got ENOSPC past the reserved blocks; only it knows.
-                file.write_error = errno.ENOSPC
+                file.fail_writes_locked(errno.ENOSPC)
                 log.error("%s grew past the space that could be reserved in the cache; a write may have failed "
                           "(ENOSPC), so it will not be uploaded", file.path)
             elif file.size > partplan.max_object_size(file.part_base):
-                file.write_error = errno.EFBIG
+                file.fail_writes_locked(errno.EFBIG)
 
     def release_locked(self, file: StagedFile, handle: Handle) -> None:
         file.pt_handles -= 1

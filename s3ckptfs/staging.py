@@ -9,7 +9,9 @@ at least the bytes of every write counted in g. A part is up to date when it
 was uploaded for the current upload id, at the current generation and length.
 
 ``version`` counts every change to content or metadata; ``committed_version``
-is the version S3 holds. The file is dirty while they differ.
+is the version S3 holds. The file is dirty while they differ. Its way to S3 is
+one ``CommitState`` (commitstate.py), changed only by the transition methods
+here; other modules ask the predicates (``deleted``, ``commit_queued``...).
 
 With FUSE passthrough (see docs/design.md) the kernel writes into the staging
 file itself and the daemon never sees the writes: size and mtime are then
@@ -20,8 +22,8 @@ file's bytes (CRC32C) before the upload completes.
 
 No S3 request and no fsync is made with ``lock`` held (see s3ckptfs/locks.py for
 the lock order): requests are prepared under it, sent without it, and their
-outcome recorded under it again. ``committing`` and ``creating_upload`` say that
-such a request is in flight.
+outcome recorded under it again. ``committing`` (the SENDING state) and
+``creating_upload`` say that such a request is in flight.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Callable
 
 from . import locks, partplan
 from .cache import boot_id
+from .commitstate import CommitState, check_move
 from .errors import S3Error
 
 
@@ -127,7 +130,7 @@ class StagedFile:
         self.changed = locks.new_condition(self.lock)
         self.journal_lock = locks.new_lock("journal")  # serializes writing this file's journal record
         self.version = 1
-        self.committed_version = 0
+        self._committed_version = 0       # the version S3 holds (0: none yet)
         self.part_generation: dict[int, int] = {}
         self.uploaded: dict[int, UploadedPart] = {}
         self.inflight: set[int] = set()
@@ -136,22 +139,21 @@ class StagedFile:
         self.part_error: S3Error | None = None
         self.handles = 0                  # open handles of any kind
         self.writers = 0                  # open handles that may write
-        self.deleted = False              # unlinked: never upload again
-        self.commit_queued = False
-        self.committing = False           # the commit's last request (PUT or Complete) is in flight
-        self.creating_upload = False      # CreateMultipartUpload in flight (sent without the lock)
+        # The commit lifecycle: one state, changed only by the transition methods below.
+        self._state = CommitState.IDLE
+        self._queued_again = False        # a commit was asked for while one runs: it follows
+        self._error: S3Error | None = None  # FAILED: what it gave up on; else the last transient error
+        self._creating_upload = False     # CreateMultipartUpload in flight (sent without the lock)
         self.over_object = True           # an object may be under ``key`` already (False: known absent)
-        self.failure: S3Error | None = None    # gave up: kept in the cache, shown by status
-        self.retrying: S3Error | None = None   # the last transient error while retrying
-        self.last_etag = ""
-        self.journaled_version = 0        # the version the journal record was last written for
-        self.data_synced = True           # the staging file was fsync'd after the journaled version's writes
+        self._last_etag = ""
+        self._journaled_version = 0       # the version the journal record was last written for
+        self._data_synced = True          # the staging file was fsync'd after the journaled version's writes
         self.close_seq = 0                # when it was last journaled at a close: recovery commits in this order
         self.bytes_uploaded = 0
         self.writeback_from = 0           # disk writeback was started for bytes before this offset
-        self.write_error: int | None = None  # sticky: a failed write means never publish this file
+        self._write_error: int | None = None  # sticky: a failed write means never publish this file
         self.created = time.time()
-        self.committed_digest: Digest | None = None
+        self._committed_digest: Digest | None = None
         # FUSE passthrough (decided when the first handle opens; all open handles share one mode)
         self.passthrough = False
         self.backing_id = 0               # kernel backing id while passthrough handles are open
@@ -162,6 +164,162 @@ class StagedFile:
         self.reserved_end = 0             # disk blocks are reserved up to here
         self.at_risk_from: int | None = None  # a reservation failed here: writes past it may have failed
         self.pt_filled = 0                # parts handed to eager upload by the passthrough poller
+
+    # -- the commit lifecycle (see commitstate.py): asked by predicates, changed by transitions --
+
+    @property
+    def state(self) -> CommitState:
+        return self._state
+
+    @property
+    def deleted(self) -> bool:
+        """Unlinked or replaced: never uploaded again."""
+        return self._state is CommitState.DELETED
+
+    @property
+    def commit_queued(self) -> bool:
+        """A commit is queued that has not started (or was asked for again while one runs)."""
+        return self._state is CommitState.QUEUED or self._queued_again
+
+    @property
+    def committing(self) -> bool:
+        """The commit's last request is in flight: it may land under the key it began with."""
+        return self._state is CommitState.SENDING
+
+    @property
+    def failure(self) -> S3Error | None:
+        """What the commit gave up on (kept in the cache, shown by status), else None."""
+        return self._error if self._state is CommitState.FAILED else None
+
+    @property
+    def retrying(self) -> S3Error | None:
+        """The last transient error of a commit still being retried, else None."""
+        return self._error if self._state in (CommitState.QUEUED, CommitState.UPLOADING) else None
+
+    @property
+    def creating_upload(self) -> bool:
+        return self._creating_upload
+
+    @property
+    def committed_version(self) -> int:
+        return self._committed_version
+
+    @property
+    def last_etag(self) -> str:
+        return self._last_etag
+
+    @property
+    def committed_digest(self) -> Digest | None:
+        return self._committed_digest
+
+    @property
+    def write_error(self) -> int | None:
+        return self._write_error
+
+    @property
+    def journaled_version(self) -> int:
+        return self._journaled_version
+
+    @property
+    def data_synced(self) -> bool:
+        return self._data_synced
+
+    def needs_commit_locked(self) -> bool:
+        """Closed, changed since its last commit, and nothing queued, running or given up."""
+        return (self.handles == 0 and self.dirty and self._state is CommitState.IDLE
+                and not self._queued_again and self._write_error is None)
+
+    def can_retire_locked(self) -> bool:
+        """Closed, clean, and no commit queued and no part in flight: S3 holds it."""
+        return not (self.handles or self.dirty or self.deleted or self.commit_queued or self.inflight)
+
+    def _move(self, new: CommitState) -> bool:
+        if self._state is CommitState.DELETED:
+            return False  # final: a commit finishing after an unlink changes nothing
+        if not check_move(self.path, self._state, new):
+            return False
+        self._state = new
+        return True
+
+    def queue_commit_locked(self) -> None:
+        """A close (or fsync) asks for a commit of the current content."""
+        if self._state in (CommitState.UPLOADING, CommitState.SENDING):
+            self._queued_again = True
+        elif self._move(CommitState.QUEUED):
+            self._error = None
+
+    def start_commit_locked(self) -> None:
+        """The commit thread (re)reads the file to commit it: what was asked so far is served."""
+        self._queued_again = False
+        if self._state is CommitState.FAILED:
+            self._error = None
+        self._move(CommitState.UPLOADING)
+
+    def begin_send_locked(self) -> None:
+        """The commit's last request is about to go, without the lock."""
+        self._move(CommitState.SENDING)
+
+    def end_send_locked(self, committed: tuple[int, str, Digest | None] | None) -> None:
+        """The last request returned: (version, etag, digest) if it wrote the object, None if it failed."""
+        if committed is not None:
+            self._committed_version, self._last_etag, self._committed_digest = committed
+        self._move(CommitState.UPLOADING)
+        self.changed.notify_all()
+
+    def mark_unchanged_since_commit_locked(self, version: int) -> None:
+        """The commit found S3 already holding ``version``'s bytes (a passthrough file closed unchanged)."""
+        self._committed_version = version
+
+    def mark_identical_locked(self, etag: str) -> None:
+        """The staging file holds exactly object ``etag`` (opened over it, not yet written)."""
+        self._committed_version = self.version
+        self._last_etag = etag
+
+    def retry_locked(self, error: S3Error) -> None:
+        """The commit failed transiently and will be tried again."""
+        self._error = error
+
+    def finish_commit_locked(self) -> None:
+        """The commit thread is done with the file: S3 holds what it read, or there was nothing to do."""
+        self._error = None
+        again, self._queued_again = self._queued_again, False
+        self._move(CommitState.QUEUED if again else CommitState.IDLE)
+
+    def give_up_locked(self, error: S3Error) -> None:
+        """The commit gave up: the data stays in the cache, ``failure`` says why."""
+        self._queued_again = False
+        if self._move(CommitState.FAILED):
+            self._error = error
+
+    def mark_deleted_locked(self) -> None:
+        """Unlinked or replaced: never upload again (final)."""
+        if self._move(CommitState.DELETED):
+            self._error = None
+            self._queued_again = False
+            self.changed.notify_all()
+
+    def begin_creating_upload_locked(self) -> None:
+        self._creating_upload = True
+
+    def end_creating_upload_locked(self) -> None:
+        self._creating_upload = False
+        self.changed.notify_all()
+
+    def fail_writes_locked(self, code: int) -> None:
+        """A write failed: the file is incomplete and never published (close reports ``code``)."""
+        if self._write_error is None:
+            self._write_error = code
+
+    def journaled_locked(self, version: int = 0, synced: bool | None = None) -> None:
+        """The journal record now stands for ``version`` (``synced``: its data was fsync'd)."""
+        self._journaled_version = max(self._journaled_version, version)
+        if synced is not None:
+            self._data_synced = synced
+
+    def restored_locked(self, synced: bool) -> None:
+        """Recovered from its journal record at start-up."""
+        self._journaled_version = self.version
+        self._data_synced = synced
 
     # -- state derived under lock --------------------------------------------------
 

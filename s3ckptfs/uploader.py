@@ -55,7 +55,8 @@ from .store import ObjectStore
 
 # The last request of a commit, prepared under file.lock and run without it: it returns
 # (key, etag, version, record), where record() stores the outcome on the file (under file.lock).
-CommitResult = tuple[str, str, int, Callable[[], None]]
+# What the last request wrote: key, etag, version, digest, and the multipart upload it completed.
+CommitResult = tuple[str, str, int, Digest | None, str | None]
 CommitCall = Callable[[], CommitResult]
 
 log = logging.getLogger(__name__)
@@ -155,8 +156,7 @@ class Uploader:
                 if commit.file is file and commit.attempts == 0 and file.commit_queued:
                     return commit.ticket
             with file.lock:
-                file.commit_queued = True
-                file.failure = None
+                file.queue_commit_locked()
                 if file.size > self.single_put_limit:
                     self.parts.schedule_stale_locked(file)  # start the remaining parts now, in parallel
             commit = Commit(file)
@@ -269,20 +269,18 @@ class Uploader:
             if self._commit_once(file):
                 self.metrics.upload_seconds.observe(time.monotonic() - commit.requested)
             with file.lock:
-                file.retrying = None
+                file.finish_commit_locked()
             self._listener.settled(file)
 
         def retrying(error: S3Error) -> None:
             with file.lock:
-                file.retrying = error
+                file.retry_locked(error)
 
         def give_up(error: S3Error) -> None:
             log.error("upload of %s failed, data kept in the cache: %s", file.path, error)
             self.metrics.upload_failures.inc()
             with file.lock:
-                file.failure = error
-                file.retrying = None
-                file.commit_queued = False
+                file.give_up_locked(error)
 
         return self._with_retries(commit, f"upload of {file.path}", attempt, retrying, give_up)
 
@@ -296,7 +294,7 @@ class Uploader:
         while True:
             unverified: list[tuple[int, UploadedPart]] = []
             with file.lock:
-                file.commit_queued = False
+                file.start_commit_locked()
                 if file.deleted or file.write_error is not None:
                     self.abort_later(file.forget_upload_locked())
                     return False
@@ -387,7 +385,7 @@ class Uploader:
         with file.lock:
             if file.committed_digest is not digest or file.size != size or file.version != version:
                 return False
-            file.committed_version = version
+            file.mark_unchanged_since_commit_locked(version)
             result = (file.key, file.last_etag, version)
         log.debug("%s: unchanged since its last commit", file.path)
         self._listener.committed(file, *result)
@@ -417,16 +415,11 @@ class Uploader:
         if len(data) < size:
             data += bytes(size - len(data))
         crc = crc32c(data)
-        file.committing = True
+        file.begin_send_locked()
 
         def put() -> CommitResult:
             etag = self.s3.put(key, data, object_metadata(mtime, mode), crc if self.checksums else None)
-
-            def record() -> None:
-                file.last_etag = etag
-                file.committed_version = version
-                file.committed_digest = Digest(key, size, mode, mtime, (crc,))
-            return key, etag, version, record
+            return key, etag, version, Digest(key, size, mode, mtime, (crc,)), None
         return put
 
     def _begin_complete_locked(self, file: StagedFile) -> CommitCall:
@@ -435,7 +428,7 @@ class Uploader:
         count = file.part_count_locked()
         parts = [(n, file.uploaded[n].etag, file.uploaded[n].checksum) for n in range(1, count + 1)]
         crcs = tuple(file.uploaded[n].crc or "" for n in range(1, count + 1))
-        file.committing = True
+        file.begin_send_locked()
 
         def complete() -> CommitResult:
             etag, server_checksum = self.s3.complete_multipart(key, upload_id, parts)
@@ -451,29 +444,24 @@ class Uploader:
                             file.forget_upload_locked()
                     raise S3Error("ChecksumMismatch", f"{key}: {server_checksum} != {expected}", transient=True)
 
-            def record() -> None:
-                file.last_etag = etag
-                file.committed_version = version
-                file.committed_digest = Digest(key, size, mode, mtime, crcs) if all(crcs) else None
-                if file.upload_id == upload_id:
-                    file.upload_id = None
-                    file.upload_key = None
-                    file.uploaded.clear()
-            return key, etag, version, record
+            return key, etag, version, Digest(key, size, mode, mtime, crcs) if all(crcs) else None, upload_id
         return complete
 
     @staticmethod
     def _finish_commit_call(file: StagedFile, request: CommitCall) -> tuple[str, str, int]:
-        """Run the request ``_begin_*_locked`` prepared; record its result and clear file.committing at once."""
+        """Run the request ``_begin_*_locked`` prepared; record its result and end SENDING at once."""
         outcome: CommitResult | None = None
         try:
             outcome = request()
         finally:
             with file.lock:
-                if outcome is not None:
-                    outcome[3]()
-                file.committing = False
-                file.changed.notify_all()
+                if outcome is None:
+                    file.end_send_locked(None)
+                else:
+                    _key, etag, version, digest, completed = outcome
+                    file.end_send_locked((version, etag, digest))
+                    if completed is not None and file.upload_id == completed:
+                        file.forget_upload_locked()  # completed: nothing to abort
         return outcome[:3]
 
     # -- lifecycle -------------------------------------------------------------------

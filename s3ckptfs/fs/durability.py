@@ -54,7 +54,7 @@ class Durability:
             log.debug("journaled %s (%d bytes) in %.3fs", file.path, file.size, time.monotonic() - started)
         except OSError as exc:
             with file.lock:
-                file.write_error = exc.errno or errno.EIO
+                file.fail_writes_locked(exc.errno or errno.EIO)
             raise FsError(exc.errno or errno.EIO, f"cannot journal {file.path}: {exc}") from exc
         if self.background:
             self.sync_data_later(file, version)
@@ -74,7 +74,7 @@ class Durability:
                 if only_if_journaled is not None and file.journaled_version != only_if_journaled:
                     return True  # journaled again since, for a newer version
                 if synced is not None:
-                    file.data_synced = synced
+                    file.journaled_locked(synced=synced)
                 if closing:
                     file.close_seq = next_close_seq()
                 record = file.journal_record_locked()
@@ -83,7 +83,7 @@ class Durability:
                 if file.deleted or (not file.dirty and file.committed_version >= version):
                     self.journal.remove(file.id)  # deleted, or committed, while it was written
                     return not file.deleted
-                file.journaled_version = max(file.journaled_version, version)
+                file.journaled_locked(version)
         return True
 
     def rewrite_record(self, file: StagedFile) -> None:

@@ -71,7 +71,7 @@ class Lifecycle:
         deleted by what is queued after it (a later commit, or a delete in close order).
         """
         with file.lock:
-            file.deleted = True
+            file.mark_deleted_locked()
             self.uploader.abort_later(file.forget_upload_locked())
             unused = file.handles == 0
             self.core.journal.remove(file.id)  # under file.lock, like every removal: see Durability
@@ -204,8 +204,7 @@ class Lifecycle:
         last commit (written through a shared mapping after the last flush, or during a
         commit's request, whose end sees to it), commit it; else retire it if clean."""
         with file.lock:
-            again = (file.handles == 0 and file.dirty and not file.deleted and not file.commit_queued
-                     and not file.committing and file.failure is None and file.write_error is None)
+            again = file.needs_commit_locked()
         if again:
             self.durability.make_durable(file)
             self.uploader.request_commit(file)
@@ -220,8 +219,7 @@ class Lifecycle:
         """
         with self.table.lock:
             with file.lock:
-                if (file.handles or file.dirty or file.deleted or file.commit_queued or file.inflight
-                        or not self.table.holds(file)):
+                if not file.can_retire_locked() or not self.table.holds(file):
                     return
                 self.table.drop_locked(file)
                 info = self._entry(file, file.last_etag)

@@ -122,8 +122,7 @@ class Opens:
             self.reads.hydrate(file, entry)
         with file.lock:
             if not truncate:  # identical to the object until written
-                file.committed_version = file.version
-                file.last_etag = entry.etag
+                file.mark_identical_locked(entry.etag)
                 file.mtime = entry.mtime
         with self.table.lock:
             existing = self.table.get(path)
@@ -180,8 +179,7 @@ class Opens:
         file = StagedFile(file_id, path, self.core.key_for(path), staging_path, fd, size=entry.size,
                           mode=entry.mode or FILE_MODE, mtime=entry.mtime, part_base=self.core.options.part_size)
         with file.lock:
-            file.committed_version = file.version  # identical to the object until written
-            file.last_etag = entry.etag
+            file.mark_identical_locked(entry.etag)  # identical to the object until written
             if truncate:
                 file.truncate_locked(0)
         self.lifecycle.register_locked(file)

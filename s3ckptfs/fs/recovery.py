@@ -91,9 +91,8 @@ class Recovery:
             file = StagedFile(file_id, path, record["key"], staging_path, fd, size=size,
                               mode=int(record.get("mode", FILE_MODE)), mtime=float(record.get("mtime", 0)),
                               part_base=core.options.part_size)
-            file.journaled_version = file.version
+            file.restored_locked(bool(record.get("data_synced", True)))
             file.close_seq = int(record.get("close_seq", 0))
-            file.data_synced = bool(record.get("data_synced", True))
             if not file.data_synced:  # the daemon died before the fsync; the page cache still holds the data
                 self.durability.sync_data_later(file, file.version)
             kept = 0

@@ -64,7 +64,7 @@ class Writes:
         except OSError as exc:
             code = exc.errno or errno.EIO
             with file.lock:
-                file.write_error = code  # the file is incomplete: close reports it, S3 never sees it
+                file.fail_writes_locked(code)  # the file is incomplete: close reports it, S3 never sees it
             log.error("write to %s failed: %s; the file will not be uploaded", handle.path, exc)
             raise FsError(code, f"write {handle.path}: {exc}") from exc
         # The part before the one this write starts in is behind the writer: upload it now,
