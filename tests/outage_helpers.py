@@ -36,6 +36,9 @@ from frameworks_workers import tensors
 
 MiB = 1 << 20
 KEEP = 2                        # checkpoints kept by the rotation
+# Model and optimizer state of a step: 4 MiB and 8 MiB, times this (S3CKPTFS_OUTAGE_STATE_SCALE=16
+# measures saves of checkpoint size, 64 and 128 MiB; the suite keeps them small).
+STATE_SCALE = int(os.environ.get("S3CKPTFS_OUTAGE_STATE_SCALE", "1"))
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
@@ -170,20 +173,29 @@ class CallLog:
         calls = [c for c in self.on_mount() if phases is None or c.phase in phases]
         return max(calls, key=lambda c: c.seconds, default=None)
 
-    def save_ratios(self) -> list[tuple[Call, float]]:
-        """Each save on the mount with the ratio of its time to the same save in the baseline
-        (on local disk, unless ``adopt_baseline`` said otherwise)."""
-        local = {(c.step, c.label): c.seconds for c in self.calls if c.where == self.baseline and c.save}
+    def save_ratios(self, baseline: str | None = None) -> list[tuple[Call, float]]:
+        """Each save on the mount with the ratio of its time to the same save in ``baseline``
+        (by default on local disk, unless ``adopt_baseline`` said otherwise)."""
+        baseline = baseline or self.baseline
+        local = {(c.step, c.label): c.seconds for c in self.calls if c.where == baseline and c.save}
         return [(c, c.seconds / max(local[(c.step, c.label)], 1e-6)) for c in self.on_mount()
                 if c.save and (c.step, c.label) in local]
+
+    def ratio_figures(self, baseline: str, outage_phases: tuple[str, ...]) -> dict[str, Any]:
+        ratios = self.save_ratios(baseline)
+        during = [r for c, r in ratios if c.phase in outage_phases]
+        return {
+            "max": max((r for _, r in ratios), default=None),
+            "median": statistics.median([r for _, r in ratios]) if ratios else None,
+            "max_during_outage": max(during, default=None),
+            "median_during_outage": statistics.median(during) if during else None,
+        }
 
     def summary(self, outage_phases: tuple[str, ...] = ("hang", "refuse")) -> dict[str, Any]:
         """The figures a report quotes: longest call (overall, during the outage), save ratios."""
         def brief(call: Call | None) -> dict[str, Any] | None:
             return None if call is None else {k: v for k, v in asdict(call).items() if k != "save"}
 
-        ratios = self.save_ratios()
-        during = [r for c, r in ratios if c.phase in outage_phases]
         saves = [c.seconds for c in self.on_mount() if c.save]
         return {
             "mount_calls": len(self.on_mount()),
@@ -194,12 +206,11 @@ class CallLog:
             "longest_save_seconds": max(saves, default=None),
             "median_save_seconds": statistics.median(saves) if saves else None,
             "save_ratio_baseline": self.baseline,
-            "save_ratio": {
-                "max": max((r for _, r in ratios), default=None),
-                "median": statistics.median([r for _, r in ratios]) if ratios else None,
-                "max_during_outage": max(during, default=None),
-                "median_during_outage": statistics.median(during) if during else None,
-            },
+            "save_ratio": self.ratio_figures(self.baseline, outage_phases),
+            # A close on the mount makes the file durable (local_sync=close): the same save to
+            # local disk followed by an fsync is the like-for-like baseline.
+            "save_ratio_vs_local_fsync": (self.ratio_figures(LOCAL_FSYNC, outage_phases)
+                                          if any(c.where == LOCAL_FSYNC for c in self.calls) else None),
             "notes": list(self.notes),
         }
 
@@ -272,9 +283,10 @@ class Bounded:
 # -- the trainer loop -------------------------------------------------------------------------------
 
 def step_state(step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Model (4 MiB) and AdamW-shaped optimizer state (8 MiB) of a step, from a fixed seed."""
-    model = tensors(4, 256 * 1024, seed=1000 + step)
-    moments = tensors(8, 256 * 1024, seed=2000 + step)
+    """Model (4 MiB) and AdamW-shaped optimizer state (8 MiB) of a step, from a fixed seed
+    (times ``STATE_SCALE``)."""
+    model = tensors(4, STATE_SCALE * 256 * 1024, seed=1000 + step)
+    moments = tensors(8, STATE_SCALE * 256 * 1024, seed=2000 + step)
     optimizer = {
         "state": {i: {"step": torch.tensor(float(step)), "exp_avg": moments[f"layer{2 * i}.weight"],
                       "exp_avg_sq": moments[f"layer{2 * i + 1}.weight"].abs()} for i in range(4)},
@@ -285,6 +297,19 @@ def step_state(step: int) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 SAVES = ("model.pt", "optimizer.pt")
+
+
+LOCAL_FSYNC = "local, then fsync"
+
+
+def save_and_fsync(state: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def checkpoint_step(root: Path, step: int, log: CallLog, local: Path | None = None, keep: int = KEEP) -> None:
@@ -303,6 +328,8 @@ def checkpoint_step(root: Path, step: int, log: CallLog, local: Path | None = No
             (local / final.name).mkdir(parents=True, exist_ok=True)
             log.timed(f"torch.save {name}", torch.save, state, local / final.name / name, step=step,
                       where="local", save=True)
+            log.timed(f"torch.save {name}", save_and_fsync, state, local / "fsynced" / name, step=step,
+                      where=LOCAL_FSYNC, save=True)
     log.timed("rename dir", os.rename, tmp, final, step=step)
     log.timed("write latest", (root / "latest").write_text, final.name, step=step)
     log.timed("symlink", os.symlink, final.name, root / "last.tmp", step=step)
