@@ -328,7 +328,7 @@ def checkpoint_step(root: Path, step: int, log: CallLog, local: Path | None = No
             (local / final.name).mkdir(parents=True, exist_ok=True)
             log.timed(f"torch.save {name}", torch.save, state, local / final.name / name, step=step,
                       where="local", save=True)
-            log.timed(f"torch.save {name}", save_and_fsync, state, local / "fsynced" / name, step=step,
+            log.timed(f"torch.save {name}", save_and_fsync, state, local / "fsynced" / final.name / name, step=step,
                       where=LOCAL_FSYNC, save=True)
     log.timed("rename dir", os.rename, tmp, final, step=step)
     log.timed("write latest", (root / "latest").write_text, final.name, step=step)
