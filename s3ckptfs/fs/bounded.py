@@ -83,6 +83,12 @@ class BoundedRequests:
         for _ in range(waiting):
             self._work.put(None)
 
+    def start(self, request: Callable[[], T]) -> Future:
+        """Send ``request`` now on a thread of this pool; its Future holds the answer or the error."""
+        future: Future = Future()
+        self._submit(future, request)
+        return future
+
     def call(self, what: str, request: Callable[[], T], deadline: float | None = None) -> T:
         """``request()``'s result, or its S3Error, or S3Error("Timeout") after ``deadline`` seconds."""
         limit = self.deadline if deadline is None else deadline

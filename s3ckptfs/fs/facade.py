@@ -189,6 +189,7 @@ class Filesystem:
         drained = self.uploader.shutdown(drain_timeout)
         self.reads.shutdown()
         self.lookup.requests.shutdown()
+        self.lookup.side_requests.shutdown()
         return drained
 
     def join_threads(self, timeout: float = 10.0) -> bool:

@@ -39,6 +39,9 @@ class Lookup:
         self.table = core.table
         self.meta = core.meta
         self.requests = BoundedRequests(core.options.metadata_deadline)
+        # The second request of a lookup, sent beside the first on a pool of its own (a lookup
+        # waiting on a thread of ``requests`` must never wait for a free thread of that pool).
+        self.side_requests = BoundedRequests(core.options.metadata_deadline)
         self.outage = Outage(core.metrics.stale_answers.inc)
 
     def _ask(self, what: str, request, can_fall_back: bool):
@@ -85,10 +88,13 @@ class Lookup:
         store = self.core.store
 
         def ask() -> tuple[ObjectInfo | None, bool, ObjectInfo | None, float | None]:
+            # HEAD of the name and LIST below it at once: a name that does not exist yet (every
+            # new checkpoint's) costs one round trip, not two. The LIST is wasted on a file.
+            below = self.side_requests.start(lambda: store.dir_summary(key + "/"))
             info = store.head(key)
             if info is not None:
                 return info, True, None, None
-            exists, has_marker, newest = store.dir_summary(key + "/")
+            exists, has_marker, newest = below.result()
             return None, exists, store.head(key + "/") if has_marker else None, newest
 
         try:
