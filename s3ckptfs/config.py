@@ -88,6 +88,7 @@ class Options:
     download_concurrency: int = 8      # parallel ranged GETs
     retry_attempts: int = 8            # attempts per request for transient errors
     retry_window: float = 0.0          # seconds to keep retrying a closed file's upload (0: no limit)
+    sync_stall_limit: float = 60.0     # fsync/sync-mode close: EIO once S3 has answered nothing this long (0: wait)
     checksums: bool = True             # CRC32C per part, checked by the server and at completion
     allow_other: bool = False          # let other users see the mount (FUSE allow_other)
     drain_timeout: float = 600.0       # seconds to wait for uploads on unmount/stop
@@ -119,6 +120,8 @@ class Options:
             raise ConfigError("option metadata_deadline: must be more than 0 seconds")
         if self.stale_if_error < 0:
             raise ConfigError("option stale_if_error: must not be negative")
+        if self.sync_stall_limit < 0:
+            raise ConfigError("option sync_stall_limit: must not be negative")
         if not 64 * KiB <= self.read_block <= 1 * GiB:
             raise ConfigError("option read_block: must be between 64KiB and 1GiB")
         if self.read_ahead < 0:

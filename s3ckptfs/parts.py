@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -55,6 +56,7 @@ class PartUploads:
         self._misc_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="s3ckptfs-abort")
         self._backoff = backoff or (lambda attempt: min(30.0, 0.5 * 2 ** min(attempt - 1, 6)))
         self._stopping = threading.Event()
+        self.answered_at = time.monotonic()  # when S3 last accepted a part (see Uploader.stalled_for)
 
     def _lower_priority(self) -> None:
         if self._upload_nice:
@@ -170,6 +172,7 @@ class PartUploads:
             crc = crc32c(data)
             checksum = crc if self.checksums else None
             etag = self.s3.upload_part(key, upload_id, number, data, checksum)
+            self.answered_at = time.monotonic()
             with file.lock:
                 if file.upload_id == upload_id:
                     file.uploaded[number] = UploadedPart(generation, length, etag, upload_id, checksum,

@@ -142,6 +142,8 @@ class Uploader:
         self._thread.start()
         self.objects_committed = 0
         self.bytes_committed = 0
+        self._head_started = time.monotonic()   # when the commit at the head of the queue began
+        self._answered_at = time.monotonic()    # when a commit or namespace change last succeeded
 
     # -- commits ---------------------------------------------------------------------
 
@@ -180,6 +182,15 @@ class Uploader:
             self._queue_changed.notify_all()
             return commit.ticket
 
+    def stalled_for(self) -> float:
+        """Seconds the ordered queue has waited on S3 without any answer (0 when nothing is queued):
+        since the head commit began, or since S3 last accepted a part or a commit, if later."""
+        with self._lock:
+            if not self._queue:
+                return 0.0
+            since = max(self._head_started, self._answered_at, self.parts.answered_at)
+        return max(0.0, time.monotonic() - since)
+
     def pending_ops(self) -> list[Commit]:
         with self._lock:
             return [commit for commit in self._queue if commit.op is not None]
@@ -207,6 +218,7 @@ class Uploader:
                 if not self._queue:
                     return
                 commit = self._queue[0]
+                self._head_started = time.monotonic()
             error = self._run_op(commit) if commit.op is not None else self._commit_with_retries(commit)
             with self._lock:
                 self._queue.popleft()
@@ -226,6 +238,7 @@ class Uploader:
             commit.attempts += 1
             try:
                 attempt()
+                self._answered_at = time.monotonic()
                 return None
             except S3Error as err:
                 error = err

@@ -167,3 +167,29 @@ def test_files_in_a_new_directory_are_created_while_its_marker_put_hangs(tmp_pat
             assert store.objects("mnt/run/tmp-checkpoint-2/")["mnt/run/tmp-checkpoint-2/optimizer.pt"] == b"o" * 5000
         finally:
             mount.close()
+
+
+@pytest.mark.timeout(60)
+def test_fsync_fails_with_eio_once_s3_has_answered_nothing_for_the_limit(tmp_path):
+    """fsync must reach S3: while S3 hangs it fails with EIO after ``sync_stall_limit``, not at
+    the end of the outage; the file stays staged and is uploaded once S3 answers."""
+    store = FakeStore()
+    with fast_tmp_dir(tmp_path / "cache") as cache:
+        mount = InProcessMount(store, cache, small_options(sync_stall_limit=1.0))
+        try:
+            vfs = Vfs(mount.start())
+            vfs.mkdir("run")
+            assert not mount.fs.sync(timeout=30)
+            rule = store.inject(fakestore.HANG)
+            vfs.write_file("run/step.pt", b"s" * 5000)
+            started = time.monotonic()
+            with pytest.raises(OSError) as failure:
+                vfs.fsync_file("run/step.pt")
+            assert failure.value.errno == errno.EIO
+            assert 1.0 <= time.monotonic() - started < 5.0
+            store.remove(rule)
+            store.release()
+            assert not mount.fs.sync(timeout=30)
+            assert store.objects("mnt/run/")["mnt/run/step.pt"] == b"s" * 5000
+        finally:
+            mount.close()

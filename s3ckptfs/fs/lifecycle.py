@@ -140,10 +140,16 @@ class Lifecycle:
         self.durability.make_durable(file)
         self.wait(self.uploader.request_commit(file), file)
 
-    @staticmethod
-    def wait(ticket: Ticket, file: StagedFile) -> None:
+    def wait(self, ticket: Ticket, file: StagedFile) -> None:
+        """Wait for the commit (fsync, sync-mode close); EIO once S3 has answered nothing for
+        ``sync_stall_limit`` seconds. The file stays staged and is uploaded when S3 answers."""
         locks.assert_no_locks_held(f"wait for the commit of {file.path}")
-        ticket.wait()
+        limit = self.core.options.sync_stall_limit
+        while not ticket.wait(None if not limit else 0.5):
+            stalled = self.uploader.stalled_for()
+            if stalled >= limit:
+                raise FsError(errno.EIO, f"{file.path}: S3 has answered nothing for {stalled:.0f}s; the file "
+                                         "is kept in the cache and uploaded once S3 answers")
         if ticket.error is not None:
             raise FsError(ticket.error.errno if ticket.error.errno != errno.ENOENT else errno.EIO,
                           f"{file.path}: {ticket.error}")
