@@ -61,6 +61,7 @@ READ_BOUND = 30.0        # a read that needs S3 data: fails with EIO within this
 # A directory never listed: 15 deadlines of 0.5 s per answer S3 does not give; a listdir may need two
 # (the directory itself, then its listing), with room for a noisy machine.
 UNLISTED_BOUND = 2 * 15 * 0.5 + 3.0
+SYNC_STALL_LIMIT = 3.0   # fsync fails with EIO once S3 has answered nothing this long (set on the mount)
 KILL_OUTAGE_SECONDS = min(20.0, OUTAGE_SECONDS)  # the kill -9 variant: shorter, the suite stays in bounds
 TTL = {"metadata_ttl": 1, "negative_ttl": 1}  # cached answers expire fast: each step asks S3 again
 TTL_SECONDS = 1.0
@@ -291,11 +292,13 @@ def test_unlisted_directory_and_uncached_read_fail_fast(fault_proxy, bucket, mou
     (15 metadata deadlines: 30 s by default, 7.5 s with the 0.5 s deadline used here), never as
     "no such file" (a fresh resume must not read an outage as "no checkpoint"), while the listed one answers
     from its listing: a known name with its size, an unknown one ENOENT. Reading an object that
-    is not in the cache fails with EIO within its bound. Once S3 is back, all of it works."""
+    is not in the cache fails with EIO within its bound, and so does an fsync (``sync_stall_limit``,
+    3 s here). Once S3 is back, all of it works, and the fsync'd file is uploaded."""
     cold = os.urandom(4 * MiB)
     s3.put_object(Bucket=bucket, Key="d/listed/cold.pt", Body=cold)
     s3.put_object(Bucket=bucket, Key="d/unlisted/x.pt", Body=b"x")
-    mount = mount_factory(bucket, "d", endpoint_url=fault_proxy.url, options={**TTL, "metadata_deadline": 0.5})
+    mount = mount_factory(bucket, "d", endpoint_url=fault_proxy.url,
+                          options={**TTL, "metadata_deadline": 0.5, "sync_stall_limit": SYNC_STALL_LIMIT})
     listed, unlisted = mount.path / "listed", mount.path / "unlisted"
     assert sorted(os.listdir(mount.path)) == ["listed", "unlisted"]
     assert os.listdir(listed) == ["cold.pt"]
@@ -315,6 +318,8 @@ def test_unlisted_directory_and_uncached_read_fail_fast(fault_proxy, bucket, mou
          lambda c: expect_errno(c, errno.ENOENT, METADATA_BOUND)),
         ("read of an uncached object", lambda: read_all(listed / "cold.pt"),
          lambda c: expect_errno(c, errno.EIO, READ_BOUND)),
+        ("fsync of a file saved during the outage", lambda: write_and_fsync(listed / "new.pt", b"n" * MiB),
+         lambda c: expect_errno(c, errno.EIO, SYNC_STALL_LIMIT + METADATA_BOUND)),
     ]
     problems, started = [], []
     for what, call, verdict in checks:  # one at a time, each within its own bound
@@ -330,6 +335,17 @@ def test_unlisted_directory_and_uncached_read_fail_fast(fault_proxy, bucket, mou
     assert not problems, problems
     assert os.listdir(unlisted) == ["x.pt"]
     assert (listed / "cold.pt").read_bytes() == cold
+    mount.sync()
+    assert get_bytes(s3, bucket, "d/listed/new.pt") == b"n" * MiB
+
+
+def write_and_fsync(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.fuse
