@@ -33,7 +33,6 @@ the file's lock and sent without it; the outcome is recorded under it again.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -43,12 +42,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
-from . import locks, partplan
+from . import locks
 from .cache import UploadRegistry
 from .errors import S3Error
 from .metrics import Metrics
 from .parts import PartUploads
 from .remoteops import RemoteOp
+from .ptcheck import passthrough_unchanged, unverified_parts_locked, verify_parts
 from .s3client import composite_crc32c, crc32c, object_metadata
 from .staging import Digest, StagedFile, UploadedPart
 from .store import ObjectStore
@@ -302,8 +302,11 @@ class Uploader:
 
         Returns True if an object was written, False if there was nothing to do.
         """
-        if file.pt_epoch and self._passthrough_unchanged(file):
-            return False
+        if file.pt_epoch:
+            unchanged = passthrough_unchanged(file, self.single_put_limit)
+            if unchanged is not None:
+                self._listener.committed(file, *unchanged)
+                return False
         while True:
             unverified: list[tuple[int, UploadedPart]] = []
             with file.lock:
@@ -320,7 +323,7 @@ class Uploader:
                     self.abort_later(file.forget_upload_locked())  # renamed: restart under the new key
                 stale = self.parts.schedule_stale_locked(file)
                 if not stale and not file.inflight:
-                    unverified = self._unverified_parts_locked(file)
+                    unverified = unverified_parts_locked(file)
                     if not unverified:
                         if file.part_error is not None:
                             file.part_error = None
@@ -329,14 +332,14 @@ class Uploader:
                 else:
                     # Check early parts while the last ones upload, not after: it is CPU and
                     # page-cache reads that would otherwise add to the time until durable.
-                    unverified = self._unverified_parts_locked(file)
+                    unverified = unverified_parts_locked(file)
                     if not unverified:
                         file.changed.wait_for(lambda: not file.inflight or file.deleted, timeout=5.0)
                         if not file.inflight and file.part_error is not None:
                             error, file.part_error = file.part_error, None
                             raise error
             if unverified:
-                self._verify_parts(file, unverified)
+                verify_parts(file, unverified)
         result = self._finish_commit_call(file, call)
         self.objects_committed += 1
         self.bytes_committed += file.size
@@ -344,76 +347,6 @@ class Uploader:
         self.metrics.uploaded_bytes.inc(file.size)
         self._listener.committed(file, *result)
         return True
-
-    # -- files written through FUSE passthrough ----------------------------------------
-
-    @staticmethod
-    def _unverified_parts_locked(file: StagedFile) -> list[tuple[int, UploadedPart]]:
-        """Uploaded parts whose bytes a passthrough writer may have changed since they were read."""
-        if not file.pt_epoch:
-            return []
-        return [(number, part) for number, part in sorted(file.uploaded.items())
-                if part.epoch != file.pt_epoch and part.upload_id == file.upload_id]
-
-    def _verify_parts(self, file: StagedFile, parts: list[tuple[int, UploadedPart]]) -> None:
-        """Keep each part whose CRC32C still matches the staging file; drop the others (uploaded again)."""
-        changed = 0
-        for number, part in parts:
-            with file.lock:
-                if file.deleted or file.fd < 0 or file.uploaded.get(number) is not part:
-                    continue
-                epoch, fd = file.pt_epoch, file.fd
-            start, _ = partplan.part_range(number, file.part_base)
-            data = os.pread(fd, part.length, start)
-            if len(data) < part.length:
-                data += bytes(part.length - len(data))
-            same = part.crc is not None and crc32c(data) == part.crc
-            with file.lock:
-                if file.uploaded.get(number) is not part:
-                    continue
-                if same:
-                    file.uploaded[number] = dataclasses.replace(part, epoch=epoch)
-                else:
-                    del file.uploaded[number]
-                    file.bytes_uploaded -= part.length
-                    changed += 1
-        if changed:
-            log.info("%s: %d part(s) uploaded early were rewritten since; uploading them again", file.path, changed)
-
-    def _passthrough_unchanged(self, file: StagedFile) -> bool:
-        """Before committing a passthrough file: if S3 already holds exactly these bytes, mark it clean."""
-        with file.lock:
-            if file.fd >= 0 and not file.deleted:
-                file.observe_locked()
-                if file.pt_writers:  # a writer is still open (fsync): parts read so far need a check
-                    file.pt_epoch += 1
-            digest = file.committed_digest
-            if (digest is None or not file.dirty or file.deleted or file.write_error is not None or file.fd < 0
-                    or (digest.key, digest.size, digest.mode, digest.mtime)
-                    != (file.key, file.size, file.mode, file.mtime)):
-                return False
-            version, fd, size = file.version, file.fd, file.size
-        if self._crcs(fd, size, file.part_base) != digest.crcs:
-            return False
-        with file.lock:
-            if file.committed_digest is not digest or file.size != size or file.version != version:
-                return False
-            file.mark_unchanged_since_commit_locked(version)
-            result = (file.key, file.last_etag, version)
-        log.debug("%s: unchanged since its last commit", file.path)
-        self._listener.committed(file, *result)
-        return True
-
-    def _crcs(self, fd: int, size: int, base: int) -> tuple[str, ...]:
-        """CRC32C of the object's parts (one for a file uploaded with a single PUT)."""
-        if size <= self.single_put_limit:
-            return (crc32c(os.pread(fd, size, 0).ljust(size, b"\0")),)
-        crcs = []
-        for number in range(1, partplan.part_count(size, base) + 1):
-            start, _ = partplan.part_range(number, base)
-            length = partplan.part_length(number, size, base)
-            crcs.append(crc32c(os.pread(fd, length, start).ljust(length, b"\0")))
-        return tuple(crcs)
 
     # The last request of a commit (the PUT of a small file, or CompleteMultipartUpload) runs
     # without file.lock: a slow or retried request must not stall other operations on the
