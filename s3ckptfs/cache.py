@@ -6,6 +6,7 @@ Layout of a cache dir::
     staging/<id>.data    the bytes of a file written through the mount, not yet in S3
     journal/<id>.json    a record per staged file that close() has returned for
     uploads/<hash>.json  every multipart upload started and not yet completed or aborted
+    parthashes.db        SHA-256 of each part of the objects written here (with -o dedup=on; parthashes.py)
     objects/<hash>.data  sparse copies of S3 objects (downloaded blocks, or files
                          written here and since committed), keyed by key + ETag
 

@@ -17,8 +17,9 @@ The order, outermost first::
     journal   StagedFile.journal_lock: one file's journal record being written
               (held across its fsync, so never under the mount's or a file's lock)
     file      StagedFile.lock (+ changed): every field of one staged file
-    leaves    parts, requests, outage, passthrough.holders, room, close_seq, metadata,
-              objects, handles, watch.timers: each guards one small structure
+    leaves    parts, parthashes, dedup, requests, outage, passthrough.holders, room,
+              close_seq, metadata, objects, handles, watch.timers: each guards one
+              small structure
 
 The rules:
 
@@ -121,6 +122,10 @@ ORDER: tuple[LockKind, ...] = (
     LockKind("file", 30, "StagedFile.lock, with the condition StagedFile.changed",
              "every field of one staged file; changed: a part or a commit request finished"),
     LockKind("parts", LEAF, "PartUploads._lock (parts.py)", "the eager-upload slots and their waiting list"),
+    LockKind("parthashes", LEAF, "PartHashes._lock (parthashes.py)",
+             "the SQLite connection holding the part hashes of objects written here"),
+    LockKind("dedup", LEAF, "Dedup._lock (dedup.py)",
+             "the bytes of parts sent and copied; parts sent for uploads not yet complete"),
     LockKind("requests", LEAF, "BoundedRequests._count_lock (fs/bounded.py)", "its thread counts"),
     LockKind("outage", LEAF, "Outage._lock (fs/bounded.py)", "whether S3 is answering, and the fallback count"),
     LockKind("passthrough.holders", LEAF, "PassthroughFiles._holders_lock",

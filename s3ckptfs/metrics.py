@@ -27,6 +27,9 @@ class Metrics:
                                       registry=self.registry)
         self.uploaded_objects = Counter("s3ckptfs_uploaded_objects", "Objects completed in S3",
                                         registry=self.registry)
+        self.part_bytes = Counter("s3ckptfs_part_bytes", "Bytes of multipart parts made in S3, by how: sent "
+                                  "(uploaded) or copied (server-side, from an equal range already there)",
+                                  ["how"], registry=self.registry)
         self.upload_failures = Counter("s3ckptfs_upload_failures", "Uploads given up (data kept in the cache)",
                                        registry=self.registry)
         self.upload_seconds = Histogram(

@@ -28,6 +28,7 @@ from typing import Callable
 
 from . import locks, partplan
 from .cache import UploadRegistry
+from .dedup import Dedup
 from .errors import S3Error
 from .s3client import crc32c, object_metadata
 from .staging import StagedFile, UploadedPart
@@ -41,8 +42,9 @@ class PartUploads:
 
     def __init__(self, s3: ObjectStore, *, concurrency: int, single_put_limit: int, eager_uploads: int | None,
                  registry: UploadRegistry, checksums: bool, upload_nice: int = 0,
-                 backoff: Callable[[int], float] | None = None) -> None:
+                 backoff: Callable[[int], float] | None = None, dedup: Dedup | None = None) -> None:
         self.s3 = s3
+        self.dedup = dedup or Dedup(s3, None)
         self.registry = registry
         self.checksums = checksums
         self.single_put_limit = single_put_limit
@@ -96,7 +98,7 @@ class PartUploads:
 
     def _upload_eager_part(self, file: StagedFile, number: int) -> None:
         try:
-            self._upload_part(file, number)
+            self._upload_part(file, number, defer=True)
         finally:
             self._eager_part_done()
 
@@ -109,13 +111,17 @@ class PartUploads:
             file, number = self._eager_waiting.popleft()
         self._submit_eager(file, number)
 
-    def schedule_stale_locked(self, file: StagedFile) -> list[int]:
-        """Submit every stale part not already in flight; returns the stale part numbers."""
+    def schedule_stale_locked(self, file: StagedFile, defer: bool = False) -> list[int]:
+        """Submit every stale part not already in flight; returns the stale part numbers.
+
+        With ``defer``, a part equal to one another file is still uploading is left for
+        the commit, which runs after that file's (see dedup.py), and then copied.
+        """
         stale = file.stale_parts_locked()
         for number in stale:
             if number not in file.inflight:
                 file.inflight.add(number)
-                self._pool.submit(self._upload_part, file, number)
+                self._pool.submit(self._upload_part, file, number, defer)
         return stale
 
     def _current_upload(self, file: StagedFile) -> tuple[str, str] | None:
@@ -151,7 +157,7 @@ class PartUploads:
             if upload_id is not None and not adopted:
                 self.abort_later((key, upload_id))  # renamed or deleted meanwhile
 
-    def _upload_part(self, file: StagedFile, number: int) -> None:
+    def _upload_part(self, file: StagedFile, number: int, defer: bool = False) -> None:
         upload_id = None
         try:
             target = self._current_upload(file)
@@ -171,13 +177,22 @@ class PartUploads:
                 data += bytes(length - len(data))
             crc = crc32c(data)
             checksum = crc if self.checksums else None
-            etag = self.s3.upload_part(key, upload_id, number, data, checksum)
-            self.answered_at = time.monotonic()
+            digest = self.dedup.digest(data)
+            if defer and self.dedup.in_other_upload(upload_id, digest, length):
+                return  # stays stale: the commit copies it once the other file's object is complete
+            etag = self.dedup.copy_part(key, upload_id, number, length, digest, crc)
+            copied = etag is not None
+            if etag is None:
+                self.dedup.sending(upload_id, digest, length)
+                etag = self.s3.upload_part(key, upload_id, number, data, checksum)
+                self.dedup.count(sent=length)
+            self.answered_at = time.monotonic()  # S3 accepted the part, sent or copied
             with file.lock:
                 if file.upload_id == upload_id:
                     file.uploaded[number] = UploadedPart(generation, length, etag, upload_id, checksum,
-                                                         epoch=epoch, crc=crc)
+                                                         epoch=epoch, crc=crc, digest=digest)
                     file.bytes_uploaded += length
+                    file.bytes_copied += length if copied else 0
         except S3Error as err:
             with file.lock:
                 if upload_id is not None and file.upload_id != upload_id:
@@ -231,7 +246,7 @@ class PartUploads:
                     same = hashlib.md5(data, usedforsecurity=False).hexdigest() == etag.strip('"')
                 if same:
                     kept[number] = UploadedPart(0, size, etag, upload_id, local_crc if self.checksums else None,
-                                                epoch=file.pt_epoch, crc=local_crc)
+                                                epoch=file.pt_epoch, crc=local_crc, digest=self.dedup.digest(data))
             if kept:
                 file.upload_id, file.upload_key = upload_id, file.key
                 file.uploaded.update(kept)

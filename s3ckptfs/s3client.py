@@ -312,6 +312,20 @@ class S3Client:
             raise translate(exc, f"UploadPart {key} #{part_number}") from exc
         return response["ETag"]
 
+    def upload_part_copy(self, key: str, upload_id: str, part_number: int, src_key: str, start: int,
+                         length: int, if_match: str) -> tuple[str, str | None]:
+        """UploadPartCopy of a byte range, conditional on the source's ETag (x-amz-copy-source-if-match)."""
+        locks.assert_no_locks_held("S3 UploadPartCopy")
+        try:
+            response = self._client.upload_part_copy(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=part_number,
+                CopySource={"Bucket": self.bucket, "Key": src_key}, CopySourceIfMatch=if_match,
+                CopySourceRange=f"bytes={start}-{start + length - 1}")
+        except Exception as exc:
+            raise translate(exc, f"UploadPartCopy {src_key} -> {key} #{part_number}") from exc
+        result = response.get("CopyPartResult", {})
+        return result["ETag"], result.get("ChecksumCRC32C")
+
     def complete_multipart(self, key: str, upload_id: str,
                            parts: list[tuple[int, str, str | None]]) -> tuple[str, str | None]:
         """Make the object visible. ``parts``: (number, etag, crc32c or None), ascending.

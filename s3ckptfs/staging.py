@@ -100,6 +100,7 @@ class UploadedPart:
     checksum: str | None = None   # CRC32C of the bytes sent, checked by the server
     epoch: int = 0                # the file's pt_epoch when the bytes were read (or last verified)
     crc: str | None = None        # CRC32C of the bytes sent, whether or not the server got it
+    digest: str | None = None     # SHA-256 of the part's bytes (dedup.py), None when dedup is off
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class StagedFile:
         self._data_synced = True          # the staging file was fsync'd after the journaled version's writes
         self.close_seq = 0                # when it was last journaled at a close: recovery commits in this order
         self.bytes_uploaded = 0
+        self.bytes_copied = 0             # of which made server-side from equal bytes already in S3 (dedup.py)
         self.writeback_from = 0           # disk writeback was started for bytes before this offset
         self._write_error: int | None = None  # sticky: a failed write means never publish this file
         self.created = time.time()

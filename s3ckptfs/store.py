@@ -110,6 +110,16 @@ class ObjectStore(Protocol):
         """
         ...
 
+    def upload_part_copy(self, key: str, upload_id: str, part_number: int, src_key: str, start: int,
+                         length: int, if_match: str) -> tuple[str, str | None]:
+        """Make (or replace) one part from bytes ``[start, start+length)`` of object ``src_key``, server-side.
+
+        Conditional: a source whose ETag is not ``if_match`` fails with PreconditionFailed,
+        a missing one with NoSuchKey, an unknown upload with NoSuchUpload. Returns the
+        part's ETag and the CRC32C the server computed for it (None if it gave none).
+        """
+        ...
+
     def complete_multipart(self, key: str, upload_id: str,
                            parts: list[tuple[int, str, str | None]]) -> tuple[str, str | None]:
         """Make the object visible from ``parts``: (number, etag, crc32c or None), ascending.

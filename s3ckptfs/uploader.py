@@ -44,6 +44,7 @@ from typing import Callable, Iterable, Protocol
 
 from . import locks
 from .cache import UploadRegistry
+from .dedup import Dedup
 from .errors import S3Error
 from .metrics import Metrics
 from .parts import PartUploads
@@ -114,7 +115,7 @@ def default_backoff(attempt: int) -> float:
 class Uploader:
     """Schedules part uploads and ordered commits. Thread-safe."""
 
-    def __init__(self, s3: ObjectStore, *, concurrency: int, single_put_limit: int,
+    def __init__(self, s3: ObjectStore, *, concurrency: int, single_put_limit: int, dedup: Dedup | None = None,
                  listener: CommitListener, registry: UploadRegistry, upload_nice: int = 0,
                  eager_uploads: int | None = None, retry_window: float = 0.0, checksums: bool = True,
                  metrics: Metrics | None = None, backoff: Callable[[int], float] | None = None) -> None:
@@ -127,7 +128,7 @@ class Uploader:
         self.single_put_limit = single_put_limit
         self.parts = PartUploads(s3, concurrency=concurrency, single_put_limit=single_put_limit,
                                  eager_uploads=eager_uploads, registry=registry, checksums=checksums,
-                                 upload_nice=upload_nice, backoff=self._backoff)
+                                 upload_nice=upload_nice, backoff=self._backoff, dedup=dedup)
         # The part side, as the core calls it.
         self.part_filled = self.parts.part_filled
         self.resume_upload = self.parts.resume_upload
@@ -160,7 +161,7 @@ class Uploader:
             with file.lock:
                 file.queue_commit_locked()
                 if file.size > self.single_put_limit:
-                    self.parts.schedule_stale_locked(file)  # start the remaining parts now, in parallel
+                    self.parts.schedule_stale_locked(file, defer=True)  # the remaining parts, in parallel
             commit = Commit(file)
             self._queue.append(commit)
             self._queue_changed.notify_all()
@@ -374,6 +375,7 @@ class Uploader:
         count = file.part_count_locked()
         parts = [(n, file.uploaded[n].etag, file.uploaded[n].checksum) for n in range(1, count + 1)]
         crcs = tuple(file.uploaded[n].crc or "" for n in range(1, count + 1))
+        ranges = self.parts.dedup.ranges_locked(file, count)
         file.begin_send_locked()
 
         def complete() -> CommitResult:
@@ -389,6 +391,7 @@ class Uploader:
                         if file.upload_id == upload_id:
                             file.forget_upload_locked()
                     raise S3Error("ChecksumMismatch", f"{key}: {server_checksum} != {expected}", transient=True)
+            self.parts.dedup.committed(key, etag, size, ranges, upload_id)
 
             return key, etag, version, Digest(key, size, mode, mtime, crcs) if all(crcs) else None, upload_id
         return complete

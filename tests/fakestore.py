@@ -5,7 +5,9 @@ filesystem core: objects with MD5 ETags and the user metadata s3ckptfs writes
 (read back by HEAD as ``S3Client`` does), ListObjectsV2 with a delimiter,
 multipart uploads (parts replaceable until completion, ListParts, completion
 checking every part's ETag and CRC32C, the composite checksum S3 reports),
-server-side copy, idempotent delete, and ranged reads into a file descriptor,
+server-side copy (whole objects, and parts from a range with If-Match on
+the source: UploadPartCopy, bytes counted in ``copied_bytes`` beside
+``sent_bytes``), idempotent delete, and ranged reads into a file descriptor,
 conditional on the ETag (If-Match).
 
 Faults: ``inject(fault, ops, key=..., where=..., times=...)`` makes matching
@@ -42,7 +44,7 @@ from s3ckptfs.s3client import _info_from_head, composite_crc32c, crc32c
 from s3ckptfs.store import ObjectInfo
 
 OPERATIONS = ("head", "list_dir", "list_all", "dir_summary", "get_range_into", "get_bytes", "put",
-              "create_multipart", "upload_part", "complete_multipart", "abort_multipart", "list_parts", "copy",
+              "create_multipart", "upload_part", "upload_part_copy", "complete_multipart", "abort_multipart", "list_parts", "copy",
               "delete")
 UPLOAD_OPERATIONS = ("put", "create_multipart", "upload_part", "complete_multipart")
 MAX_KEYS = 1000          # one page of a listing
@@ -273,7 +275,27 @@ class FakeClient:
             upload = self._store._upload_locked(key, upload_id, "UploadPart")
             part = StoredPart(data, _quoted_md5(data), crc)
             upload.parts[part_number] = part  # a part sent again replaces the earlier one
+            self._store.sent_bytes += len(data)
             return part.etag
+
+    def upload_part_copy(self, key: str, upload_id: str, part_number: int, src_key: str, start: int,
+                         length: int, if_match: str) -> tuple[str, str | None]:
+        """UploadPartCopy of a range, If-Match on the source (counted under the target ``key``)."""
+        self._store._enter("upload_part_copy", key, self)
+        with self._store._lock:
+            source = self._store._objects.get(src_key)
+            if source is None:
+                raise S3Error("NoSuchKey", f"UploadPartCopy {src_key}", 404)
+            if if_match.strip('"') != source.etag.strip('"'):
+                raise S3Error("PreconditionFailed", f"UploadPartCopy {src_key}: ETag is {source.etag}", 412)
+            if length <= 0 or start + length > len(source.data):
+                raise S3Error("InvalidRange", f"UploadPartCopy {src_key}: {start}+{length}", 416)
+            upload = self._store._upload_locked(key, upload_id, "UploadPartCopy")
+            data = source.data[start:start + length]
+            part = StoredPart(data, _quoted_md5(data), crc32c(data))
+            upload.parts[part_number] = part
+            self._store.copied_bytes += length
+            return part.etag, part.crc if upload.checksums else None
 
     def complete_multipart(self, key: str, upload_id: str,
                            parts: list[tuple[int, str, str | None]]) -> tuple[str, str | None]:
@@ -351,6 +373,8 @@ class FakeStore(FakeClient):
         self._release_generation = 0
         self._last_time = 0.0
         self.calls: list[tuple[str, str]] = []   # (operation, key) of every request, in order
+        self.sent_bytes = 0                      # part bytes received by UploadPart
+        self.copied_bytes = 0                    # part bytes made by UploadPartCopy
 
     def connect(self) -> FakeClient:
         """Another client of this store (one per filesystem instance, so that each can be severed)."""

@@ -212,10 +212,25 @@ def test_s3client_and_the_fake_implement_the_whole_interface():
     from s3ckptfs.store import ObjectStore
 
     methods = [name for name, _ in inspect.getmembers(ObjectStore, inspect.isfunction) if not name.startswith("_")]
-    assert len(methods) == 14
+    assert len(methods) == 15
     for name in methods:
         expected = inspect.signature(getattr(ObjectStore, name))
         for implementation in (S3Client, FakeClient):
             found = inspect.signature(getattr(implementation, name))
             assert list(found.parameters) == list(expected.parameters), (implementation.__name__, name)
             assert [p.default for p in found.parameters.values()] == [p.default for p in expected.parameters.values()]
+
+
+def test_upload_part_copy_takes_a_range_conditional_on_the_source_etag():
+    store = FakeStore()
+    etag = store.put("src", b"0123456789")
+    upload = store.create_multipart("dst", checksums=True)
+    with pytest.raises(S3Error, match="PreconditionFailed"):
+        store.upload_part_copy("dst", upload, 1, "src", 2, 4, '"not-it"')
+    with pytest.raises(S3Error, match="NoSuchKey"):
+        store.upload_part_copy("dst", upload, 1, "gone", 2, 4, etag)
+    part_etag, crc = store.upload_part_copy("dst", upload, 1, "src", 2, 4, etag)
+    assert crc == crc32c(b"2345")
+    store.complete_multipart("dst", upload, [(1, part_etag, crc)])
+    assert store.objects() == {"src": b"0123456789", "dst": b"2345"}
+    assert (store.count("upload_part_copy"), store.copied_bytes, store.sent_bytes) == (3, 4, 0)

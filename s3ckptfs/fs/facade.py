@@ -25,8 +25,10 @@ from typing import Callable, Iterable
 
 from ..cache import CacheDir
 from ..config import MountConfig
+from ..dedup import Dedup
 from ..errors import FsError
 from ..metrics import Metrics
+from ..parthashes import DB_NAME as HASHES_DB, PartHashes
 from ..passthrough import PassthroughBackend, PassthroughFiles
 from ..staging import StagedFile
 from ..store import ObjectStore
@@ -59,7 +61,10 @@ class Filesystem:
         self.handles = core.handles
         self.durability = Durability(core)
         self.lifecycle = Lifecycle(core, self.durability)
+        hashes = PartHashes(cache_dir.root / HASHES_DB) if opts.dedup else None
+        self.dedup = Dedup(store, hashes, core.metrics)
         self.uploader = Uploader(store, concurrency=opts.upload_concurrency, single_put_limit=opts.single_put_limit,
+                                 dedup=self.dedup,
                                  listener=self.lifecycle, registry=core.registry, upload_nice=opts.upload_nice,
                                  eager_uploads=opts.eager_uploads, retry_window=opts.retry_window,
                                  checksums=opts.checksums, metrics=metrics, backoff=backoff)

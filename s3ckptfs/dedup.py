@@ -1,0 +1,171 @@
+"""Incremental checkpoints: a part whose bytes are already in S3 is copied there, not sent again.
+
+Every part this node uploads is hashed (SHA-256, parthashes.py) from the bytes
+read out of the staging file; when its object completes, the object's key,
+ETag and part hashes are remembered. Before a part is sent, its hash is looked
+up: if a range of an object written here holds bytes with the same hash and
+length, the part is made with UploadPartCopy from that range, conditional on
+the object still having the ETag it had (``x-amz-copy-source-if-match``). The
+bytes never cross the network.
+
+Equality is decided from the bytes only (their hash), never from names or
+sizes, and part boundaries stay those of partplan.py: a copied part is just a
+part, resumed, verified and completed like any other.
+
+What can go wrong, and what happens then:
+
+* The source changed or is gone (overwritten, deleted by a rotation, renamed,
+  by this node or another): the copy fails (PreconditionFailed, NoSuchKey, ...),
+  the source is forgotten, and the part is sent. Nothing waits for ordering:
+  a delete queued behind this file's commit runs after the copies anyway (the
+  commit waits for its parts), and one that ran before makes the copy fail.
+* The copy succeeded but holds other bytes than ours (a damaged hash store, a
+  server bug): the CRC32C the server reports for the copied part is compared
+  with that of the local bytes; on a mismatch the part is sent (replacing the
+  copy). The whole-object checksum check at completion (uploader.py) covers
+  copied parts like sent ones.
+* Any other failure of a copy (the server away, a timeout): the part is sent.
+  A copy is an optimisation; it never makes an upload fail.
+* The multipart upload vanished (NoSuchUpload): raised, handled as for a sent part.
+
+The same bytes saved twice in a row (Lightning's ``save_last=True`` writes the
+state under two names, one right after the other) are the case that matters
+most, and there the first object is not complete yet when the second file's
+parts would go: an eager part (or one scheduled at close) whose bytes equal a
+part another upload has sent and not yet completed is left stale. The commit
+of the second file, which runs after the first one's (commits are ordered),
+then finds the first object remembered and copies the part. At commit time a
+part is never left again, so nothing can wait on an upload that failed or was
+dropped: at worst the part is sent then. The list of such pending parts is
+kept for the last ``PENDING_UPLOADS`` uploads only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import locks, partplan
+from .errors import S3Error
+from .metrics import Metrics
+from .parthashes import PartHashes, part_digest
+from .staging import StagedFile
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+PENDING_UPLOADS = 64
+
+
+class Dedup:
+    """Copy-instead-of-send for parts; ``hashes`` None: off (parts are always sent, nothing hashed)."""
+
+    def __init__(self, s3: ObjectStore, hashes: PartHashes | None, metrics: Metrics | None = None) -> None:
+        self.s3 = s3
+        self.hashes = hashes
+        self.metrics = metrics or Metrics()
+        self._lock = locks.new_lock("dedup")
+        self.bytes_sent = 0
+        self.bytes_copied = 0
+        # parts sent for uploads not yet complete: (digest, length) -> upload id, and the reverse
+        self._pending: dict[tuple[str, int], str] = {}
+        self._pending_by_upload: dict[str, list[tuple[str, int]]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.hashes is not None
+
+    def digest(self, data: bytes | memoryview) -> str | None:
+        """The part's hash (None when dedup is off)."""
+        return part_digest(data) if self.hashes is not None else None
+
+    def copy_part(self, key: str, upload_id: str, number: int, length: int, digest: str | None,
+                  crc: str) -> str | None:
+        """Make part ``number`` of the upload from an equal range already in S3; its ETag, or None.
+
+        None: nothing equal is known, or every copy failed; the caller sends the bytes.
+        Raises S3Error only for NoSuchUpload (the upload itself is gone).
+        """
+        if self.hashes is None or digest is None:
+            return None
+        for source in self.hashes.find(digest, length):
+            try:
+                etag, server_crc = self.s3.upload_part_copy(key, upload_id, number, source.key, source.start,
+                                                            length, source.etag)
+            except S3Error as err:
+                if err.code == "NoSuchUpload":
+                    raise
+                if err.transient:
+                    log.info("copy of part %d of %s from %s failed (%s): sending it", number, key, source.key, err)
+                    return None
+                log.debug("copy source %s (%s) no longer holds its bytes (%s)", source.key, source.etag, err)
+                self.hashes.forget(source.key, source.etag)
+                continue
+            if server_crc and server_crc != crc:
+                log.warning("part %d of %s copied from %s has CRC32C %s, not %s: sending it",
+                            number, key, source.key, server_crc, crc)
+                self.hashes.forget(source.key, source.etag)
+                return None
+            self.count(copied=length)
+            return etag
+        return None
+
+    def in_other_upload(self, upload_id: str, digest: str | None, length: int) -> bool:
+        """Whether an upload other than ``upload_id`` sent these bytes and has not completed yet."""
+        if digest is None:
+            return False
+        with self._lock:
+            other = self._pending.get((digest, length))
+        return other is not None and other != upload_id
+
+    def sending(self, upload_id: str, digest: str | None, length: int) -> None:
+        """A part with ``digest`` is about to be sent (not copied) for ``upload_id``.
+
+        Recorded before the request, so that an equal part of a file written right
+        after waits for this one (see the module's docstring) even while it is on the wire.
+        """
+        if digest is not None:
+            with self._lock:
+                if upload_id not in self._pending_by_upload:
+                    while len(self._pending_by_upload) >= PENDING_UPLOADS:
+                        self._drop_pending_locked(next(iter(self._pending_by_upload)))
+                    self._pending_by_upload[upload_id] = []
+                self._pending.setdefault((digest, length), upload_id)
+                self._pending_by_upload[upload_id].append((digest, length))
+
+    def _drop_pending_locked(self, upload_id: str) -> None:
+        for entry in self._pending_by_upload.pop(upload_id, []):
+            if self._pending.get(entry) == upload_id:
+                del self._pending[entry]
+
+    def count(self, sent: int = 0, copied: int = 0) -> None:
+        with self._lock:
+            self.bytes_sent += sent
+            self.bytes_copied += copied
+        if sent:
+            self.metrics.part_bytes.labels("sent").inc(sent)
+        if copied:
+            self.metrics.part_bytes.labels("copied").inc(copied)
+
+    @staticmethod
+    def ranges_locked(file: StagedFile, count: int) -> list[tuple[int, int, str]] | None:
+        """(start, length, digest) of the file's parts as about to be completed; None if one is unhashed."""
+        ranges = []
+        for number in range(1, count + 1):
+            part = file.uploaded[number]
+            if part.digest is None:
+                return None
+            ranges.append((partplan.part_range(number, file.part_base)[0], part.length, part.digest))
+        return ranges
+
+    def committed(self, key: str, etag: str, size: int, ranges: list[tuple[int, int, str]] | None,
+                  upload_id: str) -> None:
+        """Object ``key`` now is ``etag`` (completed from ``upload_id``): remember its part hashes
+        (or forget what it was)."""
+        if self.hashes is None:
+            return
+        if ranges:
+            self.hashes.remember(key, etag, size, ranges)
+        else:
+            self.hashes.forget(key)
+        with self._lock:  # after remembering: an equal part never finds neither
+            self._drop_pending_locked(upload_id)

@@ -1,0 +1,279 @@
+"""Incremental checkpoints in process (dedup.py, parthashes.py): parts already in S3 are copied, not sent.
+
+Every test counts the store's requests: ``upload_part`` for bytes sent,
+``upload_part_copy`` for parts made server-side. Parts are 4 KiB here (see
+inproc.SMALL_SIZES), so a 40 KiB file has 10 parts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+
+import fakestore
+from inproc import Vfs
+from s3ckptfs.parthashes import PartHashes, part_digest
+
+KiB = 1 << 10
+PART = 4 * KiB
+SIZE = 10 * PART + 123          # 11 parts, the last one short
+
+
+def data_of(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def with_part_changed(data: bytes, number: int, seed: int = 99) -> bytes:
+    start = (number - 1) * PART
+    return data[:start] + data_of(PART, seed) + data[start + PART:]
+
+
+def requests(store: fakestore.FakeStore, key: str) -> tuple[int, int]:
+    """(parts sent, parts copied) for ``key``."""
+    return store.count("upload_part", key), store.count("upload_part_copy", key)
+
+
+def test_unchanged_parts_are_copied_and_the_object_is_byte_identical(inproc, fake_store):
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    first = data_of(SIZE, 1)
+    vfs.write_file("step_1.pt", first)
+    assert mount.fs.sync() == []
+    second = with_part_changed(with_part_changed(first, 1), 7)
+    vfs.write_file("step_2.pt", second)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == second
+    assert requests(fake_store, "mnt/step_2.pt") == (2, 9)
+    assert fake_store.copied_bytes == SIZE - 2 * PART
+    assert mount.fs.dedup.bytes_copied == SIZE - 2 * PART
+    # read back by a fresh mount with an empty cache
+    other = inproc(dedup=True)
+    assert Vfs(other.fs).read_bytes("step_2.pt") == second
+
+
+def test_the_same_bytes_under_a_second_name_send_nothing(inproc, fake_store):
+    """Lightning's save_last=True: the second file is written while the first is still uploading.
+
+    Its parts wait for the first object to complete (its CompleteMultipartUpload is held
+    back here, so that every part of the first file is on the wire before the second is written).
+    """
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 2)
+    fake_store.inject(fakestore.HANG, "complete_multipart", key="mnt/epoch=3.ckpt", times=1)
+    vfs.write_file("epoch=3.ckpt", body)
+    fake_store.wait_hanging("complete_multipart")
+    vfs.write_file("last.ckpt", body)
+    fake_store.release()
+    assert mount.fs.sync() == []
+    assert requests(fake_store, "mnt/last.ckpt") == (0, 11)
+    assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
+
+
+def test_an_in_place_overwrite_copies_from_the_object_it_replaces(inproc, fake_store):
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 3)
+    vfs.write_file("last.ckpt", body)
+    assert mount.fs.sync() == []
+    changed = with_part_changed(body, 4)
+    vfs.write_file("last.ckpt", changed)  # O_TRUNC and write again, as Lightning does
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == changed
+    assert requests(fake_store, "mnt/last.ckpt") == (11 + 1, 10)
+
+
+def test_equality_is_decided_by_bytes_not_sizes_or_names(inproc, fake_store):
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    vfs.write_file("a.pt", data_of(SIZE, 4))
+    vfs.write_file("a-copy.pt", data_of(SIZE, 5))  # same size, other bytes
+    assert mount.fs.sync() == []
+    assert requests(fake_store, "mnt/a-copy.pt") == (11, 0)
+
+
+def test_a_source_changed_since_it_was_hashed_makes_the_copy_fail_and_the_part_sent(inproc, fake_store):
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 6)
+    vfs.write_file("step_1.pt", body)
+    assert mount.fs.sync() == []
+    fake_store.put_object("mnt/step_1.pt", b"replaced by another node")  # new ETag
+    vfs.write_file("step_2.pt", body)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == body
+    sent, copied = requests(fake_store, "mnt/step_2.pt")
+    assert sent == 11
+    assert copied <= 2, "the changed source is forgotten after its first failure (2 parts in flight at once)"
+    assert mount.fs.dedup.hashes.known("mnt/step_1.pt") is None
+
+
+def test_a_copy_source_deleted_before_the_copy_falls_back_to_sending(inproc, fake_store):
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 7)
+    vfs.write_file("step_1.pt", body)
+    assert mount.fs.sync() == []
+    vfs.unlink("step_1.pt")
+    assert mount.fs.sync() == []
+    vfs.write_file("step_2.pt", body)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/step_2.pt": body}
+    assert requests(fake_store, "mnt/step_2.pt")[0] == 11
+
+
+def test_rotation_deleting_the_source_right_after_the_save_keeps_the_new_object_whole(inproc, fake_store):
+    """The delete of the previous checkpoint is queued behind the new one's commit, which waits for its copies."""
+    mount = inproc(dedup=True, eager_uploads=0)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 8)
+    vfs.write_file("step_1.pt", body)
+    assert mount.fs.sync() == []
+    slow = fake_store.inject(fakestore.latency(0.05), "upload_part_copy")
+    vfs.write_file("step_2.pt", with_part_changed(body, 2))
+    vfs.unlink("step_1.pt")   # the rotation, at once
+    assert mount.fs.sync() == []
+    slow.remove()
+    assert fake_store.objects(mount.prefix) == {"mnt/step_2.pt": with_part_changed(body, 2)}
+    assert requests(fake_store, "mnt/step_2.pt") == (1, 10)
+    assert [op for op, key in fake_store.calls if op in ("complete_multipart", "delete")] == \
+        ["complete_multipart", "complete_multipart", "delete"]
+
+
+def test_a_copy_holding_other_bytes_is_replaced_by_the_bytes(inproc, fake_store):
+    """A server (or a damaged hash store) that copies other bytes: the copied part's CRC32C gives it away."""
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 9)
+    vfs.write_file("a.pt", body)
+    assert mount.fs.sync() == []
+    stored = fake_store.stored("mnt/a.pt")
+    stored.data = data_of(SIZE, 10)  # same ETag, other bytes
+    vfs.write_file("b.pt", body)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/b.pt"] == body
+    assert requests(fake_store, "mnt/b.pt")[0] == 11
+
+
+def test_a_transient_copy_failure_sends_the_part(inproc, fake_store):
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 11)
+    vfs.write_file("a.pt", body)
+    assert mount.fs.sync() == []
+    fake_store.inject(fakestore.ERROR503, "upload_part_copy", times=3)
+    vfs.write_file("b.pt", body)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/b.pt"] == body
+    assert requests(fake_store, "mnt/b.pt") == (3, 11)
+
+
+def test_rename_of_the_target_during_a_copy_ends_with_the_bytes_under_the_new_name(inproc, fake_store):
+    mount = inproc(dedup=True, eager_uploads=0)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 12)
+    vfs.write_file("a.pt", body)
+    assert mount.fs.sync() == []
+    fake_store.inject(fakestore.HANG, "upload_part_copy", times=1)
+    vfs.write_file("tmp.pt", body)
+    fake_store.wait_hanging("upload_part_copy")
+    vfs.rename("tmp.pt", "b.pt")
+    fake_store.release()
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/a.pt": body, "mnt/b.pt": body}
+    assert fake_store.uploads() == []
+
+
+def test_unlink_of_the_source_during_a_copy_leaves_a_whole_object(inproc, fake_store):
+    mount = inproc(dedup=True, eager_uploads=0)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 13)
+    vfs.write_file("a.pt", body)
+    assert mount.fs.sync() == []
+    fake_store.inject(fakestore.HANG, "upload_part_copy", times=1)
+    vfs.write_file("b.pt", body)
+    fake_store.wait_hanging("upload_part_copy")
+    fake_store.delete("mnt/a.pt")  # another node's rotation
+    fake_store.release()
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/b.pt": body}
+
+
+def test_a_crash_in_the_middle_of_a_copied_upload_resumes_without_sending(inproc, fake_store):
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 14)
+    vfs.write_file("a.pt", body)
+    assert mount.fs.sync() == []
+    fake_store.inject(fakestore.HANG, "complete_multipart", key="mnt/b.pt")
+    vfs.write_file("b.pt", body)
+    fake_store.wait_hanging("complete_multipart", "mnt/b.pt")
+    mount.crash()
+    fake_store.clear_faults()
+    copied_before = fake_store.count("upload_part_copy", "mnt/b.pt")
+    mount.start()
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/b.pt"] == body
+    assert fake_store.count("upload_part", "mnt/b.pt") == 0
+    assert fake_store.count("upload_part_copy", "mnt/b.pt") == copied_before, "resumed parts are kept"
+    # and the resumed object's parts are remembered too
+    vfs = Vfs(mount.fs)
+    vfs.write_file("c.pt", body)
+    assert mount.fs.sync() == []
+    assert requests(fake_store, "mnt/c.pt") == (0, 11)
+
+
+def test_part_hashes_survive_a_restart(inproc, fake_store):
+    mount = inproc(dedup=True)
+    body = data_of(SIZE, 15)
+    Vfs(mount.fs).write_file("a.pt", body)
+    assert mount.fs.sync() == []
+    mount.restart()
+    Vfs(mount.fs).write_file("b.pt", body)
+    assert mount.fs.sync() == []
+    assert requests(fake_store, "mnt/b.pt") == (0, 11)
+
+
+def test_dedup_off_sends_every_byte(inproc, fake_store):
+    mount = inproc(dedup=False)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 16)
+    vfs.write_file("a.pt", body)
+    vfs.write_file("b.pt", body)
+    assert mount.fs.sync() == []
+    assert requests(fake_store, "mnt/b.pt") == (11, 0)
+    assert not (mount.cache_root / "parthashes.db").exists()
+
+
+# -- the hash store on its own ----------------------------------------------------------
+
+
+def test_part_hashes_are_bounded_forgetting_the_oldest_objects(tmp_path):
+    hashes = PartHashes(tmp_path / "h.db", max_parts=10)
+    for index in range(5):
+        hashes.remember(f"k{index}", f'"e{index}"', 4 * PART,
+                        [(n * PART, PART, part_digest(b"%d-%d" % (index, n))) for n in range(4)])
+    assert hashes.part_total() <= 10
+    assert hashes.known("k0") is None and hashes.known("k4") == ('"e4"', 4 * PART)
+    assert hashes.find(part_digest(b"4-2"), PART)[0].start == 2 * PART
+    assert hashes.find(part_digest(b"4-2"), PART + 1) == [], "the length is part of equality"
+
+
+def test_forget_only_the_etag_that_failed(tmp_path):
+    hashes = PartHashes(tmp_path / "h.db")
+    hashes.remember("k", '"new"', PART, [(0, PART, "d")])
+    hashes.forget("k", '"old"')
+    assert hashes.known("k") == ('"new"', PART)
+    hashes.forget("k", '"new"')
+    assert hashes.find("d", PART) == []
+
+
+def test_a_damaged_hash_file_is_started_afresh(tmp_path):
+    path = tmp_path / "h.db"
+    path.write_bytes(os.urandom(8192))
+    hashes = PartHashes(path)
+    hashes.remember("k", '"e"', PART, [(0, PART, "d")])
+    assert hashes.find("d", PART)[0].key == "k"
+    hashes.close()
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM parts").fetchone() == (1,)
