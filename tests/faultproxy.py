@@ -25,7 +25,8 @@ Requests are framed with Content-Length, so faults hit whole requests on
 keep-alive connections; a request with a chunked body turns the rest of its
 connection into a plain byte pipe. Injected answers are sent before the body is
 read (botocore sends ``Expect: 100-continue`` with bodies and stops on a final
-answer). ``requests`` records every request line seen; ``stats`` counts faults.
+answer). ``requests`` records every request line seen, ``copy_requests`` those
+of server-side copies (CopyObject, UploadPartCopy); ``stats`` counts faults.
 
 ``run_schedule([("hang", 60), ("refuse", 60)])`` goes through modes on the
 proxy's own clock, then passes again; ``cancel_schedule()`` ends it early.
@@ -98,6 +99,7 @@ class FaultProxy:
         self._stopping = threading.Event()
         self._mode, self._params, self._epoch, self._counter = "pass", {}, 0, 0
         self.requests: list[str] = []
+        self.copy_requests: list[str] = []   # the request lines of server-side copies (x-amz-copy-source)
         self.stats = {"connections": 0, "resets": 0, "errors": 0, "corrupted": 0, "hung": 0}
         self._schedule_stop = threading.Event()
         self._schedule_done = threading.Event()
@@ -348,6 +350,9 @@ class FaultProxy:
                             if conn.hung:
                                 self.stats["hung"] += 1
                         fields = head.decode("latin-1").lower()
+                        if "\r\nx-amz-copy-source:" in fields:
+                            with self._lock:
+                                self.copy_requests.append(line)
                         length = re.search(r"\r\ncontent-length:\s*(\d+)", fields)
                         body_left = int(length.group(1)) if length else 0
                         raw = "transfer-encoding: chunked" in fields

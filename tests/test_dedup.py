@@ -1,0 +1,94 @@
+"""Incremental checkpoints through a real mount against SeaweedFS (-o dedup=on; dedup.py).
+
+Every test mounts through ``FaultProxy`` (tests/faultproxy.py), which records
+each request line and, apart, those of server-side copies (a request carrying
+``x-amz-copy-source``): a part sent is ``PUT ...partNumber=`` without it, a part
+copied is one with it. Objects are checked in S3 directly and read back through
+a fresh mount with an empty cache dir.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import pytest
+
+from faultproxy import healing_proxy, running_proxy
+from test_faults import assert_no_orphan_uploads, s3_sha256
+
+MiB = 1 << 20
+PART = 8 * MiB
+
+running_proxy = pytest.fixture(running_proxy)
+fault_proxy = pytest.fixture(healing_proxy, name="fault_proxy")
+
+
+def part_requests(proxy, key: str) -> tuple[int, int]:
+    """(parts sent, parts copied) to ``key`` seen by the proxy so far."""
+    pattern = re.compile(rf"^PUT /[^/]+/{re.escape(key)}\?.*partNumber=")
+    copies = [line for line in proxy.copy_requests if pattern.search(line)]
+    every = [line for line in proxy.requests if pattern.search(line)]
+    return len(every) - len(copies), len(copies)
+
+
+def with_part_changed(data: bytes, number: int) -> bytes:
+    start = (number - 1) * PART
+    return data[:start] + os.urandom(PART) + data[start + PART:]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_unchanged_parts_are_copied_not_sent_and_read_back_identical(fault_proxy, bucket, mount_factory, s3):
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"dedup": "on"})
+    first = os.urandom(5 * PART + 12345)
+    (mount.path / "step_1.pt").write_bytes(first)
+    mount.sync()
+    second = with_part_changed(first, 3)
+    (mount.path / "step_2.pt").write_bytes(second)
+    (mount.path / "last.pt").write_bytes(second)  # the same state under a second name
+    mount.sync()
+    assert part_requests(fault_proxy, mount.key("step_2.pt")) == (1, 5)
+    assert part_requests(fault_proxy, mount.key("last.pt")) == (0, 6)
+    assert s3_sha256(s3, bucket, mount.key("step_2.pt")) == sha(second)
+    assert s3_sha256(s3, bucket, mount.key("last.pt")) == sha(second)
+    fresh = mount_factory(bucket, "p")  # another cache dir: every byte comes from S3
+    assert (fresh.path / "step_2.pt").read_bytes() == second
+    assert (fresh.path / "last.pt").read_bytes() == second
+    assert_no_orphan_uploads(s3, bucket)
+
+
+def test_a_copy_source_changed_after_it_was_hashed_is_not_copied(fault_proxy, bucket, mount_factory, s3):
+    """Another node overwrites the object between this node's hash of it and the copy: the bytes are sent."""
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"dedup": "on"})
+    body = os.urandom(3 * PART + 100)
+    (mount.path / "step_1.pt").write_bytes(body)
+    mount.sync()
+    s3.put_object(Bucket=bucket, Key=mount.key("step_1.pt"), Body=os.urandom(3 * PART + 100))
+    (mount.path / "step_2.pt").write_bytes(body)
+    mount.sync()
+    sent, copied = part_requests(fault_proxy, mount.key("step_2.pt"))
+    assert sent == 4, (sent, copied)
+    assert copied >= 1, "a copy was tried and refused (If-Match)"
+    assert s3_sha256(s3, bucket, mount.key("step_2.pt")) == sha(body)
+    fresh = mount_factory(bucket, "p")
+    assert (fresh.path / "step_2.pt").read_bytes() == body
+
+
+def test_a_checkpoint_rotated_right_after_the_save_stays_whole(fault_proxy, bucket, mount_factory, s3):
+    """Trainer-style rotation: the next checkpoint shares most parts with the one deleted right after it."""
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"dedup": "on"})
+    body = os.urandom(4 * PART)
+    (mount.path / "step_1.pt").write_bytes(body)
+    mount.sync()
+    changed = with_part_changed(body, 1)
+    (mount.path / "step_2.pt").write_bytes(changed)
+    os.unlink(mount.path / "step_1.pt")
+    mount.sync()
+    assert part_requests(fault_proxy, mount.key("step_2.pt")) == (1, 3)
+    assert s3_sha256(s3, bucket, mount.key("step_1.pt")) is None
+    fresh = mount_factory(bucket, "p")
+    assert (fresh.path / "step_2.pt").read_bytes() == changed
