@@ -192,9 +192,12 @@ def status(mountpoint: str | os.PathLike[str], timeout: float = 30.0) -> dict[st
     """The state of the mount serving ``mountpoint`` (or any path inside it).
 
     Returns exactly what ``s3ckptfs status --json`` prints: ``pending`` (a list
-    of files not yet in S3, each with ``path``, ``key``, ``size``, ``uploaded``,
-    ``age``, ``state`` (open, pending, retrying or failed) and ``error``),
-    ``objects_committed``, ``bytes_committed`` and ``clean_cache_bytes``.
+    of files not yet in S3, each with ``path``, ``key``, ``size``, ``uploaded``
+    (of which ``copied``: parts made in S3 from equal bytes already there, with
+    ``-o dedup=on``), ``age``, ``state`` (open, pending, retrying or failed) and
+    ``error``), ``objects_committed``, ``bytes_committed``, ``clean_cache_bytes``,
+    ``dedup`` (on or off) and the part bytes ``part_bytes_sent`` and
+    ``part_bytes_copied`` since the mount.
     Raises NotMountedError if no daemon answers, TimeoutError if it does not
     answer within ``timeout`` seconds.
     """
@@ -212,7 +215,8 @@ def sync(path: str | os.PathLike[str], timeout: float | None = None,
     file just closed counts as open until the kernel's release reaches the
     daemon, and the call waits for that).
     ``on_progress`` is called about twice a second with
-    ``{"files", "bytes_total", "bytes_done"}`` while uploads are in flight.
+    ``{"files", "bytes_total", "bytes_done", "bytes_copied"}`` while uploads are
+    in flight (``bytes_copied``: of ``bytes_done``, those copied in S3, not sent).
 
     Raises SyncError (listing the files) if an upload failed,
     SyncTimeoutError (listing the files still pending) if ``timeout`` seconds

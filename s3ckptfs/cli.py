@@ -141,7 +141,9 @@ def _show_progress(progress: dict) -> None:
     if not sys.stderr.isatty():
         return
     done, total = progress.get("bytes_done", 0), progress.get("bytes_total", 0)
-    print(f"\r{progress.get('files', 0)} file(s) pending, {done / 2**20:.0f} / {total / 2**20:.0f} MiB uploaded",
+    copied = progress.get("bytes_copied", 0)
+    print(f"\r{progress.get('files', 0)} file(s) pending, {done / 2**20:.0f} / {total / 2**20:.0f} MiB uploaded"
+          + (f" ({copied / 2**20:.0f} MiB of it copied in S3, not sent)" if copied else ""),
           end="", file=sys.stderr, flush=True)
 
 
@@ -216,11 +218,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     pending = answer.get("pending", [])
     print(f"{mountpoint}: {len(pending)} file(s) not yet in S3; "
           f"{answer.get('objects_committed', 0)} object(s) uploaded since mount")
+    if answer.get("dedup"):
+        sent, copied = answer.get("part_bytes_sent", 0), answer.get("part_bytes_copied", 0)
+        print(f"parts since mount: {sent / 2**20:.1f} MiB sent, {copied / 2**20:.1f} MiB copied in S3 (dedup)")
     if pending:
         print(f"{'STATE':8} {'UPLOADED':>20} {'AGE':>8}  PATH")
         for item in pending:
             done = f"{item['uploaded'] / 2**20:.1f}/{item['size'] / 2**20:.1f} MiB"
-            print(f"{item['state']:8} {done:>20} {item['age']:>7.0f}s  {item['path']}")
+            copied = f"  ({item['copied'] / 2**20:.1f} MiB copied)" if item.get("copied") else ""
+            print(f"{item['state']:8} {done:>20} {item['age']:>7.0f}s  {item['path']}{copied}")
             if item.get("error"):
                 print(f"{'':8} error: {item['error']}")
     return 1 if any(item["state"] == "failed" for item in pending) else 0

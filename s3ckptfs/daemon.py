@@ -183,7 +183,8 @@ def _status(fs) -> dict:
                 continue
             files.append({
                 "path": file.path, "key": file.key, "size": file.size,
-                "uploaded": min(file.bytes_uploaded, file.size), "age": round(now - file.created, 1),
+                "uploaded": min(file.bytes_uploaded, file.size), "copied": min(file.bytes_copied, file.size),
+                "age": round(now - file.created, 1),
                 "state": ("failed" if file.failure else "open" if file.writers
                           else "retrying" if file.retrying else "pending"),
                 "error": str(file.failure or file.retrying) if (file.failure or file.retrying) else None,
@@ -193,7 +194,9 @@ def _status(fs) -> dict:
         files.append({"path": lost.path, "key": lost.key, "size": lost.size, "uploaded": 0,
                       "age": round(now - lost.mtime, 1), "state": "failed", "error": lost.reason})
     return {"ok": True, "pending": files, "objects_committed": fs.uploader.objects_committed,
-            "bytes_committed": fs.uploader.bytes_committed, "clean_cache_bytes": fs.objects.used_bytes()}
+            "bytes_committed": fs.uploader.bytes_committed, "clean_cache_bytes": fs.objects.used_bytes(),
+            "dedup": fs.dedup.enabled, "part_bytes_sent": fs.dedup.bytes_sent,
+            "part_bytes_copied": fs.dedup.bytes_copied}
 
 
 def _control_handler(fs):
@@ -212,7 +215,8 @@ def _control_handler(fs):
                     status = _status(fs)
                     pending = status["pending"]
                     progress({"files": len(pending), "bytes_total": sum(f["size"] for f in pending),
-                              "bytes_done": sum(f["uploaded"] for f in pending)})
+                              "bytes_done": sum(f["uploaded"] for f in pending),
+                              "bytes_copied": sum(f.get("copied", 0) for f in pending)})
             failed = [{"path": p, "error": e} for p, e in result.get("failed", [])]
             return {"ok": not failed, "failed": failed}
         return {"ok": False, "error": f"unknown command {command!r}"}

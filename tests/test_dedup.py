@@ -10,12 +10,15 @@ a fresh mount with an empty cache dir.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 
 import pytest
 
+from conftest import run_cli, scrape_metrics
 from faultproxy import healing_proxy, running_proxy
+from test_grafana import free_port
 from test_faults import assert_no_orphan_uploads, s3_sha256
 
 MiB = 1 << 20
@@ -43,7 +46,8 @@ def sha(data: bytes) -> str:
 
 
 def test_unchanged_parts_are_copied_not_sent_and_read_back_identical(fault_proxy, bucket, mount_factory, s3):
-    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"dedup": "on"})
+    port = free_port()
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"dedup": "on", "metrics_port": port})
     first = os.urandom(5 * PART + 12345)
     (mount.path / "step_1.pt").write_bytes(first)
     mount.sync()
@@ -53,6 +57,14 @@ def test_unchanged_parts_are_copied_not_sent_and_read_back_identical(fault_proxy
     mount.sync()
     assert part_requests(fault_proxy, mount.key("step_2.pt")) == (1, 5)
     assert part_requests(fault_proxy, mount.key("last.pt")) == (0, 6)
+    status = json.loads(run_cli(["status", str(mount.path), "--json"], mount.env, timeout=60).stdout)
+    sent, copied = 5 * PART + 12345 + PART, 4 * PART + 12345 + 5 * PART + 12345
+    assert (status["dedup"], status["part_bytes_sent"], status["part_bytes_copied"]) == (True, sent, copied)
+    shown = run_cli(["status", str(mount.path)], mount.env, timeout=60).stdout
+    assert f"{sent / MiB:.1f} MiB sent, {copied / MiB:.1f} MiB copied in S3" in shown
+    metrics = scrape_metrics(port)
+    assert (metrics['s3ckptfs_part_bytes_total{how="sent"}'],
+            metrics['s3ckptfs_part_bytes_total{how="copied"}']) == (sent, copied)
     assert s3_sha256(s3, bucket, mount.key("step_2.pt")) == sha(second)
     assert s3_sha256(s3, bucket, mount.key("last.pt")) == sha(second)
     fresh = mount_factory(bucket, "p")  # another cache dir: every byte comes from S3
