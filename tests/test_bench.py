@@ -49,7 +49,7 @@ def test_measurements_are_chosen_by_name_or_by_their_earlier_letters_and_keys():
                                                             "s3ckptfs_warm_load"]
     assert [m.key for m in select_measurements("s3ckptfs_4proc,upload")] == ["upload_floor",
                                                                             "s3ckptfs_four_loaders"]
-    assert len(select_measurements(None)) == len(MEASUREMENTS) == 18
+    assert len(select_measurements(None)) == len(MEASUREMENTS) == 22
     with pytest.raises(SystemExit, match="unknown measurement"):
         select_measurements("z")
 
@@ -120,3 +120,15 @@ def test_a_tiny_run_of_s3ckptfs_end_to_end(tmp_path):
     assert {"s3ckptfs stall / local save", "s3ckptfs durable / upload floor",
             "s3ckptfs warm load / local load"} <= ratios
     assert not document["page_cache_dropped"]
+
+
+def test_incremental_saves_are_compared_with_their_first_save():
+    outcomes = outcomes_of({
+        "upload_floor": {"seconds": 8.0},
+        "s3ckptfs_incremental_50": {"first_durable": 8.0, "durable": 4.0, "stall": 1.0},
+        "s3ckptfs_second_name": {"first_durable": 8.0, "durable": 7.0, "after_first": 0.8, "stall": 1.0},
+    })
+    ratios = {r.name: (r.value, r.goal) for r in compute_ratios(outcomes)}
+    assert ratios["s3ckptfs next save, 50% unchanged [dedup=on]: durable / first save durable"] == (0.5, "≤ 0.65")
+    assert ratios["s3ckptfs same state, second name [dedup=on]: complete after the first / first durable"] == \
+        (pytest.approx(0.1), "≤ 0.15")

@@ -27,11 +27,12 @@ import torch
 
 from .common import MeasurementError, log
 from .context import Bench, durable_timeout
+from .incremental import incremental, second_name
 from .peers import peak_rss_mib, rclone_mount, s3ckptfs_mount, s3fs_mount, s3torchconnector_checkpoint
 from .workload import (CHECKPOINT_NAME, CONCURRENT_LOADERS, check_loaded, copy_in_pieces, loader_processes,
                        read_whole_file, run_loaders, timed_load, timed_save)
 
-TIME_METRICS = ("seconds", "stall", "durable")
+TIME_METRICS = ("seconds", "stall", "durable", "first_stall", "first_durable", "after_first")
 
 LISTING_OBJECTS = 10_000
 LISTING_DIR = "many"
@@ -306,6 +307,14 @@ MEASUREMENTS = [
     Measurement("rclone_write", "rclone mount write", "write", "rclone", rclone_write, ("e",)),
     Measurement("s3fs_write", "s3fs-fuse write", "write", "s3fs", s3fs_write, ("f",)),
     Measurement("s3ckptfs_write", "s3ckptfs write", "write", "s3ckptfs", s3ckptfs_write, ("g",)),
+    Measurement("s3ckptfs_incremental_0", "s3ckptfs next save, 0% unchanged [dedup=on]", "write", "s3ckptfs",
+                incremental(0.0)),
+    Measurement("s3ckptfs_incremental_50", "s3ckptfs next save, 50% unchanged [dedup=on]", "write", "s3ckptfs",
+                incremental(0.5)),
+    Measurement("s3ckptfs_incremental_90", "s3ckptfs next save, 90% unchanged [dedup=on]", "write", "s3ckptfs",
+                incremental(0.9)),
+    Measurement("s3ckptfs_second_name", "s3ckptfs same state, second name [dedup=on]", "write", "s3ckptfs",
+                second_name),
     Measurement("local_load", "torch.load from local disk", "read", None, local_load, ("h",)),
     Measurement("download_then_load", "boto3 download_file + torch.load", "read", None, download_then_load,
                 ("i", "download_load")),

@@ -67,6 +67,21 @@ def compute_ratios(outcomes: dict[str, Outcome]) -> list[Ratio]:
         add(f"{name} durable / rclone durable", durable, _median(outcomes, "rclone_write", "durable"), "< 1")
         add(f"{name} durable / s3fs-fuse durable", durable, _median(outcomes, "s3fs_write", "durable"), "< 1")
 
+    floor = _median(outcomes, "upload_floor", "seconds")
+    goals = {"s3ckptfs_incremental_0": "≤ 1.0", "s3ckptfs_incremental_50": "≤ 0.65",
+             "s3ckptfs_incremental_90": "≤ 0.3", "s3ckptfs_second_name": "≤ 0.15"}
+    for key, goal in goals.items():
+        outcome = outcomes.get(key)
+        if outcome is None:
+            continue
+        label, first = outcome.measurement.label, outcome.median("first_durable")
+        if key == "s3ckptfs_second_name":
+            add(f"{label}: complete after the first / first durable", outcome.median("after_first"), first, goal)
+        add(f"{label}: durable / first save durable", outcome.median("durable"), first,
+            "report" if key == "s3ckptfs_second_name" else goal)
+        add(f"{label}: durable / upload floor", outcome.median("durable"), floor, "report")
+        add(f"{label}: first save durable / upload floor", first, floor, "report")
+
     cold = _median(outcomes, "s3ckptfs_cold_load", "seconds")
     peers = {key: _median(outcomes, key, "seconds")
              for key in ("rclone_cold_load", "s3fs_cold_load", "download_then_load", "s3torchconnector_read")}
