@@ -34,8 +34,10 @@ most, and there the first object is not complete yet when the second file's
 parts would go: an eager part (or one scheduled at close) whose bytes equal a
 part another upload has sent and not yet completed is left stale. The commit
 of the second file, which runs after the first one's (commits are ordered),
-then finds the first object remembered and copies the part. At commit time a
-part is never left again, so nothing can wait on an upload that failed or was
+then finds the first object remembered and copies the part; once one part
+of a file is left so, the file's other parts are not scheduled before its
+commit either (each would be read and hashed once more only to be left). At
+commit time a part is never left again, so nothing can wait on an upload that failed or was
 dropped: at worst the part is sent then. The list of such pending parts is
 kept for the last ``PENDING_UPLOADS`` uploads only.
 """
@@ -69,6 +71,7 @@ class Dedup:
         # parts sent for uploads not yet complete: (digest, length) -> upload id, and the reverse
         self._pending: dict[tuple[str, int], str] = {}
         self._pending_by_upload: dict[str, list[tuple[str, int]]] = {}
+        self._held_back: dict[str, None] = {}   # ids of files with a part left for their commit
 
     @property
     def enabled(self) -> bool:
@@ -116,6 +119,21 @@ class Dedup:
         with self._lock:
             other = self._pending.get((digest, length))
         return other is not None and other != upload_id
+
+    def hold_back(self, file_id: str) -> None:
+        """A part of the file was left for its commit: so are its other parts (see ``held_back``)."""
+        with self._lock:
+            while len(self._held_back) >= PENDING_UPLOADS * 16:
+                del self._held_back[next(iter(self._held_back))]
+            self._held_back[file_id] = None
+
+    def held_back(self, file_id: str, commit: bool) -> bool:
+        """Whether the file's stale parts wait for its commit (``commit``: it is running; never then)."""
+        with self._lock:
+            if commit:
+                self._held_back.pop(file_id, None)
+                return False
+            return file_id in self._held_back
 
     def sending(self, upload_id: str, digest: str | None, length: int) -> None:
         """A part with ``digest`` is about to be sent (not copied) for ``upload_id``.

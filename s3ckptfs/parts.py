@@ -75,6 +75,8 @@ class PartUploads:
             if (file.deleted or file.size <= self.single_put_limit or number in file.inflight
                     or file.part_up_to_date_locked(number)):
                 return
+        if self.dedup.held_back(file.id, commit=False):
+            return  # left for the commit, with the file's other parts (dedup.py)
         with self._lock:
             if self._eager_inflight >= self.eager_limit:
                 if self.eager_limit > 0:
@@ -118,6 +120,8 @@ class PartUploads:
         the commit, which runs after that file's (see dedup.py), and then copied.
         """
         stale = file.stale_parts_locked()
+        if self.dedup.held_back(file.id, commit=not defer):
+            return stale  # parts were left for the commit: the rest waits for it too (not read twice)
         for number in stale:
             if number not in file.inflight:
                 file.inflight.add(number)
@@ -179,6 +183,7 @@ class PartUploads:
             checksum = crc if self.checksums else None
             digest = self.dedup.digest(data)
             if defer and self.dedup.in_other_upload(upload_id, digest, length):
+                self.dedup.hold_back(file.id)
                 return  # stays stale: the commit copies it once the other file's object is complete
             etag = self.dedup.copy_part(key, upload_id, number, length, digest, crc)
             copied = etag is not None

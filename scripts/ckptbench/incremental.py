@@ -14,7 +14,7 @@ saves a second state dict and measures its stall and durable time:
   saved again under a second name right after the first save returns, while
   the first is still uploading (no wait for it); each save serializes into
   memory and writes the buffer, as Lightning does, so both files hold the same
-  bytes.
+  bytes. ``s3ckptfs_second_name_off`` is the same with ``-o dedup=off``.
 
 ``sent_mib`` and ``copied_mib`` are the part bytes the daemon sent and had S3
 copy for the second save (from ``s3ckptfs status --json``; for the second
@@ -124,3 +124,8 @@ def incremental(unchanged: float):
 def second_name(b: Bench) -> dict[str, float]:
     """The same state saved again under a second name right away (save_last=True), -o dedup=on."""
     return second_save(b, None)
+
+
+def second_name_without_dedup(b: Bench) -> dict[str, float]:
+    """The baseline of ``second_name``: the same two saves with -o dedup=off."""
+    return second_save(b, None, options="dedup=off")

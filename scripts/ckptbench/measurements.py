@@ -27,7 +27,7 @@ import torch
 
 from .common import MeasurementError, log
 from .context import Bench, durable_timeout
-from .incremental import incremental, second_name
+from .incremental import incremental, second_name, second_name_without_dedup
 from .peers import peak_rss_mib, rclone_mount, s3ckptfs_mount, s3fs_mount, s3torchconnector_checkpoint
 from .workload import (CHECKPOINT_NAME, CONCURRENT_LOADERS, check_loaded, copy_in_pieces, loader_processes,
                        read_whole_file, run_loaders, timed_load, timed_save)
@@ -315,6 +315,8 @@ MEASUREMENTS = [
                 incremental(0.9)),
     Measurement("s3ckptfs_second_name", "s3ckptfs same state, second name [dedup=on]", "write", "s3ckptfs",
                 second_name),
+    Measurement("s3ckptfs_second_name_off", "s3ckptfs same state, second name [dedup=off]", "write", "s3ckptfs",
+                second_name_without_dedup),
     Measurement("local_load", "torch.load from local disk", "read", None, local_load, ("h",)),
     Measurement("download_then_load", "boto3 download_file + torch.load", "read", None, download_then_load,
                 ("i", "download_load")),

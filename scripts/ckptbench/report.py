@@ -81,6 +81,11 @@ def compute_ratios(outcomes: dict[str, Outcome]) -> list[Ratio]:
             "report" if key == "s3ckptfs_second_name" else goal)
         add(f"{label}: durable / upload floor", outcome.median("durable"), floor, "report")
         add(f"{label}: first save durable / upload floor", first, floor, "report")
+    off = outcomes.get("s3ckptfs_second_name_off")
+    on = outcomes.get("s3ckptfs_second_name")
+    if off is not None and on is not None:
+        for metric in ("stall", "after_first"):
+            add(f"second name, dedup on / off: {metric}", on.median(metric), off.median(metric), "report")
 
     cold = _median(outcomes, "s3ckptfs_cold_load", "seconds")
     peers = {key: _median(outcomes, key, "seconds")
