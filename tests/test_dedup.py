@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from conftest import run_cli, scrape_metrics
+from conftest import run_cli, scrape_metrics, wait_for
 from faultproxy import healing_proxy, running_proxy
 from test_grafana import free_port
 from test_faults import assert_no_orphan_uploads, s3_sha256
@@ -104,3 +104,30 @@ def test_a_checkpoint_rotated_right_after_the_save_stays_whole(fault_proxy, buck
     assert s3_sha256(s3, bucket, mount.key("step_1.pt")) is None
     fresh = mount_factory(bucket, "p")
     assert (fresh.path / "step_2.pt").read_bytes() == changed
+
+
+def test_a_kill_in_the_middle_of_a_copied_upload_resumes_without_sending(fault_proxy, bucket, mount_factory, s3):
+    """SIGKILL once every part of a checkpoint is copied but before its completion: the restart
+    completes it from the copied parts (journal + ListParts), byte-identical, sending nothing."""
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"dedup": "on"})
+    body = os.urandom(4 * PART + 777)
+    (mount.path / "step_1.pt").write_bytes(body)
+    mount.sync()
+    key = mount.key("step_2.pt")
+    fault_proxy.slowdown(1.0, match=r"^POST \S*[?&]uploadId=")  # only CompleteMultipartUpload
+    (mount.path / "step_2.pt").write_bytes(body)
+    wait_for(lambda: part_requests(fault_proxy, key)[1] >= 5 and fault_proxy.stats["errors"] >= 1,
+             timeout=120, interval=0.5)
+    assert part_requests(fault_proxy, key) == (0, 5)
+    mount.kill()
+    assert s3_sha256(s3, bucket, key) is None
+    fault_proxy.passthrough()
+    fault_proxy.requests.clear()
+    fault_proxy.copy_requests.clear()
+    mount.remount()
+    mount.sync()
+    assert part_requests(fault_proxy, key) == (0, 0), fault_proxy.requests
+    assert s3_sha256(s3, bucket, key) == sha(body)
+    fresh = mount_factory(bucket, "p")
+    assert (fresh.path / "step_2.pt").read_bytes() == body
+    assert_no_orphan_uploads(s3, bucket)
