@@ -12,7 +12,9 @@ from kept listings, namespace changes queued; a call that needs bytes only S3
 has may then fail with EIO, and changes nothing). Each sequence runs a fresh
 ``Filesystem`` over a fresh ``FakeStore`` with KiB-sized parts, so the multipart
 paths run on small data; its options are drawn too (metadata caching on or off,
-write mode, local sync, checksums, eager uploads).
+write mode, local sync, checksums, eager uploads, dedup). Files are also copied
+(with or without one range changed), so that many share content and, with
+dedup, their equal parts are copied in the store instead of being sent.
 
 Every operation must succeed on both or fail on both with the same errno; reads
 and write counts must be equal; after each step the names seen through the core
@@ -100,6 +102,9 @@ class Local:
         finally:
             os.close(fd)
 
+    def write_file(self, rel: str, data: bytes) -> None:
+        (self.root / rel).write_bytes(data)
+
     def append(self, rel: str, data: bytes) -> int:
         with open(self.root / rel, "ab") as stream:
             return stream.write(data)
@@ -160,8 +165,9 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                         local_sync=st.sampled_from(["close", "background"]), checksums=st.booleans(),
                         eager=st.sampled_from([0, 1]), outage=st.booleans(),
                         premade=st.sampled_from([(), ("x", "x/y", "z"), ("x", "x/y", "z")]),
-                        final_crash=st.booleans())
-            def start(self, ttl, write_mode, local_sync, checksums, eager, outage, premade, final_crash) -> None:
+                        final_crash=st.booleans(), dedup=st.booleans())
+            def start(self, ttl, write_mode, local_sync, checksums, eager, outage, premade, final_crash,
+                      dedup) -> None:
                 number = next(numbers)
                 self.store = FakeStore()
                 self.model_root = base / f"model{number}"
@@ -169,7 +175,7 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                 self.local = Local(self.model_root)
                 options = small_options(metadata_ttl=ttl, negative_ttl=ttl, write_mode=write_mode,
                                         local_sync=local_sync, checksums=checksums, eager_uploads=eager,
-                                        metadata_deadline=0.05)  # full outages: fall back fast
+                                        dedup=dedup, metadata_deadline=0.05)  # full outages: fall back fast
                 self.mount = InProcessMount(self.store, base / f"cache{number}", options)
                 self.mount.start()
                 self.write_mode = write_mode
@@ -180,7 +186,7 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                 self.denied: list[fakestore.Rule] = []
                 self.denials_seen = 0   # AccessDenied hits that a failed sync has already accounted for
                 self.steps = [f"options: ttl={ttl} write_mode={write_mode} local_sync={local_sync} "
-                              f"checksums={checksums} eager_uploads={eager}"]
+                              f"checksums={checksums} eager_uploads={eager} dedup={dedup}"]
                 for directory in premade:  # most sequences start with every directory there
                     self.both(lambda fs: fs.mkdir(directory), f"mkdir {directory}")
                 if outage and write_mode == "async":
@@ -217,6 +223,23 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
             @rule(path=paths, offset=offsets, data=blobs)
             def write(self, path, offset, data):
                 self.both(lambda fs: fs.write_at(path, offset, data), f"write {path} @{offset} +{len(data)}",
+                          needs_data=True)
+
+            # Not while S3 hangs: a crash then leaves an upload whose ListParts the restart waits for.
+            @precondition(lambda self: self.full_outage is None)
+            @rule(src=paths, dst=paths, change=st.one_of(st.none(), st.tuples(offsets, blobs)))
+            def copy_file(self, src, dst, change):
+                """cp src dst (as the model holds it), maybe with one range changed: files sharing
+                content, whose equal parts dedup copies in S3 instead of sending them."""
+                if not self.local.is_file(src):
+                    return
+                data = bytearray(self.local.read_bytes(src))
+                if change is not None:
+                    offset, blob = change
+                    data[len(data):offset] = bytes(max(0, offset - len(data)))
+                    data[offset:offset + len(blob)] = blob
+                body = bytes(data)
+                self.both(lambda fs: fs.write_file(dst, body), f"copy {src} -> {dst} ({len(body)} bytes)",
                           needs_data=True)
 
             @rule(path=paths, data=blobs)
@@ -390,6 +413,7 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                     counts["faults"] += sum(step.startswith("fault") for step in self.steps)
                     counts["unreachable"] += sum(step.startswith("S3 unreachable") for step in self.steps)
                     counts["eio"] += sum(step.startswith("  (EIO") for step in self.steps)
+                    counts["copied"] += self.store.count("upload_part_copy")
                 finally:
                     self.store.clear_faults()
                     self.mount.close()
@@ -403,5 +427,6 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
 
     print(f"\nin-process reference model: {counts['sequences']} sequences checked, {counts['operations']} "
           f"operations, {counts['restarts']} restarts or crashes, {counts['faults']} store faults, "
-          f"{counts['unreachable']} times S3 unreachable ({counts['eio']} calls needing its data failed)")
+          f"{counts['unreachable']} times S3 unreachable ({counts['eio']} calls needing its data failed), "
+          f"{counts['copied']} parts copied in the store (dedup)")
     assert counts["sequences"] >= min(EXAMPLES, 100)
