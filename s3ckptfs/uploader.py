@@ -115,10 +115,11 @@ def default_backoff(attempt: int) -> float:
 class Uploader:
     """Schedules part uploads and ordered commits. Thread-safe."""
 
-    def __init__(self, s3: ObjectStore, *, concurrency: int, single_put_limit: int, dedup: Dedup | None = None,
+    def __init__(self, s3: ObjectStore, *, concurrency: int, single_put_limit: int,
                  listener: CommitListener, registry: UploadRegistry, upload_nice: int = 0,
                  eager_uploads: int | None = None, retry_window: float = 0.0, checksums: bool = True,
-                 metrics: Metrics | None = None, backoff: Callable[[int], float] | None = None) -> None:
+                 metrics: Metrics | None = None, backoff: Callable[[int], float] | None = None,
+                 dedup: Dedup | None = None) -> None:
         self.s3 = s3
         self._backoff = backoff or default_backoff
         self.metrics = metrics or Metrics()
