@@ -137,8 +137,8 @@ class PartUploads:
         """
         while True:
             with file.lock:
-                if file.deleted or not file.dirty or file.fd < 0:
-                    return None
+                if file.deleted or not file.dirty or file.fd < 0 or file.size <= self.single_put_limit:
+                    return None  # a file that small is one PUT at commit
                 if file.upload_id is not None and file.upload_key == file.key:
                     return file.upload_key, file.upload_id
                 if file.creating_upload:
@@ -154,8 +154,11 @@ class PartUploads:
             finally:
                 with file.lock:
                     file.end_creating_upload_locked()
+                    # Not adopted (aborted instead) if the file no longer needs it: renamed, deleted,
+                    # or committed meanwhile, e.g. by a PUT after a truncate, and maybe retired.
                     adopted = (upload_id is not None and not file.deleted and file.key == key
-                               and file.upload_id is None)
+                               and file.upload_id is None and file.dirty and file.fd >= 0
+                               and file.size > self.single_put_limit)
                     if adopted:
                         file.upload_id, file.upload_key = upload_id, key
             if upload_id is not None and not adopted:

@@ -12,6 +12,7 @@ outage. Through a real mount: tests/test_outage.py.
 from __future__ import annotations
 
 import errno
+import os
 import time
 
 import pytest
@@ -191,5 +192,33 @@ def test_fsync_fails_with_eio_once_s3_has_answered_nothing_for_the_limit(tmp_pat
             store.release()
             assert not mount.fs.sync(timeout=30)
             assert store.objects("mnt/run/")["mnt/run/step.pt"] == b"s" * 5000
+        finally:
+            mount.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_upload_created_after_the_file_shrank_is_aborted(tmp_path):
+    """While S3 hangs, a large file's CreateMultipartUpload is held; the file is truncated to one
+    PUT's size and closed. When S3 answers, the upload it created is not needed: it is aborted,
+    not left behind in S3 (the reference model found one left after such a sequence)."""
+    store = FakeStore()
+    with fast_tmp_dir(tmp_path / "cache") as cache:
+        mount = InProcessMount(store, cache, small_options(eager_uploads=1))
+        try:
+            vfs = Vfs(mount.start())
+            vfs.listdir()  # known: the create goes ahead while S3 hangs
+            rule = store.inject(fakestore.HANG)
+            fh = vfs.open("c.pt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            for offset in range(0, 40_000, 4000):  # sequential: parts behind the writer go early
+                mount.fs.write(fh, b"c" * 4000, offset)
+            assert store.wait_hanging("create_multipart")
+            mount.fs.truncate(vfs.path("c.pt"), 100, fh)
+            vfs.close(fh)
+            store.remove(rule)
+            store.release()
+            assert not mount.fs.sync(timeout=30)
+            assert store.objects("mnt/") == {"mnt/c.pt": b"c" * 100}
+            assert mount.stop(30)
+            assert store.uploads() == []
         finally:
             mount.close()

@@ -227,6 +227,8 @@ class Lifecycle:
             with file.lock:
                 if not file.can_retire_locked() or not self.table.holds(file):
                     return
+                # A clean file holds no upload; one left by a request that returned late is aborted.
+                self.uploader.abort_later(file.forget_upload_locked())
                 self.table.drop_locked(file)
                 info = self._entry(file, file.last_etag)
                 file.close_fd()
