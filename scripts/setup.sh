@@ -63,7 +63,7 @@ ensure_venv() {
     fi
     want="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-        && "$python" -c 'import s3ckptfs, torch, pytest, mfusepy, boto3' >/dev/null 2>&1; then
+        && "$python" -c 'import s3ckptfs, torch, pytest, xdist, mfusepy, boto3' >/dev/null 2>&1; then
         return 0
     fi
     log "installing $TORCH_PIN and s3ckptfs[test] into $VENV"
