@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import control, daemon, mounts
+from . import control, mounts
 from .config import (LOG_LEVELS, MountConfig, default_cache_dir, environment_options, load_config_file,
                      parse_options, parse_s3_url, split_mount_options)
 from .errors import ConfigError
@@ -120,6 +120,8 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
 
 
 def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
+    from . import daemon  # boto3 and FUSE: only what mounts needs them (sync, status stay light)
+
     config = mount_config(args)
     if args.foreground:
         configure_logging(config.log_level, to_file=daemon.READY_FD_ENV in os.environ)
@@ -244,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "watch":
             config = mount_config(args)
             configure_logging(config.log_level)
+            from . import daemon
+
             return daemon.run_watch(config, settle=args.settle, delete=args.delete)
         if args.command == "unmount":
             return cmd_unmount(args)

@@ -63,13 +63,15 @@ ensure_venv() {
     fi
     want="$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1)"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
-        && "$python" -c 'import s3ckptfs, torch, pytest, mfusepy, boto3' >/dev/null 2>&1; then
+        && "$python" -c 'import s3ckptfs, torch, pytest, xdist, mfusepy, boto3' >/dev/null 2>&1; then
         return 0
     fi
     log "installing $TORCH_PIN and s3ckptfs[test] into $VENV"
     local pip_log="$VENV/pip-install.log"
-    if ! { "$python" -m pip install -q "$TORCH_PIN" \
-        && "$python" -m pip install -q -e "${REPO_ROOT}[test]"; } >"$pip_log" 2>&1; then
+    # --no-compile: byte-compiling every module of torch, transformers and the rest takes longer
+    # than the install itself; Python compiles the few modules in use when they are first imported.
+    if ! { "$python" -m pip install -q --no-compile "$TORCH_PIN" \
+        && "$python" -m pip install -q --no-compile -e "${REPO_ROOT}[test]"; } >"$pip_log" 2>&1; then
         cat "$pip_log" >&2
         log "error: pip install failed (log: $pip_log)"
         return 1
@@ -152,7 +154,11 @@ ensure_podman() {
 ensure_env() {
     ensure_fuse
     ensure_systemd_analyze
-    ensure_venv
-    ensure_libfuse
+    # The libfuse build needs nothing from the venv's packages: it runs beside the pip install.
+    ensure_libfuse &
+    local libfuse_job=$! status=0
+    ensure_venv || status=$?
+    wait "$libfuse_job"
+    [ "$status" -eq 0 ] || return "$status"
     export PATH="$VENV/bin:$PATH"
 }

@@ -591,11 +591,45 @@ def lock_order_checked(lock_check_log: Path) -> Iterator[None]:
         pytest.fail("lock order violated (see s3ckptfs/locks.py):\n\n" + "\n\n".join(found), pytrace=False)
 
 
+# Under pytest-xdist (scripts/test.sh runs two workers with --dist loadgroup):
+# * the tests of a module in WORKER_GROUPS run one after the other on one worker: the outage
+#   tests mostly wait for their outages, beside the other worker's tests; the container tests
+#   share the image (built once) and the container's mountpoint, whose control socket in
+#   /run/s3ckptfs is named after that path. (A group made here, by module, not by xdist_group
+#   marks: pytest-xdist 3.8 loses those with pytest >= 9.2, pytest-xdist issue 1386.)
+# * the modules whose tests take longest are handed out first, so that no long test starts
+#   when the other worker is almost done.
+WORKER_GROUPS = {"test_outage.py": "outage", "test_container.py": "container"}
+LONGEST_FIRST = ("test_outage.py", "test_model_inproc.py", "test_container.py", "test_model.py",
+                 "test_integrations.py", "test_faults.py", "test_frameworks.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup``, with the groups of WORKER_GROUPS (groups first, the largest first)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModuleGroupScheduling(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return WORKER_GROUPS.get(module) or super()._split_scope(nodeid)
+
+    return ModuleGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark ``fuse`` every test that needs the S3 server (and so, here, a mount), however it gets it."""
+    """Mark ``fuse`` every test that needs the S3 server (and so, here, a mount), however it gets it.
+
+    In a pytest-xdist worker, also put the tests of ``LONGEST_FIRST`` first (in that order).
+    """
     for item in items:
         if "s3server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.fuse)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order otherwise
 
 
 # --------------------------------------------------------------------------
