@@ -229,7 +229,7 @@ class StagedFile:
     def needs_commit_locked(self) -> bool:
         """Closed, changed since its last commit, and nothing queued, running or given up."""
         return (self.handles == 0 and self.dirty and self._state is CommitState.IDLE
-                and not self._queued_again and self._write_error is None)
+                and self._write_error is None)  # IDLE is never "queued again" (finish clears it)
 
     def can_retire_locked(self) -> bool:
         """Closed, clean, and no commit queued and no part in flight: S3 holds it."""

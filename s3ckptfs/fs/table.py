@@ -118,12 +118,11 @@ class PathTable:
         Commits go in close order, so nothing under such a directory is in S3 yet
         either: it can be listed, renamed or removed without asking S3.
         """
-        marker = self.dirs.get(path)
-        if marker is None or marker.deleted:
+        if not self.contents_known_locked(path):
             return None
+        marker = self.dirs[path]
         with marker.lock:
-            local = marker.committed_version == 0 and not marker.committing and marker.failure is None
-        return marker if local else None
+            return None if marker.committing else marker
 
     def contents_known_locked(self, path: str) -> bool:
         """Whether this mount knows all of directory ``path``: made here, its marker not yet in S3.
