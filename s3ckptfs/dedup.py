@@ -45,17 +45,29 @@ kept for the last ``PENDING_UPLOADS`` uploads only.
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 
 from . import locks, partplan
 from .errors import S3Error
 from .metrics import Metrics
 from .parthashes import PartHashes, part_digest
+from .s3client import MULTIPART_COPY_THRESHOLD, crc32c
 from .staging import StagedFile
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
 
 PENDING_UPLOADS = 64
+
+
+@dataclass(frozen=True)
+class WholeMatch:
+    """Object ``key`` (as ``etag``) holds exactly the file's bytes, part for part."""
+    key: str
+    etag: str
+    ranges: list[tuple[int, int, str]]   # (start, length, digest) of the file's parts
+    crcs: tuple[str, ...]                # their CRC32C, from the bytes read
 
 
 class Dedup:
@@ -101,7 +113,7 @@ class Dedup:
                     log.info("copy of part %d of %s from %s failed (%s): sending it", number, key, source.key, err)
                     return None
                 log.debug("copy source %s (%s) no longer holds its bytes (%s)", source.key, source.etag, err)
-                self.hashes.forget(source.key, source.etag)
+                self.source_gone(source.key, source.etag)
                 continue
             if server_crc and server_crc != crc:
                 log.warning("part %d of %s copied from %s has CRC32C %s, not %s: sending it",
@@ -111,6 +123,48 @@ class Dedup:
             self.count(copied=length)
             return etag
         return None
+
+    def whole_object(self, fd: int, size: int, part_base: int) -> WholeMatch | None:
+        """An object written here that holds exactly the bytes of the staging file ``fd``, or None.
+
+        Decided from the bytes: every part's hash must equal that of the object's
+        part at the same offset, and the sizes must be equal. The first part finds
+        the candidates; the last is compared next (a next step's save that differs
+        at all usually differs at its end too), so a file that is not a copy costs
+        about two parts' hashes.
+        """
+        if self.hashes is None or size > MULTIPART_COPY_THRESHOLD:
+            return None
+        plan = [(partplan.part_range(number, part_base)[0], partplan.part_length(number, size, part_base))
+                for number in range(1, partplan.part_count(size, part_base) + 1)]
+        if len(plan) < 2:
+            return None
+        read: dict[int, tuple[str, str]] = {}   # part index -> (digest, crc)
+
+        def part(index: int) -> tuple[str, str]:
+            if index not in read:
+                start, length = plan[index]
+                data = os.pread(fd, length, start)
+                if len(data) < length:
+                    data += bytes(length - len(data))
+                read[index] = (part_digest(data), crc32c(data))
+            return read[index]
+
+        order = [0, len(plan) - 1] + list(range(1, len(plan) - 1))
+        for source in self.hashes.find(part(0)[0], plan[0][1]):
+            if source.start != 0:
+                continue
+            known = self.hashes.object_parts(source.key, source.etag)
+            if known is None or known[0] != size or [(start, length) for start, length, _ in known[1]] != plan:
+                continue
+            if all(part(index)[0] == known[1][index][2] for index in order):
+                return WholeMatch(source.key, source.etag, known[1], tuple(part(index)[1] for index in range(len(plan))))
+        return None
+
+    def source_gone(self, key: str, etag: str) -> None:
+        """Object ``key`` no longer is ``etag`` (a copy from it was refused): never copy from it again."""
+        if self.hashes is not None:
+            self.hashes.forget(key, etag)
 
     def in_other_upload(self, upload_id: str, digest: str | None, length: int) -> bool:
         """Whether an upload other than ``upload_id`` sent these bytes and has not completed yet."""

@@ -134,6 +134,20 @@ class PartHashes:
             return []
         return [Source(key, etag, start, length) for key, etag, start in rows]
 
+    def object_parts(self, key: str, etag: str) -> tuple[int, list[tuple[int, int, str]]] | None:
+        """(size, [(start, length, digest)] ascending) of ``key`` if remembered as ``etag``, else None."""
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT size FROM objects WHERE key = ? AND etag = ?", (key, etag)).fetchone()
+                if row is None:
+                    return None
+                parts = self._db.execute("SELECT start, length, digest FROM parts WHERE key = ? ORDER BY start",
+                                         (key,)).fetchall()
+        except sqlite3.Error as exc:
+            log.warning("part hash lookup of %s failed: %s", key, exc)
+            return None
+        return row[0], [(start, length, digest) for start, length, digest in parts]
+
     def forget(self, key: str, etag: str | None = None) -> None:
         """Forget ``key`` (only if still remembered as ``etag``, when given): it changed or is gone."""
         try:

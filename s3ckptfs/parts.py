@@ -167,6 +167,8 @@ class PartUploads:
     def _upload_part(self, file: StagedFile, number: int, defer: bool = False) -> None:
         upload_id = None
         try:
+            if defer and self.dedup.held_back(file.id, commit=False):
+                return  # left for the commit since it was scheduled (dedup.py, wholecopy.py)
             target = self._current_upload(file)
             if target is None:
                 return
@@ -185,7 +187,8 @@ class PartUploads:
             crc = crc32c(data)
             checksum = crc if self.checksums else None
             digest = self.dedup.digest(data)
-            if defer and self.dedup.in_other_upload(upload_id, digest, length):
+            if defer and (self.dedup.held_back(file.id, commit=False)
+                          or self.dedup.in_other_upload(upload_id, digest, length)):
                 self.dedup.hold_back(file.id)
                 return  # stays stale: the commit copies it once the other file's object is complete
             etag = self.dedup.copy_part(key, upload_id, number, length, digest, crc)

@@ -42,6 +42,18 @@ def crc32c(data: bytes | memoryview) -> str:
     return base64.b64encode(checksums.crc32c(data).to_bytes(4, "big")).decode()
 
 
+def crc32c_of_file(fd: int, size: int, chunk: int = 8 << 20) -> str:
+    """CRC32C of a file's first ``size`` bytes (a hole past its end reads as zeros), as S3 writes it."""
+    value, offset = 0, 0
+    while offset < size:
+        data = os.pread(fd, min(chunk, size - offset), offset)
+        if not data:
+            data = bytes(min(chunk, size - offset))
+        value = checksums.crc32c(data, value)
+        offset += len(data)
+    return base64.b64encode(value.to_bytes(4, "big")).decode()
+
+
 def body_digest(body: bytes | memoryview, checksum: str | None) -> dict[str, str]:
     """The request field that makes the server refuse ``body`` if it was damaged on the way.
 
@@ -385,6 +397,20 @@ class S3Client:
                                                         multipart_chunksize=1 << 30))
         except Exception as exc:
             raise translate(exc, f"COPY {src_key} -> {dst_key}") from exc
+
+    def copy_if_unchanged(self, src_key: str, dst_key: str, if_match: str,
+                          metadata: dict[str, str]) -> tuple[str, str | None]:
+        """CopyObject conditional on the source's ETag, with new metadata; (ETag, CRC32C or None)."""
+        locks.assert_no_locks_held("S3 COPY")
+        try:
+            response = self._client.copy_object(
+                Bucket=self.bucket, Key=dst_key, CopySource={"Bucket": self.bucket, "Key": src_key},
+                CopySourceIfMatch=if_match, MetadataDirective="REPLACE", Metadata=metadata,
+                ChecksumAlgorithm="CRC32C")
+        except Exception as exc:
+            raise translate(exc, f"COPY {src_key} -> {dst_key}") from exc
+        result = response.get("CopyObjectResult", {})
+        return result.get("ETag", ""), result.get("ChecksumCRC32C")
 
     def delete(self, key: str) -> None:
         locks.assert_no_locks_held("S3 DELETE")

@@ -146,6 +146,16 @@ class ObjectStore(Protocol):
         """
         ...
 
+    def copy_if_unchanged(self, src_key: str, dst_key: str, if_match: str,
+                          metadata: dict[str, str]) -> tuple[str, str | None]:
+        """Server-side copy of a whole object with new ``metadata``, if its ETag still is ``if_match``.
+
+        A changed source fails with PreconditionFailed, a missing one with NoSuchKey.
+        Returns the new object's ETag and the CRC32C the server gives for it (full
+        or composite ``-N``), or None if it gave none.
+        """
+        ...
+
     def delete(self, key: str) -> None:
         """Delete one object; a missing one is not an error."""
         ...

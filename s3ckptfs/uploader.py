@@ -53,6 +53,7 @@ from .ptcheck import passthrough_unchanged, unverified_parts_locked, verify_part
 from .s3client import composite_crc32c, crc32c, object_metadata
 from .staging import Digest, StagedFile, UploadedPart
 from .store import ObjectStore
+from .wholecopy import CopyRefused, WholeCopy
 
 # The last request of a commit, prepared under file.lock and run without it: it returns
 # (key, etag, version, record), where record() stores the outcome on the file (under file.lock).
@@ -130,6 +131,7 @@ class Uploader:
         self.parts = PartUploads(s3, concurrency=concurrency, single_put_limit=single_put_limit,
                                  eager_uploads=eager_uploads, registry=registry, checksums=checksums,
                                  upload_nice=upload_nice, backoff=self._backoff, dedup=dedup)
+        self.whole_copy = WholeCopy(s3, self.parts.dedup, single_put_limit)
         # The part side, as the core calls it.
         self.part_filled = self.parts.part_filled
         self.resume_upload = self.parts.resume_upload
@@ -299,16 +301,18 @@ class Uploader:
 
         return self._with_retries(commit, f"upload of {file.path}", attempt, retrying, give_up)
 
-    def _commit_once(self, file: StagedFile) -> bool:
+    def _commit_once(self, file: StagedFile, try_copy: bool = True) -> bool:
         """Make S3 hold the file's current content under its current key, or raise S3Error.
 
         Returns True if an object was written, False if there was nothing to do.
+        ``try_copy``: a file equal to an object written here is copied from it (wholecopy.py).
         """
         if file.pt_epoch:
             unchanged = passthrough_unchanged(file, self.single_put_limit)
             if unchanged is not None:
                 self._listener.committed(file, *unchanged)
                 return False
+        candidate = self.whole_copy.candidate(file) if try_copy else None
         while True:
             unverified: list[tuple[int, UploadedPart]] = []
             with file.lock:
@@ -323,6 +327,12 @@ class Uploader:
                     break
                 if file.upload_id is not None and file.upload_key != file.key:
                     self.abort_later(file.forget_upload_locked())  # renamed: restart under the new key
+                if candidate is not None and self.whole_copy.still_valid_locked(file, candidate):
+                    self.abort_later(file.forget_upload_locked())  # made early, with no part in it yet
+                    call = self.whole_copy.begin_locked(file, candidate)
+                    file.begin_send_locked()
+                    break
+                candidate = None
                 stale = self.parts.schedule_stale_locked(file)
                 if not stale and not file.inflight:
                     unverified = unverified_parts_locked(file)
@@ -342,7 +352,11 @@ class Uploader:
                             raise error
             if unverified:
                 verify_parts(file, unverified)
-        result = self._finish_commit_call(file, call)
+        try:
+            result = self._finish_commit_call(file, call)
+        except CopyRefused as refused:
+            log.info("%s: %s; uploading it", file.path, refused)
+            return self._commit_once(file, try_copy=False)
         self.objects_committed += 1
         self.bytes_committed += file.size
         self.metrics.uploaded_objects.inc()

@@ -45,7 +45,7 @@ from s3ckptfs.store import ObjectInfo
 
 OPERATIONS = ("head", "list_dir", "list_all", "dir_summary", "get_range_into", "get_bytes", "put",
               "create_multipart", "upload_part", "upload_part_copy", "complete_multipart", "abort_multipart", "list_parts", "copy",
-              "delete")
+              "copy_if_unchanged", "delete")
 UPLOAD_OPERATIONS = ("put", "create_multipart", "upload_part", "complete_multipart")
 MAX_KEYS = 1000          # one page of a listing
 MAX_PART_NUMBER = 10_000
@@ -348,6 +348,21 @@ class FakeClient:
             self._store._objects[dst_key] = StoredObject(source.data, _quoted_md5(source.data),
                                                          dict(source.metadata), self._store._now_locked(),
                                                          crc32c(source.data))
+
+    def copy_if_unchanged(self, src_key: str, dst_key: str, if_match: str,
+                          metadata: dict[str, str]) -> tuple[str, str | None]:
+        """CopyObject with If-Match; as SeaweedFS, the copy keeps the source's ETag and checksum."""
+        self._store._enter("copy_if_unchanged", dst_key, self)
+        with self._store._lock:
+            source = self._store._objects.get(src_key)
+            if source is None:
+                raise S3Error("NoSuchKey", f"COPY {src_key} -> {dst_key}", 404)
+            if if_match.strip('"') != source.etag.strip('"'):
+                raise S3Error("PreconditionFailed", f"COPY {src_key}: ETag is {source.etag}", 412)
+            self._store._objects[dst_key] = StoredObject(source.data, source.etag, dict(metadata),
+                                                         self._store._now_locked(), source.checksum)
+            self._store.copied_bytes += len(source.data)
+            return source.etag, source.checksum
 
     def delete(self, key: str) -> None:
         self._store._enter("delete", key, self)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import time
 
 import pytest
 
@@ -36,6 +37,17 @@ def part_requests(proxy, key: str) -> tuple[int, int]:
     return len(every) - len(copies), len(copies)
 
 
+def whole_copies(proxy, key: str) -> int:
+    """CopyObject requests (a copy without partNumber) that made ``key``."""
+    pattern = re.compile(rf"^PUT /[^/]+/{re.escape(key)} ")
+    return sum(1 for line in proxy.copy_requests if pattern.search(line))
+
+
+def with_end_changed(data: bytes) -> bytes:
+    """All parts but the last equal: copied part by part, never as a whole file (wholecopy.py)."""
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
 def with_part_changed(data: bytes, number: int) -> bytes:
     start = (number - 1) * PART
     return data[:start] + os.urandom(PART) + data[start + PART:]
@@ -56,7 +68,9 @@ def test_unchanged_parts_are_copied_not_sent_and_read_back_identical(fault_proxy
     (mount.path / "last.pt").write_bytes(second)  # the same state under a second name
     mount.sync()
     assert part_requests(fault_proxy, mount.key("step_2.pt")) == (1, 5)
-    assert part_requests(fault_proxy, mount.key("last.pt")) == (0, 6)
+    # the same bytes: parts copied, or (if none had gone before its commit) the whole file in one copy
+    assert part_requests(fault_proxy, mount.key("last.pt")) in ((0, 6), (0, 0))
+    assert part_requests(fault_proxy, mount.key("last.pt"))[1] + whole_copies(fault_proxy, mount.key("last.pt")) >= 1
     status = json.loads(run_cli(["status", str(mount.path), "--json"], mount.env, timeout=60).stdout)
     sent, copied = 5 * PART + 12345 + PART, 4 * PART + 12345 + 5 * PART + 12345
     assert (status["dedup"], status["part_bytes_sent"], status["part_bytes_copied"]) == (True, sent, copied)
@@ -84,7 +98,7 @@ def test_a_copy_source_changed_after_it_was_hashed_is_not_copied(fault_proxy, bu
     mount.sync()
     sent, copied = part_requests(fault_proxy, mount.key("step_2.pt"))
     assert sent == 4, (sent, copied)
-    assert copied >= 1, "a copy was tried and refused (If-Match)"
+    assert copied + whole_copies(fault_proxy, mount.key("step_2.pt")) >= 1, "a copy was tried and refused (If-Match)"
     assert s3_sha256(s3, bucket, mount.key("step_2.pt")) == sha(body)
     fresh = mount_factory(bucket, "p")
     assert (fresh.path / "step_2.pt").read_bytes() == body
@@ -115,10 +129,10 @@ def test_a_kill_in_the_middle_of_a_copied_upload_resumes_without_sending(fault_p
     mount.sync()
     key = mount.key("step_2.pt")
     fault_proxy.slowdown(1.0, match=r"^POST \S*[?&]uploadId=")  # only CompleteMultipartUpload
-    (mount.path / "step_2.pt").write_bytes(body)
-    wait_for(lambda: part_requests(fault_proxy, key)[1] >= 5 and fault_proxy.stats["errors"] >= 1,
+    second = with_end_changed(body)
+    (mount.path / "step_2.pt").write_bytes(second)
+    wait_for(lambda: part_requests(fault_proxy, key) == (1, 4) and fault_proxy.stats["errors"] >= 1,
              timeout=120, interval=0.5)
-    assert part_requests(fault_proxy, key) == (0, 5)
     mount.kill()
     assert s3_sha256(s3, bucket, key) is None
     fault_proxy.passthrough()
@@ -127,7 +141,33 @@ def test_a_kill_in_the_middle_of_a_copied_upload_resumes_without_sending(fault_p
     mount.remount()
     mount.sync()
     assert part_requests(fault_proxy, key) == (0, 0), fault_proxy.requests
-    assert s3_sha256(s3, bucket, key) == sha(body)
+    assert s3_sha256(s3, bucket, key) == sha(second)
     fresh = mount_factory(bucket, "p")
-    assert (fresh.path / "step_2.pt").read_bytes() == body
+    assert (fresh.path / "step_2.pt").read_bytes() == second
+    assert_no_orphan_uploads(s3, bucket)
+
+
+def test_the_same_state_under_a_second_name_is_one_server_side_copy(fault_proxy, bucket, mount_factory, s3):
+    """Lightning's save_last=True: the second file, written while the first is still uploading, is made
+    with one CopyObject of the first once it is complete, and carries its own mtime."""
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"dedup": "on"})
+    body = os.urandom(5 * PART + 4321)
+    first, second = mount.key("epoch3.ckpt"), mount.key("last.ckpt")
+    fault_proxy.slowdown(1.0, match=rf"^POST /[^/]+/{re.escape(first)}\?uploadId=")  # its completion waits
+    (mount.path / "epoch3.ckpt").write_bytes(body)
+    time.sleep(1.1)  # a later mtime for the second file
+    (mount.path / "last.ckpt").write_bytes(body)
+    wait_for(lambda: any(line.startswith(f"POST /{bucket}/{second}?uploads") for line in fault_proxy.requests),
+             timeout=60, interval=0.1)
+    time.sleep(0.5)  # its parts look at the bytes, find them in the first file's upload, and are left
+    fault_proxy.passthrough()
+    mount.sync()
+    assert part_requests(fault_proxy, second) == (0, 0)
+    assert whole_copies(fault_proxy, second) == 1
+    assert s3_sha256(s3, bucket, second) == sha(body)
+    mtime = os.stat(mount.path / "last.ckpt").st_mtime
+    fresh = mount_factory(bucket, "p")
+    assert (fresh.path / "last.ckpt").read_bytes() == body
+    assert abs(os.stat(fresh.path / "last.ckpt").st_mtime - mtime) < 0.01
+    assert os.stat(fresh.path / "epoch3.ckpt").st_mtime < mtime - 1
     assert_no_orphan_uploads(s3, bucket)

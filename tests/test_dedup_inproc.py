@@ -10,10 +10,14 @@ from __future__ import annotations
 import os
 import random
 import sqlite3
+import time
+
+import pytest
 
 import fakestore
 from inproc import Vfs
 from s3ckptfs.parthashes import PartHashes, part_digest
+from s3ckptfs.s3client import crc32c
 
 KiB = 1 << 10
 PART = 4 * KiB
@@ -27,6 +31,12 @@ def data_of(size: int, seed: int) -> bytes:
 def with_part_changed(data: bytes, number: int, seed: int = 99) -> bytes:
     start = (number - 1) * PART
     return data[:start] + data_of(PART, seed) + data[start + PART:]
+
+
+def end_changed(data: bytes) -> bytes:
+    """``data`` with its last byte changed: all parts but the last are equal, the file as a whole is not
+    (so that the parts are copied one by one, never the whole file: see wholecopy.py)."""
+    return data[:-1] + bytes([data[-1] ^ 1])
 
 
 def requests(store: fakestore.FakeStore, key: str) -> tuple[int, int]:
@@ -56,19 +66,17 @@ def test_the_same_bytes_under_a_second_name_send_nothing(inproc, fake_store):
     """Lightning's save_last=True: the second file is written while the first is still uploading.
 
     Its parts wait for the first object to complete (its CompleteMultipartUpload is held
-    back here, so that every part of the first file is on the wire before the second is written).
+    back here, so that every part of the first file is on the wire before the second is written),
+    and then the whole file is one CopyObject (wholecopy.py).
     """
     mount = inproc(dedup=True)
-    vfs = Vfs(mount.fs)
     body = data_of(SIZE, 2)
-    fake_store.inject(fakestore.HANG, "complete_multipart", key="mnt/epoch=3.ckpt", times=1)
-    vfs.write_file("epoch=3.ckpt", body)
-    fake_store.wait_hanging("complete_multipart")
-    vfs.write_file("last.ckpt", body)
-    fake_store.release()
+    save_twice(mount, fake_store, body)
     assert mount.fs.sync() == []
-    assert requests(fake_store, "mnt/last.ckpt") == (0, 11)
+    assert requests(fake_store, "mnt/last.ckpt") == (0, 0)
+    assert fake_store.count("copy_if_unchanged", "mnt/last.ckpt") == 1
     assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
+    assert mount.fs.dedup.bytes_copied == SIZE
 
 
 def test_an_in_place_overwrite_copies_from_the_object_it_replaces(inproc, fake_store):
@@ -150,9 +158,9 @@ def test_a_copy_holding_other_bytes_is_replaced_by_the_bytes(inproc, fake_store)
     assert mount.fs.sync() == []
     stored = fake_store.stored("mnt/a.pt")
     stored.data = data_of(SIZE, 10)  # same ETag, other bytes
-    vfs.write_file("b.pt", body)
+    vfs.write_file("b.pt", end_changed(body))
     assert mount.fs.sync() == []
-    assert fake_store.objects(mount.prefix)["mnt/b.pt"] == body
+    assert fake_store.objects(mount.prefix)["mnt/b.pt"] == end_changed(body)
     assert requests(fake_store, "mnt/b.pt")[0] == 11
 
 
@@ -163,10 +171,10 @@ def test_a_transient_copy_failure_sends_the_part(inproc, fake_store):
     vfs.write_file("a.pt", body)
     assert mount.fs.sync() == []
     fake_store.inject(fakestore.ERROR503, "upload_part_copy", times=3)
-    vfs.write_file("b.pt", body)
+    vfs.write_file("b.pt", end_changed(body))
     assert mount.fs.sync() == []
-    assert fake_store.objects(mount.prefix)["mnt/b.pt"] == body
-    assert requests(fake_store, "mnt/b.pt") == (3, 11)
+    assert fake_store.objects(mount.prefix)["mnt/b.pt"] == end_changed(body)
+    assert requests(fake_store, "mnt/b.pt") == (3 + 1, 10)
 
 
 def test_rename_of_the_target_during_a_copy_ends_with_the_bytes_under_the_new_name(inproc, fake_store):
@@ -176,12 +184,12 @@ def test_rename_of_the_target_during_a_copy_ends_with_the_bytes_under_the_new_na
     vfs.write_file("a.pt", body)
     assert mount.fs.sync() == []
     fake_store.inject(fakestore.HANG, "upload_part_copy", times=1)
-    vfs.write_file("tmp.pt", body)
+    vfs.write_file("tmp.pt", end_changed(body))
     fake_store.wait_hanging("upload_part_copy")
     vfs.rename("tmp.pt", "b.pt")
     fake_store.release()
     assert mount.fs.sync() == []
-    assert fake_store.objects(mount.prefix) == {"mnt/a.pt": body, "mnt/b.pt": body}
+    assert fake_store.objects(mount.prefix) == {"mnt/a.pt": body, "mnt/b.pt": end_changed(body)}
     assert fake_store.uploads() == []
 
 
@@ -192,12 +200,12 @@ def test_unlink_of_the_source_during_a_copy_leaves_a_whole_object(inproc, fake_s
     vfs.write_file("a.pt", body)
     assert mount.fs.sync() == []
     fake_store.inject(fakestore.HANG, "upload_part_copy", times=1)
-    vfs.write_file("b.pt", body)
+    vfs.write_file("b.pt", end_changed(body))
     fake_store.wait_hanging("upload_part_copy")
     fake_store.delete("mnt/a.pt")  # another node's rotation
     fake_store.release()
     assert mount.fs.sync() == []
-    assert fake_store.objects(mount.prefix) == {"mnt/b.pt": body}
+    assert fake_store.objects(mount.prefix) == {"mnt/b.pt": end_changed(body)}
 
 
 def test_a_crash_in_the_middle_of_a_copied_upload_resumes_without_sending(inproc, fake_store):
@@ -207,21 +215,22 @@ def test_a_crash_in_the_middle_of_a_copied_upload_resumes_without_sending(inproc
     vfs.write_file("a.pt", body)
     assert mount.fs.sync() == []
     fake_store.inject(fakestore.HANG, "complete_multipart", key="mnt/b.pt")
-    vfs.write_file("b.pt", body)
+    vfs.write_file("b.pt", end_changed(body))
     fake_store.wait_hanging("complete_multipart", "mnt/b.pt")
     mount.crash()
     fake_store.clear_faults()
     copied_before = fake_store.count("upload_part_copy", "mnt/b.pt")
     mount.start()
     assert mount.fs.sync() == []
-    assert fake_store.objects(mount.prefix)["mnt/b.pt"] == body
-    assert fake_store.count("upload_part", "mnt/b.pt") == 0
+    assert fake_store.objects(mount.prefix)["mnt/b.pt"] == end_changed(body)
+    assert fake_store.count("upload_part", "mnt/b.pt") == 1, "the last part, which differs"
     assert fake_store.count("upload_part_copy", "mnt/b.pt") == copied_before, "resumed parts are kept"
     # and the resumed object's parts are remembered too
     vfs = Vfs(mount.fs)
-    vfs.write_file("c.pt", body)
+    third = bytes([body[0] ^ 1]) + end_changed(body)[1:]   # equal to b.pt but for its first part
+    vfs.write_file("c.pt", third)
     assert mount.fs.sync() == []
-    assert requests(fake_store, "mnt/c.pt") == (0, 11)
+    assert requests(fake_store, "mnt/c.pt") == (1, 10)
 
 
 def test_part_hashes_survive_a_restart(inproc, fake_store):
@@ -230,9 +239,9 @@ def test_part_hashes_survive_a_restart(inproc, fake_store):
     Vfs(mount.fs).write_file("a.pt", body)
     assert mount.fs.sync() == []
     mount.restart()
-    Vfs(mount.fs).write_file("b.pt", body)
+    Vfs(mount.fs).write_file("b.pt", end_changed(body))
     assert mount.fs.sync() == []
-    assert requests(fake_store, "mnt/b.pt") == (0, 11)
+    assert requests(fake_store, "mnt/b.pt") == (1, 10)
 
 
 def test_dedup_off_sends_every_byte(inproc, fake_store):
@@ -277,3 +286,112 @@ def test_a_damaged_hash_file_is_started_afresh(tmp_path):
     assert hashes.find("d", PART)[0].key == "k"
     hashes.close()
     assert sqlite3.connect(path).execute("SELECT count(*) FROM parts").fetchone() == (1,)
+
+
+# -- the whole file equal to an object: one CopyObject (wholecopy.py) --------------------------------
+
+def save_twice(mount, fake_store, body: bytes, second: str = "last.ckpt", hold_copy: bool = False) -> Vfs:
+    """``epoch=3.ckpt`` then ``second`` with the same bytes while the first is still uploading (save_last)."""
+    vfs = Vfs(mount.fs)
+    fake_store.inject(fakestore.HANG, "complete_multipart", key="mnt/epoch=3.ckpt", times=1)
+    if hold_copy:  # a latency, not a hang: release() below ends every hang
+        fake_store.inject(fakestore.latency(1.0), "copy_if_unchanged", times=1)
+    vfs.write_file("epoch=3.ckpt", body)
+    fake_store.wait_hanging("complete_multipart")
+    vfs.write_file(second, body)
+    # Release the first object once the second file's parts are left for its commit (dedup.py).
+    deadline = time.monotonic() + 10
+    while not any(f.path == "/" + second and mount.fs.dedup.held_back(f.id, commit=False)
+                  for f in mount.fs.staged_files()):
+        assert time.monotonic() < deadline, "the second file's parts were not left for its commit"
+        time.sleep(0.005)
+    fake_store.release()
+    if hold_copy:
+        while fake_store.count("copy_if_unchanged") == 0:
+            assert time.monotonic() < deadline, "no whole copy"
+            time.sleep(0.005)
+    return vfs
+
+
+def test_a_whole_copy_carries_the_new_files_metadata(inproc, fake_store):
+    mount = inproc(dedup=True)
+    body = data_of(SIZE, 20)
+    vfs = save_twice(mount, fake_store, body)
+    assert mount.fs.sync() == []
+    metadata = fake_store.stored("mnt/last.ckpt").metadata
+    assert float(metadata["mtime"]) == pytest.approx(vfs.stat("last.ckpt").st_mtime, abs=1)
+    assert metadata["mode"] == fake_store.stored("mnt/epoch=3.ckpt").metadata["mode"]
+    assert fake_store.count("copy_if_unchanged", "mnt/last.ckpt") == 1
+    assert mount.fs.dedup.hashes.known("mnt/last.ckpt") is not None, "the copy can be copied from in turn"
+
+
+def test_a_refused_whole_copy_falls_back_to_an_upload(inproc, fake_store):
+    mount = inproc(dedup=True)
+    body = data_of(SIZE, 21)
+    fake_store.inject(fakestore.error("PreconditionFailed", 412), "copy_if_unchanged", times=1)
+    save_twice(mount, fake_store, body)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
+    assert requests(fake_store, "mnt/last.ckpt") == (11, 0), "the refused source is forgotten: parts are sent"
+    assert fake_store.uploads() == []
+
+
+def test_a_transient_whole_copy_failure_is_retried(inproc, fake_store):
+    mount = inproc(dedup=True)
+    body = data_of(SIZE, 22)
+    fake_store.inject(fakestore.ERROR503, "copy_if_unchanged", times=1)
+    save_twice(mount, fake_store, body)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
+    assert fake_store.count("copy_if_unchanged", "mnt/last.ckpt") == 2
+    assert requests(fake_store, "mnt/last.ckpt") == (0, 0)
+
+
+def test_a_whole_copy_with_a_wrong_checksum_is_replaced_by_the_bytes(inproc, fake_store, monkeypatch):
+    """A server that copies other bytes: the checksum it reports for the copy gives it away."""
+    mount = inproc(dedup=True)
+    body = data_of(SIZE, 23)
+    copy = fakestore.FakeClient.copy_if_unchanged
+
+    def damaging_copy(self, src_key, dst_key, if_match, metadata):
+        etag, _ = copy(self, src_key, dst_key, if_match, metadata)
+        self._store.stored(dst_key).data = data_of(SIZE, 24)
+        return etag, crc32c(data_of(SIZE, 24))
+    monkeypatch.setattr(fakestore.FakeClient, "copy_if_unchanged", damaging_copy)
+    save_twice(mount, fake_store, body)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
+    assert requests(fake_store, "mnt/last.ckpt")[0] == 11
+
+
+def test_unlink_during_a_whole_copy_leaves_no_object(inproc, fake_store):
+    mount = inproc(dedup=True)
+    body = data_of(SIZE, 25)
+    vfs = save_twice(mount, fake_store, body, hold_copy=True)
+    vfs.unlink("last.ckpt")
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/epoch=3.ckpt": body}
+
+
+def test_rename_during_a_whole_copy_ends_with_the_object_under_the_new_name(inproc, fake_store):
+    mount = inproc(dedup=True)
+    body = data_of(SIZE, 26)
+    vfs = save_twice(mount, fake_store, body, second="tmp.ckpt", hold_copy=True)
+    vfs.rename("tmp.ckpt", "last.ckpt")
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/epoch=3.ckpt": body, "mnt/last.ckpt": body}
+    assert fake_store.uploads() == []
+
+
+def test_a_file_that_differs_only_at_its_end_is_not_copied_whole(inproc, fake_store):
+    mount = inproc(dedup=True, eager_uploads=0)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 27)
+    vfs.write_file("step_1.pt", body)
+    assert mount.fs.sync() == []
+    changed = body[:-1] + bytes([body[-1] ^ 1])
+    vfs.write_file("step_2.pt", changed)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == changed
+    assert fake_store.count("copy_if_unchanged") == 0
+    assert requests(fake_store, "mnt/step_2.pt") == (1, 10)

@@ -394,6 +394,7 @@ S3_CALLS = {
     "abort_multipart": lambda c: c.abort_multipart("k", "u"),
     "list_parts": lambda c: c.list_parts("k", "u"),
     "copy": lambda c: c.copy("a", "b", 1),
+    "copy_if_unchanged": lambda c: c.copy_if_unchanged("a", "b", '"e"', {}),
     "delete": lambda c: c.delete("k"),
     "check_access": lambda c: c.check_access("p/"),
 }

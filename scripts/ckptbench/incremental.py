@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,40 @@ def second_name(b: Bench) -> dict[str, float]:
 def second_name_without_dedup(b: Bench) -> dict[str, float]:
     """The baseline of ``second_name``: the same two saves with -o dedup=off."""
     return second_save(b, None, options="dedup=off")
+
+
+# -- what the server itself needs to copy the bytes: the floors the ratios above are read against
+
+PART = 8 * MiB   # s3ckptfs's part size for the first parts (partplan.py)
+
+
+def copy_floor(b: Bench) -> dict[str, float]:
+    """boto3 CopyObject of the checkpoint to a second key: the server-side copy of the whole object."""
+    with b.bucket("copy-floor") as bucket:
+        b.client.upload_file(str(b.ensure_local_file()), bucket, CHECKPOINT_NAME, Config=b.transfer)
+        start = time.perf_counter()
+        b.client.copy_object(Bucket=bucket, Key="copy.pt", CopySource={"Bucket": bucket, "Key": CHECKPOINT_NAME})
+        return {"seconds": time.perf_counter() - start}
+
+
+def part_copy_floor(b: Bench) -> dict[str, float]:
+    """Every 8 MiB range of the checkpoint made with UploadPartCopy into an upload with CRC32C checksums,
+    as many at once as boto3's transfers use: what the server needs to build an object from copied parts."""
+    with b.bucket("part-copy-floor") as bucket:
+        b.client.upload_file(str(b.ensure_local_file()), bucket, CHECKPOINT_NAME, Config=b.transfer)
+        size = b.client.head_object(Bucket=bucket, Key=CHECKPOINT_NAME)["ContentLength"]
+        start = time.perf_counter()
+        upload = b.client.create_multipart_upload(Bucket=bucket, Key="copy.pt", ChecksumAlgorithm="CRC32C")["UploadId"]
+
+        def copy(number: int) -> dict[str, Any]:
+            first = (number - 1) * PART
+            result = b.client.upload_part_copy(
+                Bucket=bucket, Key="copy.pt", UploadId=upload, PartNumber=number,
+                CopySource={"Bucket": bucket, "Key": CHECKPOINT_NAME},
+                CopySourceRange=f"bytes={first}-{min(size, first + PART) - 1}")["CopyPartResult"]
+            return {"PartNumber": number, "ETag": result["ETag"], "ChecksumCRC32C": result["ChecksumCRC32C"]}
+        with ThreadPoolExecutor(b.transfer.max_concurrency) as pool:
+            parts = list(pool.map(copy, range(1, -(-size // PART) + 1)))
+        b.client.complete_multipart_upload(Bucket=bucket, Key="copy.pt", UploadId=upload,
+                                           MultipartUpload={"Parts": parts})
+        return {"seconds": time.perf_counter() - start}

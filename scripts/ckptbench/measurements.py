@@ -27,7 +27,7 @@ import torch
 
 from .common import MeasurementError, log
 from .context import Bench, durable_timeout
-from .incremental import incremental, second_name, second_name_without_dedup
+from .incremental import copy_floor, incremental, part_copy_floor, second_name, second_name_without_dedup
 from .peers import peak_rss_mib, rclone_mount, s3ckptfs_mount, s3fs_mount, s3torchconnector_checkpoint
 from .workload import (CHECKPOINT_NAME, CONCURRENT_LOADERS, check_loaded, copy_in_pieces, loader_processes,
                        read_whole_file, run_loaders, timed_load, timed_save)
@@ -307,6 +307,9 @@ MEASUREMENTS = [
     Measurement("rclone_write", "rclone mount write", "write", "rclone", rclone_write, ("e",)),
     Measurement("s3fs_write", "s3fs-fuse write", "write", "s3fs", s3fs_write, ("f",)),
     Measurement("s3ckptfs_write", "s3ckptfs write", "write", "s3ckptfs", s3ckptfs_write, ("g",)),
+    Measurement("copy_floor", "server-side copy floor (boto3 copy_object)", "write", None, copy_floor),
+    Measurement("part_copy_floor", "server-side part copy floor (UploadPartCopy, CRC32C)", "write", None,
+                part_copy_floor),
     Measurement("s3ckptfs_incremental_0", "s3ckptfs next save, 0% unchanged [dedup=on]", "write", "s3ckptfs",
                 incremental(0.0)),
     Measurement("s3ckptfs_incremental_50", "s3ckptfs next save, 50% unchanged [dedup=on]", "write", "s3ckptfs",

@@ -39,6 +39,17 @@ class Ratio:
     goal: str
 
 
+def _server_bound(outcomes: dict[str, Any], unchanged: float) -> float | None:
+    """The time the server needs for a save with ``unchanged`` of its bytes copied: the changed part
+    sent at the upload floor's rate, the rest copied at the part copy floor's (one after the other:
+    on one machine both take the server's CPU)."""
+    floor = _median(outcomes, "upload_floor", "seconds")
+    copies = _median(outcomes, "part_copy_floor", "seconds")
+    if floor is None or copies is None:
+        return None
+    return (1 - unchanged) * floor + unchanged * copies
+
+
 def _median(outcomes: dict[str, Outcome], key: str, metric: str) -> float | None:
     outcome = outcomes.get(key)
     return outcome.median(metric) if outcome else None
@@ -77,10 +88,19 @@ def compute_ratios(outcomes: dict[str, Outcome]) -> list[Ratio]:
         label, first = outcome.measurement.label, outcome.median("first_durable")
         if key == "s3ckptfs_second_name":
             add(f"{label}: complete after the first / first durable", outcome.median("after_first"), first, goal)
+            add(f"{label}: complete after the first / server-side copy floor", outcome.median("after_first"),
+                _median(outcomes, "copy_floor", "seconds"), "report")
+        else:
+            add(f"{label}: durable / what this server allows", outcome.median("durable"),
+                _server_bound(outcomes, float(key.rsplit("_", 1)[1]) / 100), "report")
         add(f"{label}: durable / first save durable", outcome.median("durable"), first,
             "report" if key == "s3ckptfs_second_name" else goal)
         add(f"{label}: durable / upload floor", outcome.median("durable"), floor, "report")
         add(f"{label}: first save durable / upload floor", first, floor, "report")
+    copies = _median(outcomes, "copy_floor", "seconds")
+    add("server-side copy floor / upload floor", copies, floor, "report")
+    add("server-side part copy floor / upload floor", _median(outcomes, "part_copy_floor", "seconds"), floor,
+        "report")
     off = outcomes.get("s3ckptfs_second_name_off")
     on = outcomes.get("s3ckptfs_second_name")
     if off is not None and on is not None:
