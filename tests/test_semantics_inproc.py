@@ -312,6 +312,59 @@ def test_symlink_readlink_and_a_fresh_mount_reads_it_back(inproc, fake_store):
     assert not_a_link.value.errno == errno.EINVAL
 
 
+def _assert_rotation_types(fs, live: list[str], last_target: str) -> None:
+    """Each live checkpoint is a directory, ``last`` a symlink to the newest, both as getattr and readlink say."""
+    for name in live:
+        mode = fs.getattr(f"/run/{name}").mode
+        assert stat.S_ISDIR(mode), (name, oct(mode))
+        with pytest.raises(OSError) as not_a_link:
+            fs.readlink(f"/run/{name}")
+        assert not_a_link.value.errno == errno.EINVAL, name
+    assert stat.S_ISLNK(fs.getattr("/run/last").mode)
+    assert fs.readlink("/run/last") == last_target
+
+
+@pytest.mark.parametrize("settle", ["pending", "committed", "mixed"])
+def test_trainer_rotation_keeps_directories_directories_when_last_is_replaced(inproc, fake_store, settle):
+    """HF Trainer-style rotation: checkpoint-N renamed from tmp-checkpoint-N, a ``last`` symlink
+    replaced by renaming a new one over it, then the oldest checkpoint removed. Whether the
+    directories, the old and the new symlink are still staged, committed or moved in S3, a
+    checkpoint directory never reads back as a symlink (or anything but a directory), and
+    ``last`` stays a symlink to the newest (what shutil.rmtree's lstat/open/fstat check needs)."""
+    mount = inproc(metadata_ttl=0.0, negative_ttl=0.0)
+    fs = mount.fs
+    vfs = Vfs(fs)
+    vfs.mkdir("run")
+    live: list[str] = []
+    for step in range(1, 7):
+        tmp, final = f"run/tmp-checkpoint-{step}", f"checkpoint-{step}"
+        vfs.mkdir(tmp)
+        vfs.write_file(f"{tmp}/model.pt", data_of(BIG, step))
+        vfs.write_file(f"{tmp}/trainer_state.json", b"{}")
+        if settle == "committed" or (settle == "mixed" and step % 2):
+            assert fs.sync() == []   # the directory and its files are in S3: the rename moves them there
+        vfs.rename(tmp, f"run/{final}")
+        live.append(final)
+        vfs.write_file("run/latest", final.encode())
+        vfs.symlink(final, "run/last.tmp")
+        if settle == "committed" or (settle == "mixed" and step % 3 == 0):
+            assert fs.sync() == []   # the new symlink is an object: the replace is a move in S3
+        vfs.rename("run/last.tmp", "run/last")
+        _assert_rotation_types(fs, live, final)
+        for old in live[:-2]:
+            for child in vfs.listdir(f"run/{old}"):
+                vfs.unlink(f"run/{old}/{child}")
+            vfs.rmdir(f"run/{old}")
+            live.remove(old)
+        _assert_rotation_types(fs, live, final)
+    assert fs.sync() == []
+    _assert_rotation_types(fs, live, live[-1])
+    assert sorted(vfs.listdir("run")) == sorted(live + ["latest", "last"])
+    assert fake_store.head("mnt/run/last").is_symlink
+    fresh = inproc(metadata_ttl=0, negative_ttl=0)
+    _assert_rotation_types(fresh.fs, live, live[-1])
+
+
 def test_hard_link_is_eperm_and_statfs_reports_room(inproc):
     fs = inproc().fs
     with pytest.raises(OSError) as refused:
