@@ -372,7 +372,8 @@ class ObjectCache:
         with self._lock:
             self._progress.notify_all()
 
-    def block_done(self, entry: CachedObject, block: int, ok: bool, nbytes: int) -> None:
+    def block_done(self, entry: CachedObject, block: int, ok: bool, nbytes: int) -> bool:
+        """A download of ``block`` ended; True if it made the copy complete."""
         with self._lock:
             self._progress.notify_all()
             entry.inflight.pop(block, None)
@@ -383,6 +384,8 @@ class ObjectCache:
                 if len(entry.present) == entry.block_count():
                     entry.complete = True
                     entry.present.clear()
+                    return True
+            return False
 
     def invalidate(self, key: str) -> None:
         """Forget every cached version of ``key`` (after overwrite, delete or rename)."""

@@ -2,7 +2,9 @@
 
 Every part this node uploads is hashed (SHA-256, parthashes.py) from the bytes
 read out of the staging file; when its object completes, the object's key,
-ETag and part hashes are remembered. Before a part is sent, its hash is looked
+ETag and part hashes are remembered. So are those of an object read here once
+its copy in the cache is complete (``remember_read``), and those of a file
+committed whole with one CopyObject (wholecopy.py, which asks ``whole_object``). Before a part is sent, its hash is looked
 up: if a range of an object written here holds bytes with the same hash and
 length, the part is made with UploadPartCopy from that range, conditional on
 the object still having the ETag it had (``x-amz-copy-source-if-match``). The
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from . import locks, partplan
@@ -84,6 +87,7 @@ class Dedup:
         self._pending: dict[tuple[str, int], str] = {}
         self._pending_by_upload: dict[str, list[tuple[str, int]]] = {}
         self._held_back: dict[str, None] = {}   # ids of files with a part left for their commit
+        self._hasher: ThreadPoolExecutor | None = None   # hashes objects read here (remember_read)
 
     @property
     def enabled(self) -> bool:
@@ -160,6 +164,56 @@ class Dedup:
             if all(part(index)[0] == known[1][index][2] for index in order):
                 return WholeMatch(source.key, source.etag, known[1], tuple(part(index)[1] for index in range(len(plan))))
         return None
+
+    def remember_read(self, key: str, etag: str, size: int, fd: int, part_base: int) -> None:
+        """An object read here is whole in the cache: hash its parts in the background, as a file of
+        its size written here would be cut, so that a save that shares them copies them.
+
+        Why: a node that resumes from a checkpoint (a new node after a preemption) has
+        written nothing yet; its first save shares most bytes with the one it read.
+        The copy in the cache is read through a duplicate descriptor, which stays
+        valid if the copy is evicted meanwhile. An etag-less entry is never remembered.
+        """
+        if self.hashes is None or not etag or size < 2 * part_base or self.hashes.known(key) == (etag, size):
+            return
+        try:
+            own = os.dup(fd)
+        except OSError:
+            return
+        with self._lock:
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s3ckptfs-hash")
+            hasher = self._hasher
+        try:
+            job = hasher.submit(self._hash_read, key, etag, size, own, part_base)
+        except RuntimeError:  # shut down
+            os.close(own)
+            return
+        job.add_done_callback(lambda done: os.close(own) if done.cancelled() else None)
+
+    def _hash_read(self, key: str, etag: str, size: int, fd: int, part_base: int) -> None:
+        try:
+            ranges = []
+            for number in range(1, partplan.part_count(size, part_base) + 1):
+                start, _ = partplan.part_range(number, part_base)
+                length = partplan.part_length(number, size, part_base)
+                data = os.pread(fd, length, start)
+                if len(data) < length:
+                    return  # not what was downloaded after all
+                ranges.append((start, length, part_digest(data)))
+            if self.hashes is not None and self.hashes.known(key) in (None, (etag, size)):
+                self.hashes.remember(key, etag, size, ranges)   # unless written here meanwhile
+        except Exception:  # never let a hasher die silently; this is only an optimisation
+            log.exception("hashing the parts of %s failed", key)
+        finally:
+            os.close(fd)
+
+    def shutdown(self, wait: bool) -> None:
+        """Stop hashing objects read (what is queued is dropped; ``wait``: for the one being hashed)."""
+        with self._lock:
+            hasher = self._hasher
+        if hasher is not None:
+            hasher.shutdown(wait=wait, cancel_futures=True)
 
     def source_gone(self, key: str, etag: str) -> None:
         """Object ``key`` no longer is ``etag`` (a copy from it was refused): never copy from it again."""

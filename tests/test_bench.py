@@ -49,7 +49,7 @@ def test_measurements_are_chosen_by_name_or_by_their_earlier_letters_and_keys():
                                                             "s3ckptfs_warm_load"]
     assert [m.key for m in select_measurements("s3ckptfs_4proc,upload")] == ["upload_floor",
                                                                             "s3ckptfs_four_loaders"]
-    assert len(select_measurements(None)) == len(MEASUREMENTS) == 23
+    assert len(select_measurements(None)) == len(MEASUREMENTS) == 25
     with pytest.raises(SystemExit, match="unknown measurement"):
         select_measurements("z")
 
@@ -125,6 +125,8 @@ def test_a_tiny_run_of_s3ckptfs_end_to_end(tmp_path):
 def test_incremental_saves_are_compared_with_their_first_save():
     outcomes = outcomes_of({
         "upload_floor": {"seconds": 8.0},
+        "copy_floor": {"seconds": 2.0},
+        "part_copy_floor": {"seconds": 4.0},
         "s3ckptfs_incremental_50": {"first_durable": 8.0, "durable": 4.0, "stall": 1.0},
         "s3ckptfs_second_name": {"first_durable": 8.0, "durable": 7.0, "after_first": 0.8, "stall": 1.0},
     })
@@ -132,3 +134,8 @@ def test_incremental_saves_are_compared_with_their_first_save():
     assert ratios["s3ckptfs next save, 50% unchanged [dedup=on]: durable / first save durable"] == (0.5, "≤ 0.65")
     assert ratios["s3ckptfs same state, second name [dedup=on]: complete after the first / first durable"] == \
         (pytest.approx(0.1), "≤ 0.15")
+    # against what the server itself needs: half the bytes sent (4 s), half copied (2 s)
+    assert ratios["s3ckptfs next save, 50% unchanged [dedup=on]: durable / what this server allows"] == \
+        (pytest.approx(4.0 / 6.0), "report")
+    assert ratios["s3ckptfs same state, second name [dedup=on]: complete after the first / server-side copy floor"] \
+        == (pytest.approx(0.4), "report")

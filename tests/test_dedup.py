@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 import time
 
 import pytest
@@ -171,3 +172,22 @@ def test_the_same_state_under_a_second_name_is_one_server_side_copy(fault_proxy,
     assert abs(os.stat(fresh.path / "last.ckpt").st_mtime - mtime) < 0.01
     assert os.stat(fresh.path / "epoch3.ckpt").st_mtime < mtime - 1
     assert_no_orphan_uploads(s3, bucket)
+
+
+def test_a_save_after_a_resume_copies_what_it_shares_with_the_checkpoint_read(fault_proxy, bucket, mount_factory,
+                                                                               s3):
+    """A new node (empty cache dir) resumes from a checkpoint another node wrote, then saves the next one:
+    the parts it shares with the checkpoint it read are copied in S3, not sent."""
+    body = os.urandom(4 * PART + 999)
+    s3.put_object(Bucket=bucket, Key="p/step_1.pt", Body=body)   # another node's checkpoint
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"dedup": "on"})
+    assert (mount.path / "step_1.pt").read_bytes() == body
+    hashes = mount.cache_dir / "parthashes.db"
+    wait_for(lambda: hashes.exists() and sqlite3.connect(hashes).execute(
+        "SELECT count(*) FROM objects WHERE key = 'p/step_1.pt'").fetchone() == (1,), timeout=30, interval=0.2)
+    second = with_end_changed(body)
+    (mount.path / "step_2.pt").write_bytes(second)
+    mount.sync()
+    assert part_requests(fault_proxy, mount.key("step_2.pt")) == (1, 4)
+    fresh = mount_factory(bucket, "p")
+    assert (fresh.path / "step_2.pt").read_bytes() == second

@@ -395,3 +395,29 @@ def test_a_file_that_differs_only_at_its_end_is_not_copied_whole(inproc, fake_st
     assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == changed
     assert fake_store.count("copy_if_unchanged") == 0
     assert requests(fake_store, "mnt/step_2.pt") == (1, 10)
+
+
+# -- objects read here are hashed too: a resume, then a save that shares their bytes ----------------
+
+def test_a_save_after_reading_an_object_copies_the_parts_it_shares(inproc, fake_store):
+    """A new node resumes from a checkpoint another node wrote, then saves: the shared parts are copied."""
+    mount = inproc(dedup=True)
+    body = data_of(SIZE, 30)
+    fake_store.put_object("mnt/step_1.pt", body)   # written by another node
+    vfs = Vfs(mount.fs)
+    assert vfs.read_bytes("step_1.pt") == body
+    deadline = time.monotonic() + 10
+    while mount.fs.dedup.hashes.known("mnt/step_1.pt") is None:
+        assert time.monotonic() < deadline, "the object read was not hashed"
+        time.sleep(0.01)
+    vfs.write_file("step_2.pt", end_changed(body))
+    assert mount.fs.sync() == []
+    assert requests(fake_store, "mnt/step_2.pt") == (1, 10)
+    assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == end_changed(body)
+
+
+def test_objects_read_are_not_hashed_with_dedup_off(inproc, fake_store):
+    mount = inproc(dedup=False)
+    fake_store.put_object("mnt/step_1.pt", data_of(SIZE, 31))
+    Vfs(mount.fs).read_bytes("step_1.pt")
+    assert mount.fs.reads.object_complete is None

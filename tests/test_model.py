@@ -9,6 +9,11 @@ At the end, after sync, the tree seen through a second mount of the same prefix
 (its own cache, no metadata caching: a fresh node) must hold the same names and
 bytes as the model.
 
+The mount under test runs with ``-o dedup=on`` and files are also copied (as
+``cp`` does), so objects are often made from parts, or whole objects, already in
+S3 (dedup.py, wholecopy.py); the fresh mount, which reads every byte from S3,
+checks them. The in-process model (test_model_inproc.py) draws dedup per sequence.
+
 S3CKPTFS_MODEL_EXAMPLES sets the number of sequences (default 100; run many more
 by hand).
 """
@@ -73,7 +78,7 @@ def model_mounts(s3server, tmp_path_factory):
     client = s3server.client()
     client.create_bucket(Bucket=bucket)
     factory = conftest.MountFactory(s3server, tmp_path_factory.mktemp("model"))
-    mount = factory(bucket, "model", options={"metadata_ttl": 1, "negative_ttl": 1})
+    mount = factory(bucket, "model", options={"metadata_ttl": 1, "negative_ttl": 1, "dedup": "on"})
     fresh = factory(bucket, "model", options={"metadata_ttl": 0, "negative_ttl": 0})
     yield factory, mount, fresh
     problems = factory.teardown()
@@ -123,6 +128,11 @@ def test_mount_behaves_like_a_local_directory(model_mounts, tmp_path):
         def rename_file(self, src, dst):
             self.both(lambda root: os.rename(root / src, root / dst) if (root / src).is_file() else None,
                       f"rename {src} {dst}")
+
+        @rule(src=paths, dst=paths)
+        def copy_file(self, src, dst):
+            self.both(lambda root: shutil.copyfile(root / src, root / dst)
+                      if (root / src).is_file() and src != dst else None, f"copy {src} {dst}")
 
         @rule(src=dirs, dst=dirs)
         def rename_dir(self, src, dst):

@@ -73,6 +73,9 @@ class Filesystem:
         self.lookup = Lookup(core)
         self.reads = Reads(core)
         self.reads.resolve = self.lookup.lookup
+        if self.dedup.enabled:
+            self.reads.object_complete = lambda entry: self.dedup.remember_read(
+                entry.key, entry.etag, entry.size, entry.fd, opts.part_size)
         self.opens = Opens(core, self.lookup, self.reads, self.lifecycle)
         self.writes = Writes(core, self.lookup, self.opens, self.reads, self.lifecycle, self.durability,
                              self.uploader)
@@ -193,6 +196,7 @@ class Filesystem:
         self.durability.shutdown()
         drained = self.uploader.shutdown(drain_timeout)
         self.reads.shutdown()
+        self.dedup.shutdown(wait=False)
         self.lookup.requests.shutdown()
         self.lookup.side_requests.shutdown()
         return drained
@@ -202,6 +206,7 @@ class Filesystem:
         commit thread). A daemon exits right after shutdown; a process that goes on calls this.
         True if they all stopped."""
         self.reads.downloads.shutdown(wait=True, cancel_futures=True)
+        self.dedup.shutdown(wait=True)
         return self.uploader.join(timeout)
 
     def state_metrics(self) -> dict[str, float]:

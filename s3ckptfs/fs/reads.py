@@ -34,6 +34,8 @@ class Reads:
                                             thread_name_prefix="s3ckptfs-get")
         # path -> what it names now (the lookup room's), to follow an object moved while open
         self.resolve: Callable[[str], object] | None = None
+        # told of each object whose copy here became complete by downloads (dedup.py hashes it)
+        self.object_complete: Callable[[CachedObject], None] | None = None
 
     def hydrate(self, file: StagedFile, entry: ObjectInfo) -> None:
         """Fill a new staging file with the whole object (parallel ranged GETs)."""
@@ -145,7 +147,8 @@ class Reads:
                                                                                                   done))
             ok = True
         finally:
-            self.core.objects.block_done(entry, number, ok, length)
+            if self.core.objects.block_done(entry, number, ok, length) and self.object_complete is not None:
+                self.object_complete(entry)
 
     def shutdown(self) -> None:
         self.downloads.shutdown(wait=False, cancel_futures=True)
