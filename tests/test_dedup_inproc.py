@@ -421,3 +421,28 @@ def test_objects_read_are_not_hashed_with_dedup_off(inproc, fake_store):
     fake_store.put_object("mnt/step_1.pt", data_of(SIZE, 31))
     Vfs(mount.fs).read_bytes("step_1.pt")
     assert mount.fs.reads.object_complete is None
+
+
+def test_the_source_deleted_during_a_whole_copy_makes_it_fall_back_to_sending(inproc, fake_store):
+    mount = inproc(dedup=True)
+    body = data_of(SIZE, 28)
+    save_twice(mount, fake_store, body, hold_copy=True)
+    fake_store.delete("mnt/epoch=3.ckpt")   # another node's rotation, while the copy is on its way
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/last.ckpt": body}
+    assert requests(fake_store, "mnt/last.ckpt") == (11, 0)
+    assert fake_store.uploads() == []
+
+
+def test_a_crash_during_a_whole_copy_copies_again_after_the_restart(inproc, fake_store):
+    """The journaled file is uploaded again by the restarted daemon, from copies: nothing is sent
+    (recovery schedules its parts at once, so they may be copied one by one rather than whole)."""
+    mount = inproc(dedup=True)
+    body = data_of(SIZE, 29)
+    save_twice(mount, fake_store, body, hold_copy=True)
+    mount.crash()
+    mount.start()
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
+    assert requests(fake_store, "mnt/last.ckpt")[0] == 0
+    assert fake_store.uploads() == []
