@@ -91,7 +91,7 @@ class WholeCopy:
         """Prepare the copy as the commit's last request (the caller marks the file SENDING)."""
         match = candidate.match
         version, key, size, mode, mtime, fd = file.version, file.key, file.size, file.mode, file.mtime, file.fd
-        path = file.path
+        path, file_id = file.path, file.id
 
         def copy() -> tuple[str, str, int, Digest, None]:
             try:
@@ -106,6 +106,7 @@ class WholeCopy:
                           match.key, key, checksum, path)
                 self.dedup.source_gone(match.key, match.etag)
                 raise CopyRefused(f"copy of {match.key} holds other bytes")
+            self.dedup.held_back(file_id, commit=True)  # done: no part of this version is left for later
             self.dedup.committed(key, etag, size, match.ranges, None)
             self.dedup.count(copied=size)
             log.debug("%s: copied from %s in S3", path, match.key)
