@@ -31,6 +31,8 @@ from .store import ObjectStore
 
 log = logging.getLogger(__name__)
 
+INFLIGHT_WAIT = 1.0   # seconds a whole-file copy waits for parts already on their way
+
 
 class CopyRefused(Exception):
     """The whole-object copy cannot be made: commit the file the usual way."""
@@ -75,11 +77,12 @@ class WholeCopy:
             return None
         if match is None:
             return None
-        # Parts scheduled at close and not started yet stay for this commit (parts.py); wait for
-        # those already started: if one of them uploads, the file is not copied whole after all.
+        # Parts scheduled at close and not started yet stay for this commit (parts.py); wait a
+        # little for those already started (a part takes well under a second): if one of them
+        # uploads, or is still on its way (S3 slow or away), the file goes part by part after all.
         self.dedup.hold_back(file.id)
         with file.lock:
-            file.changed.wait_for(lambda: not file.inflight or file.deleted, timeout=5.0)
+            file.changed.wait_for(lambda: not file.inflight or file.deleted, timeout=INFLIGHT_WAIT)
         return Candidate(match, *snapshot)
 
     def still_valid_locked(self, file: StagedFile, candidate: Candidate) -> bool:
