@@ -337,7 +337,36 @@ def checkpoint_step(root: Path, step: int, log: CallLog, local: Path | None = No
     names = log.timed("listdir", os.listdir, root, step=step)
     done = sorted((n for n in names if CHECKPOINT.fullmatch(n)), key=lambda n: int(n.split("-")[1]))
     for old in done[:-keep]:
-        log.timed("rmtree", shutil.rmtree, root / old, step=step)
+        log.timed("rmtree", rmtree_explained, root / old, step=step)
+
+
+def rmtree_explained(path: Path) -> None:
+    """shutil.rmtree, and if it finds a directory's inode number changed between its lstat and its
+    open (it then says "Cannot call rmtree on a symbolic link"; seen once, not understood yet), what
+    the path looks like right after, so that the failure can be told apart."""
+    before = os.lstat(path)
+    try:
+        shutil.rmtree(path)
+    except OSError as exc:
+        if "symbolic link" not in str(exc):
+            raise
+        seen = [f"lstat before rmtree: mode {before.st_mode:o} ino {before.st_ino}"]
+        for what, look in (("lstat", os.lstat), ("stat", os.stat)):
+            try:
+                st = look(path)
+                seen.append(f"{what}: mode {st.st_mode:o} ino {st.st_ino}")
+            except OSError as err:
+                seen.append(f"{what}: {err}")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                st = os.fstat(fd)
+                seen.append(f"open+fstat: mode {st.st_mode:o} ino {st.st_ino}")
+            finally:
+                os.close(fd)
+        except OSError as err:
+            seen.append(f"open: {err}")
+        raise OSError(f"{exc} ({'; '.join(seen)})") from exc
 
 
 def run_step(root: Path, step: int, log: CallLog, local: Path | None = None) -> bool:
