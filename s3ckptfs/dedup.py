@@ -56,7 +56,7 @@ from .errors import S3Error
 from .metrics import Metrics
 from .parthashes import PartHashes, part_digest
 from .s3client import MULTIPART_COPY_THRESHOLD, crc32c
-from .staging import StagedFile
+from .staging import StagedFile, read_padded
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -139,18 +139,14 @@ class Dedup:
         """
         if self.hashes is None or size > MULTIPART_COPY_THRESHOLD:
             return None
-        plan = [(partplan.part_range(number, part_base)[0], partplan.part_length(number, size, part_base))
-                for number in range(1, partplan.part_count(size, part_base) + 1)]
+        plan = partplan.parts(size, part_base)
         if len(plan) < 2:
             return None
         read: dict[int, tuple[str, str]] = {}   # part index -> (digest, crc)
 
         def part(index: int) -> tuple[str, str]:
             if index not in read:
-                start, length = plan[index]
-                data = os.pread(fd, length, start)
-                if len(data) < length:
-                    data += bytes(length - len(data))
+                data = read_padded(fd, *plan[index])
                 read[index] = (part_digest(data), crc32c(data))
             return read[index]
 
@@ -194,9 +190,7 @@ class Dedup:
     def _hash_read(self, key: str, etag: str, size: int, fd: int, part_base: int) -> None:
         try:
             ranges = []
-            for number in range(1, partplan.part_count(size, part_base) + 1):
-                start, _ = partplan.part_range(number, part_base)
-                length = partplan.part_length(number, size, part_base)
+            for start, length in partplan.parts(size, part_base):
                 data = os.pread(fd, length, start)
                 if len(data) < length:
                     return  # not what was downloaded after all

@@ -66,3 +66,9 @@ def part_length(number: int, size: int, base: int) -> int:
     """Length of part ``number`` in an object of ``size`` bytes."""
     start, end = part_range(number, base)
     return max(0, min(end, size) - start)
+
+
+def parts(size: int, base: int) -> list[tuple[int, int]]:
+    """(start, length) of every part of an object of ``size`` bytes, in order."""
+    return [(part_range(number, base)[0], part_length(number, size, base))
+            for number in range(1, part_count(size, base) + 1)]

@@ -31,7 +31,7 @@ from .cache import UploadRegistry
 from .dedup import Dedup
 from .errors import S3Error
 from .s3client import crc32c, object_metadata
-from .staging import StagedFile, UploadedPart
+from .staging import StagedFile, UploadedPart, read_padded
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,7 @@ class PartUploads:
                 start, _ = partplan.part_range(number, file.part_base)
                 length = partplan.part_length(number, file.size, file.part_base)
                 key, upload_id = target
-            data = os.pread(file.fd, length, start)
-            if len(data) < length:  # a hole at the end of a sparse staging file reads short
-                data += bytes(length - len(data))
+            data = read_padded(file.fd, start, length)
             crc = crc32c(data)
             checksum = crc if self.checksums else None
             digest = self.dedup.digest(data)

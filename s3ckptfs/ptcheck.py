@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 
 from . import partplan
 from .s3client import crc32c
-from .staging import StagedFile, UploadedPart
+from .staging import StagedFile, UploadedPart, read_padded
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +35,7 @@ def verify_parts(file: StagedFile, parts: list[tuple[int, UploadedPart]]) -> Non
                 continue
             epoch, fd = file.pt_epoch, file.fd
         start, _ = partplan.part_range(number, file.part_base)
-        data = os.pread(fd, part.length, start)
-        if len(data) < part.length:
-            data += bytes(part.length - len(data))
+        data = read_padded(fd, start, part.length)
         same = part.crc is not None and crc32c(data) == part.crc
         with file.lock:
             if file.uploaded.get(number) is not part:
@@ -81,10 +78,5 @@ def passthrough_unchanged(file: StagedFile, single_put_limit: int) -> tuple[str,
 def part_crcs(fd: int, size: int, base: int, single_put_limit: int) -> tuple[str, ...]:
     """CRC32C of the object's parts (one for a file uploaded with a single PUT)."""
     if size <= single_put_limit:
-        return (crc32c(os.pread(fd, size, 0).ljust(size, b"\0")),)
-    crcs = []
-    for number in range(1, partplan.part_count(size, base) + 1):
-        start, _ = partplan.part_range(number, base)
-        length = partplan.part_length(number, size, base)
-        crcs.append(crc32c(os.pread(fd, length, start).ljust(length, b"\0")))
-    return tuple(crcs)
+        return (crc32c(read_padded(fd, 0, size)),)
+    return tuple(crc32c(read_padded(fd, start, length)) for start, length in partplan.parts(size, base))

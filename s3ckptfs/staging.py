@@ -113,6 +113,13 @@ class Digest:
     crcs: tuple[str, ...]         # per part (or one for a single PUT)
 
 
+def read_padded(fd: int, start: int, length: int) -> bytes:
+    """``length`` bytes of a staging file from ``start``; a hole at the end of a sparse file reads short,
+    and is zeros."""
+    data = os.pread(fd, length, start)
+    return data if len(data) == length else data.ljust(length, b"\0")
+
+
 class StagedFile:
     """One file's staging data and upload state. Fields are guarded by ``lock``."""
 

@@ -278,16 +278,21 @@ class FakeClient:
             self._store.sent_bytes += len(data)
             return part.etag
 
+    def _copy_source_locked(self, src_key: str, if_match: str, what: str) -> StoredObject:
+        """The object a copy reads: NoSuchKey if gone, PreconditionFailed unless its ETag is ``if_match``."""
+        source = self._store._objects.get(src_key)
+        if source is None:
+            raise S3Error("NoSuchKey", f"{what} {src_key}", 404)
+        if if_match.strip('"') != source.etag.strip('"'):
+            raise S3Error("PreconditionFailed", f"{what} {src_key}: ETag is {source.etag}", 412)
+        return source
+
     def upload_part_copy(self, key: str, upload_id: str, part_number: int, src_key: str, start: int,
                          length: int, if_match: str) -> tuple[str, str | None]:
         """UploadPartCopy of a range, If-Match on the source (counted under the target ``key``)."""
         self._store._enter("upload_part_copy", key, self)
         with self._store._lock:
-            source = self._store._objects.get(src_key)
-            if source is None:
-                raise S3Error("NoSuchKey", f"UploadPartCopy {src_key}", 404)
-            if if_match.strip('"') != source.etag.strip('"'):
-                raise S3Error("PreconditionFailed", f"UploadPartCopy {src_key}: ETag is {source.etag}", 412)
+            source = self._copy_source_locked(src_key, if_match, "UploadPartCopy")
             if length <= 0 or start + length > len(source.data):
                 raise S3Error("InvalidRange", f"UploadPartCopy {src_key}: {start}+{length}", 416)
             upload = self._store._upload_locked(key, upload_id, "UploadPartCopy")
@@ -354,11 +359,7 @@ class FakeClient:
         """CopyObject with If-Match; as SeaweedFS, the copy keeps the source's ETag and checksum."""
         self._store._enter("copy_if_unchanged", dst_key, self)
         with self._store._lock:
-            source = self._store._objects.get(src_key)
-            if source is None:
-                raise S3Error("NoSuchKey", f"COPY {src_key} -> {dst_key}", 404)
-            if if_match.strip('"') != source.etag.strip('"'):
-                raise S3Error("PreconditionFailed", f"COPY {src_key}: ETag is {source.etag}", 412)
+            source = self._copy_source_locked(src_key, if_match, "COPY")
             self._store._objects[dst_key] = StoredObject(source.data, source.etag, dict(metadata),
                                                          self._store._now_locked(), source.checksum)
             self._store.copied_bytes += len(source.data)
