@@ -57,6 +57,10 @@ class RemoteOp:
     def paths(self) -> list[str]:
         return [*self.hides, *self.shows]
 
+    def describe(self) -> list[str]:
+        """What the change does to the mount's paths, for the log."""
+        return [*(f"{path} removed" for path in self.hides), *(f"{path} shown" for path in self.shows)]
+
     def run(self, store: ObjectStore) -> None:
         """Make the change in S3 (raises S3Error)."""
         if self.kind == MARKER:

@@ -157,6 +157,7 @@ class StagedFile:
         self._journaled_version = 0       # the version the journal record was last written for
         self._data_synced = True          # the staging file was fsync'd after the journaled version's writes
         self.close_seq = 0                # when it was last journaled at a close: recovery commits in this order
+        self._renames = 0                 # times renamed: a commit requested before a rename writes nothing
         self.bytes_uploaded = 0
         self.bytes_copied = 0             # of which made server-side from equal bytes already in S3 (dedup.py)
         self.writeback_from = 0           # disk writeback was started for bytes before this offset
@@ -411,6 +412,26 @@ class StagedFile:
             os.ftruncate(self.fd, st.st_size)   # also drops preallocated blocks past the end
             os.utime(self.fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         self.reserved_end = 0
+
+    @property
+    def renames(self) -> int:
+        return self._renames
+
+    def retarget_locked(self, path: str, key: str) -> tuple[str, tuple[str, str] | None]:
+        """Renamed: from now on the file is ``path``, committed as ``key``.
+
+        A commit requested before counts for nothing (``renames`` changed): the file's
+        commit goes behind the changes queued before the rename (Uploader.requeue_commit).
+        A commit request in flight lands under the old key, so the file becomes dirty, to be
+        committed again under the new one. Returns (the old key, the multipart upload to abort).
+        """
+        old_key = self.key
+        self.path = path
+        self.key = key
+        self._renames += 1
+        if self.committing:
+            self.version += 1
+        return old_key, self.forget_upload_locked()
 
     def forget_upload_locked(self) -> tuple[str, str] | None:
         """Drop the multipart upload (its key changed, or it completed); returns (key, id) to abort."""

@@ -87,9 +87,13 @@ class Ticket:
 
 @dataclass
 class Commit:
-    """One item of the ordered queue: a file's commit, or a namespace change (``op``) to make in S3."""
+    """One item of the ordered queue: a file's commit, or a namespace change (``op``) to make in S3.
+
+    A file's commit is bound to the file's place in the order of changes when it was
+    requested: a rename since then queues it again (``Uploader.requeue_commit``)."""
     file: StagedFile | None
     op: RemoteOp | None = None
+    renames: int = 0  # the file's rename count when the commit was requested
     ticket: Ticket = field(default_factory=Ticket)
     attempts: int = 0
     requested: float = field(default_factory=time.monotonic)
@@ -165,10 +169,39 @@ class Uploader:
                 file.queue_commit_locked()
                 if file.size > self.single_put_limit:
                     self.parts.schedule_stale_locked(file, defer=True)  # the remaining parts, in parallel
-            commit = Commit(file)
+                renames = file.renames
+            commit = Commit(file, renames=renames)
             self._queue.append(commit)
             self._queue_changed.notify_all()
             return commit.ticket
+
+    def requeue_commit(self, file: StagedFile) -> None:
+        """``file`` was renamed: its commit now writes another key, so it goes to the back of the queue.
+
+        A commit is bound to the file's place in the order of the changes made on the mount
+        (``Commit.renames``): changes queued since then may still concern the
+        new key's earlier occupant (a move of it elsewhere, a delete) and must reach S3
+        first. A commit not yet started moves behind them, bound to the new key; the one at
+        the head gives up at its next step (``_commit_once`` sees the rename) and hands
+        its waiters to a commit queued behind them. Call without the file's lock.
+        """
+        with self._lock:
+            with file.lock:
+                renames = file.renames
+            waiting = [commit for i, commit in enumerate(self._queue)
+                       if i > 0 and commit.file is file and commit.renames != renames]
+            for commit in waiting:
+                self._queue.remove(commit)
+                commit.renames = renames
+                self._queue.append(commit)
+            head = self._queue[0] if self._queue else None
+            if head is not None and head.file is file and head.renames != renames:
+                follow = Commit(file, renames=renames, ticket=head.ticket)
+                head.ticket = Ticket()  # its waiters now wait for the commit under the new key
+                with file.lock:
+                    file.queue_commit_locked()
+                self._queue.append(follow)
+            self._queue_changed.notify_all()
 
     def request_op(self, op: RemoteOp, ahead_of: Iterable[StagedFile] = ()) -> Ticket:
         """Queue a namespace change behind every commit requested so far, or, with ``ahead_of``,
@@ -269,6 +302,9 @@ class Uploader:
 
         def attempt() -> None:
             op.run(self.s3)
+            # One line per namespace change made in S3, in close order: a user missing a file
+            # can see when and why its key went.
+            log.info("%s (%s) made in S3", op.label, ", ".join(op.describe()) or "no path shown")
             self._listener.op_done(op, None)
 
         def give_up(error: S3Error) -> None:
@@ -283,7 +319,7 @@ class Uploader:
         assert file is not None
 
         def attempt() -> None:
-            if self._commit_once(file):
+            if self._commit_once(file, commit.renames):
                 self.metrics.upload_seconds.observe(time.monotonic() - commit.requested)
             with file.lock:
                 file.finish_commit_locked()
@@ -301,10 +337,12 @@ class Uploader:
 
         return self._with_retries(commit, f"upload of {file.path}", attempt, retrying, give_up)
 
-    def _commit_once(self, file: StagedFile, try_copy: bool = True) -> bool:
-        """Make S3 hold the file's current content under its current key, or raise S3Error.
+    def _commit_once(self, file: StagedFile, renames: int, try_copy: bool = True) -> bool:
+        """Make S3 hold the file's current content under its key, or raise S3Error.
 
-        Returns True if an object was written, False if there was nothing to do.
+        Returns True if an object was written, False if there was nothing to do (also when
+        the file was renamed since the commit was requested, ``renames`` ago: the commit
+        queued behind the rename writes it).
         ``try_copy``: a file equal to an object written here is copied from it (wholecopy.py).
         """
         if file.pt_epoch:
@@ -320,6 +358,8 @@ class Uploader:
                 if file.deleted or file.write_error is not None:
                     self.abort_later(file.forget_upload_locked())
                     return False
+                if file.renames != renames:
+                    return False  # renamed: the commit queued behind the rename writes it
                 if not file.dirty:
                     return False
                 if file.size <= self.single_put_limit:
@@ -356,7 +396,7 @@ class Uploader:
             result = self._finish_commit_call(file, call)
         except CopyRefused as refused:
             log.info("%s: %s; uploading it", file.path, refused)
-            return self._commit_once(file, try_copy=False)
+            return self._commit_once(file, renames, try_copy=False)
         self.objects_committed += 1
         self.bytes_committed += file.size
         self.metrics.uploaded_objects.inc()

@@ -87,11 +87,16 @@ class Durability:
         return True
 
     def rewrite_record(self, file: StagedFile) -> None:
-        """The file's path or key changed (rename): its record, if it has one, says so."""
+        """The file's path or key changed (rename): its record, if it has one, says so.
+
+        It takes a new place in close order too, as its commit did in the uploader's queue
+        (``Uploader.requeue_commit``): after a restart it commits behind the changes made
+        before the rename, as it would have without the restart.
+        """
         with file.lock:
             version = file.journaled_version
         if version:
-            self._write_record(file, version)
+            self._write_record(file, version, closing=True)
 
     def sync_data_later(self, file: StagedFile, version: int) -> None:
         try:

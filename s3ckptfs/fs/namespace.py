@@ -153,30 +153,31 @@ class Namespace:
         handles.unname(new)     # a replaced file lives on in its open handles, nameless
         handles.move(old, new)  # the kernel keeps open files on their inode, now named new
 
-    def _retarget_locked(self, file: StagedFile, new: str, rewrite: list[StagedFile]) -> tuple[bool, bool]:
+    def _retarget_locked(self, file: StagedFile, new: str,
+                         rewrite: list[StagedFile]) -> tuple[ObjectInfo | None, bool]:
         """Point a staged file at a new path (mount's lock held).
 
-        Returns (its committed object must move in S3, the old key may hold an object
-        to delete); the file is added to ``rewrite``: the caller rewrites its journal
-        record once it has let go of the lock. A dirty file simply commits under the new key (an upload already
-        started for the old key is aborted and redone); a clean one is already in S3
-        under the old key and is moved server-side. A commit request in flight is not
-        waited for: it lands under the old key, and the file commits again under the
-        new one, before the old key is deleted.
+        Returns (the object its old key holds, if it must move in S3; whether the old key
+        may hold an object to delete); the file is added to ``rewrite``: the caller rewrites
+        its journal record once it has let go of the lock. A dirty file simply commits under
+        the new key, behind every change queued before the rename (``Uploader.requeue_commit``;
+        an upload already started for the old key is aborted and redone); a clean one is
+        already in S3 under the old key and is moved server-side: until that move has run,
+        the new path shows the object under its old key, even once the file is retired. A
+        commit request in flight is not waited for: it lands under the old key, and the
+        file commits again under the new one, before the old key is deleted.
         """
+        new_key = self.core.key_for(new) + ("/" if file.is_dir_marker else "")
         with file.lock:
-            old_key = file.key
             old_may_hold = bool(file.committed_version or file.committing or file.over_object)
-            file.path = new
-            file.key = self.core.key_for(new) + ("/" if file.is_dir_marker else "")
-            if file.upload_id is not None:
-                self.uploader.abort_later(file.forget_upload_locked())
-            if file.committing:
-                file.version += 1  # dirty: commit again under the new key
-            moved_object = not file.dirty
+            old_key, upload = file.retarget_locked(new, new_key)
+            self.uploader.abort_later(upload)
+            moved = None if file.dirty else ObjectInfo(key=old_key, size=file.size, etag=file.last_etag,
+                                                       mtime=file.mtime, mode=file.mode)
+        self.uploader.requeue_commit(file)
         rewrite.append(file)
         self.core.objects.invalidate(old_key)
-        return moved_object, old_may_hold
+        return moved, old_may_hold
 
     def _rename_file(self, old: str, new: str, new_key: str, source: ObjectInfo,
                      target: ObjectInfo | DirInfo | None) -> None:
@@ -195,17 +196,23 @@ class Namespace:
                 shows: dict[str, object] = {new: source}
             else:
                 shows = {}
-                moved_object, old_may_hold = self._retarget_locked(file, new, rewrite)
+                moved, old_may_hold = self._retarget_locked(file, new, rewrite)
                 self.table.staged[new] = file
                 with file.lock:
                     # What was under the new name stays in S3 until this file's commit replaces it.
                     file.over_object = target is not None or (replaced is not None and replaced.over_object)
                     needs_commit = file.dirty and file.writers == 0 and not file.commit_queued
-                if not moved_object:  # it commits under the new key; the old key is deleted after that
+                if moved is not None:
+                    shows = {new: moved}
+                else:  # it commits under the new key; the old key is deleted after that
                     op = RemoteOp(DELETE, old_key, hides=(old,)) if old_may_hold else None
             self.table.move_locked(old, new)
             if op is not None:
                 self.pending.show_locked(op, shows)
+            log.debug("rename %s -> %s: %s%s; in S3: %s", old, new,
+                      f"staged ({file.state.value})" if file is not None else "an object in S3",
+                      ", replacing a staged file" if replaced is not None else "",
+                      op.label if op is not None else "nothing (not there yet)")
         self._rewrite_records(rewrite)
         if needs_commit:
             self.uploader.request_commit(file)
@@ -227,7 +234,8 @@ class Namespace:
         for file in files:
             self.durability.rewrite_record(file)
 
-    def _move_staged_locked(self, old: str, new: str, rewrite: list[StagedFile]) -> list[RemoteOp]:
+    def _move_staged_locked(self, old: str, new: str,
+                            rewrite: list[StagedFile]) -> list[tuple[RemoteOp, dict[str, object]]]:
         """Retarget every file and directory marker staged at or below ``old`` to ``new`` (mount's lock held).
 
         Returns the operations S3 needs for the files: a move of each one already
@@ -240,14 +248,14 @@ class Namespace:
         for file in moving:
             old_key = file.key
             self.table.drop_locked(file)
-            moved_object, old_may_hold = self._retarget_locked(file, new + file.path[len(old):], rewrite)
+            moved, old_may_hold = self._retarget_locked(file, new + file.path[len(old):], rewrite)
             self.table.put_locked(file)
             if file.deleted or file.is_dir_marker:
                 continue  # markers are moved with their directory
-            if moved_object:
-                ops.append(RemoteOp(MOVE, old_key, file.key, file.size))
+            if moved is not None:
+                ops.append((RemoteOp(MOVE, old_key, file.key, file.size), {file.path: moved}))
             elif old_may_hold:
-                ops.append(RemoteOp(DELETE, old_key))
+                ops.append((RemoteOp(DELETE, old_key), {}))
         return ops
 
     def _subtree(self, path: str) -> list[tuple[str, object]]:
@@ -294,9 +302,9 @@ class Namespace:
                 if isinstance(entry, ObjectInfo) and path not in staged:
                     ops.append(RemoteOp(MOVE, key_for(path), key_for(new + path[len(old):]), entry.size))
                     shows.append({new + path[len(old):]: entry})
-            for op in self._move_staged_locked(old, new, rewrite):
+            for op, shown in self._move_staged_locked(old, new, rewrite):
                 ops.append(op)
-                shows.append({})
+                shows.append(shown)
             for d in sorted(dirs, reverse=True):
                 ops.append(RemoteOp(DELETE, key_for(d) + "/"))
                 shows.append({})

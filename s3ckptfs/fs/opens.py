@@ -119,7 +119,7 @@ class Opens:
         # Writing an existing object: bring it into the cache first, unless it is truncated anyway.
         file = self.new_staged(path, entry.mode or FILE_MODE)
         if not truncate:
-            self.reads.hydrate(file, entry)
+            entry = self.reads.hydrate(file, entry)
         with file.lock:
             if not truncate:  # identical to the object until written
                 file.mark_identical_locked(entry.etag)

@@ -94,6 +94,8 @@ class PendingOps:
                 return
             table.ops.pop(op.id, None)
             table.failed_ops.pop(op.id, None)
+            if op.dst:
+                self.core.objects.invalidate(op.dst)  # a copy made here of what the key held before
             for path in op.hides:
                 if table.gone.get(path) is op:
                     del table.gone[path]

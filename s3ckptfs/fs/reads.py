@@ -11,8 +11,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, TypeVar
 
 from ..cache import CachedObject
 from ..errors import FsError, S3Error
@@ -23,6 +24,13 @@ from .core import Core, s3_errno
 from .lifecycle import free_staging
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# S3 answers that an object read by key is no longer what the lookup said: moved or replaced since.
+_GONE_OR_CHANGED = ("NoSuchKey", "NotFound", "404", "PreconditionFailed")
+# How long a read waits for the path to name something new once its object moved: a move
+# made in S3 deletes the old key a moment before the mount stops showing it there.
+FOLLOW_WAIT = 5.0
 
 
 class Reads:
@@ -37,8 +45,51 @@ class Reads:
         # told of each object whose copy here became complete by downloads (dedup.py hashes it)
         self.object_complete: Callable[[CachedObject], None] | None = None
 
-    def hydrate(self, file: StagedFile, entry: ObjectInfo) -> None:
-        """Fill a new staging file with the whole object (parallel ranged GETs)."""
+    def following(self, path: str, entry: ObjectInfo, fetch: Callable[[ObjectInfo], T]) -> T:
+        """``fetch(entry)``; if S3 says the object moved or changed since ``entry`` was looked up,
+        ``fetch`` again what ``path`` names now.
+
+        A rename of an object already in S3 is made there later, in close order (remoteops.py):
+        until then the path shows the object under its old key, which the move deletes just
+        before the mount shows the new one. Raises the S3Error when the path names nothing
+        else within ``FOLLOW_WAIT``.
+        """
+        deadline = time.monotonic() + FOLLOW_WAIT
+        delay = 0.005
+        while True:
+            try:
+                return fetch(entry)
+            except S3Error as err:
+                if err.code not in _GONE_OR_CHANGED or self.resolve is None:
+                    raise
+                while True:
+                    self.core.meta.forget(path)
+                    now = self.resolve(path)
+                    if not isinstance(now, ObjectInfo):
+                        raise
+                    if (now.key, now.etag) != (entry.key, entry.etag):
+                        break
+                    if time.monotonic() + delay > deadline:
+                        raise
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.25)
+                log.info("%s: %s@%s is gone (%s); reading %s@%s", path, entry.key, entry.etag or "?", err.code,
+                         now.key, now.etag or "?")
+                entry = now
+
+    def hydrate(self, file: StagedFile, entry: ObjectInfo) -> ObjectInfo:
+        """Fill a new staging file with the whole object at ``file.path`` (parallel ranged GETs),
+        following it if it moves meanwhile (``following``). Returns what it read."""
+        try:
+            return self.following(file.path, entry, lambda now: self._hydrate_from(file, now))
+        except S3Error as err:
+            free_staging(file)
+            raise s3_errno(err, f"download {file.path}") from err
+        except OSError as exc:
+            free_staging(file)
+            raise FsError(exc.errno or errno.EIO, f"download {file.path}: {exc}") from exc
+
+    def _hydrate_from(self, file: StagedFile, entry: ObjectInfo) -> ObjectInfo:
         os.ftruncate(file.fd, entry.size)
         file.size = entry.size
         block = self.core.options.read_block
@@ -46,15 +97,15 @@ class Reads:
         futures = [self.downloads.submit(store.get_range_into, entry.key, start,
                                          min(block, entry.size - start), file.fd, entry.etag or None)
                    for start in range(0, entry.size, block)]
-        try:
-            for future in futures:
+        first_error: BaseException | None = None
+        for future in futures:  # all of them: none may still write into the file when it is refilled
+            try:
                 future.result()
-        except S3Error as err:
-            free_staging(file)
-            raise s3_errno(err, f"download {file.path}") from err
-        except OSError as exc:
-            free_staging(file)
-            raise FsError(exc.errno or errno.EIO, f"download {file.path}: {exc}") from exc
+            except (S3Error, OSError) as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return entry
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         fd, start, length = self.read_source(fh, size, offset)

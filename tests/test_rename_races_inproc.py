@@ -1,0 +1,147 @@
+"""Renames while uploads and namespace changes are still on their way to S3: nothing is lost.
+
+Regression tests for the causes found by random sequences of ordinary file
+operations (rename onto existing names while uploads run, then write, append or
+truncate); docs/design.md, "Renames while changes are in flight", names the
+invariant each one broke. Each test makes the interleaving deterministic by
+holding the ordered commit queue behind a hanging upload (``blocked_queue``) or by
+making one request slow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import fakestore
+from conftest import wait_for
+from inproc import Vfs
+
+KiB = 1 << 10
+
+
+def data_of(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(size))
+
+
+@contextlib.contextmanager
+def blocked_queue(store, vfs: Vfs):
+    """The ordered commit queue held behind a file whose PUT hangs, until the block ends."""
+    rule = store.inject(fakestore.HANG, "put", key="mnt/blocker")
+    vfs.write_file("blocker", b"x")
+    assert store.wait_hanging("put", "mnt/blocker")
+    try:
+        yield
+    finally:
+        rule.remove()
+        store.release()
+
+
+def test_a_file_renamed_onto_a_name_whose_object_moves_away_commits_after_that_move(inproc, fake_store):
+    # write f5 (its commit queued); rename f2 -> f3 (a move of f2's object, queued behind it);
+    # rename f5 -> f2. f5's commit now writes f2's key: it must come after the move, or the
+    # move copies f5's bytes to f3 and deletes them from f2.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    vfs.write_file("f2.pt", b"old f2")
+    assert mount.fs.sync() == []
+    with blocked_queue(fake_store, vfs):
+        vfs.write_file("f5.pt", b"new f5")
+        vfs.rename("f2.pt", "f3.pt")
+        vfs.rename("f5.pt", "f2.pt")
+        assert vfs.read_bytes("f2.pt") == b"new f5"
+        assert vfs.read_bytes("f3.pt") == b"old f2"
+    assert mount.fs.sync() == []
+    assert vfs.read_bytes("f2.pt") == b"new f5" and vfs.read_bytes("f3.pt") == b"old f2"
+    assert fake_store.objects("mnt/f") == {"mnt/f2.pt": b"new f5", "mnt/f3.pt": b"old f2"}
+
+
+def test_a_commit_running_when_its_file_is_renamed_away_and_back_waits_for_the_changes_between(
+        inproc, fake_store):
+    # x's commit is running (its PUT waits); rename x -> f1 queues a delete of x's key;
+    # rename f1 -> x. The running commit was requested before both renames: it must not
+    # write x's key ahead of that delete, which would then remove the file from S3.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    rule = fake_store.inject(fakestore.HANG, "put", key="mnt/x.bin")
+    vfs.write_file("x.bin", b"x content")
+    assert fake_store.wait_hanging("put", "mnt/x.bin")
+    vfs.rename("x.bin", "f1.pt")
+    vfs.rename("f1.pt", "x.bin")
+    rule.remove()
+    fake_store.release()
+    assert mount.fs.sync() == []
+    assert vfs.read_bytes("x.bin") == b"x content"
+    assert fake_store.objects(mount.prefix) == {"mnt/x.bin": b"x content"}
+
+
+def test_a_renamed_file_keeps_its_place_after_the_changes_before_its_rename_across_a_crash(inproc, fake_store):
+    # As the first test, with a crash before anything reached S3: recovery commits the
+    # journal in close order, and the rename gave the file a new place in it.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    vfs.write_file("f2.pt", b"old f2")
+    assert mount.fs.sync() == []
+    with blocked_queue(fake_store, vfs):
+        vfs.write_file("f5.pt", b"new f5")
+        vfs.rename("f2.pt", "f3.pt")
+        vfs.rename("f5.pt", "f2.pt")
+        mount.crash()
+    mount.start()
+    assert mount.fs.sync() == []
+    assert fake_store.objects("mnt/f") == {"mnt/f2.pt": b"new f5", "mnt/f3.pt": b"old f2"}
+
+
+def test_a_clean_file_renamed_onto_an_object_shows_its_own_bytes_until_the_move_has_run(inproc, fake_store):
+    # y is in S3 (1 byte). f3 is committed but still open (clean, staged); rename f3 -> y
+    # queues a server-side move. Once f3 is closed it is retired from the path table before
+    # the move has run: y must still show f3's bytes, not the 1-byte object S3 holds (asked
+    # again once the metadata cache no longer answers: here at once).
+    mount = inproc(metadata_ttl=0, negative_ttl=0)
+    vfs = Vfs(mount.fs)
+    fs = mount.fs
+    vfs.write_file("y.bin", b"1")
+    body = data_of(7593)
+    fh = vfs.open("f3.pt", os.O_WRONLY | os.O_CREAT)
+    fs.write(fh, body, 0)
+    fs.fsync(fh)  # committed: the file is clean, and stays staged while open
+    with blocked_queue(fake_store, vfs):
+        vfs.rename("f3.pt", "y.bin")
+        vfs.close(fh)  # retired now, its move still queued
+        wait_for(lambda: fs.staged_files() == [] or all(f.path != "/y.bin" for f in fs.staged_files()), 5)
+        assert vfs.stat("y.bin").st_size == len(body)
+        assert vfs.read_bytes("y.bin") == body
+    assert fs.sync() == []
+    assert vfs.read_bytes("y.bin") == body
+    assert fake_store.objects(mount.prefix) == {"mnt/blocker": b"x", "mnt/y.bin": body}
+
+
+def test_truncate_of_a_file_whose_move_lands_while_it_is_read_follows_it(inproc, fake_store):
+    # rename a -> b queues a move of a's object; truncate b looks b up (the object, still
+    # under a's key) and reads it; the move deletes a's key meanwhile. The read must follow
+    # the object to b's key, not fail with ENOENT.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    body = data_of(10_000)
+    fake_store.put_object("mnt/a.pt", body)  # written by another node: not in this one's cache
+    fake_store.inject(fakestore.latency(0.05), "copy", key="mnt/a.pt")
+    fake_store.inject(fakestore.latency(0.5), "get_range_into", key="mnt/a.pt")
+    vfs.rename("a.pt", "b.pt")
+    vfs.truncate("b.pt", 4)
+    assert vfs.read_bytes("b.pt") == body[:4]
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/b.pt": body[:4]}
+
+
+def test_open_for_append_of_a_file_whose_move_lands_while_it_is_read_follows_it(inproc, fake_store):
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    body = data_of(10_000)
+    fake_store.put_object("mnt/a.pt", body)  # written by another node: not in this one's cache
+    fake_store.inject(fakestore.latency(0.05), "copy", key="mnt/a.pt")
+    fake_store.inject(fakestore.latency(0.5), "get_range_into", key="mnt/a.pt")
+    vfs.rename("a.pt", "b.pt")
+    vfs.append("b.pt", b"tail")
+    assert vfs.read_bytes("b.pt") == body + b"tail"
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/b.pt": body + b"tail"}
