@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 
 import fakestore
 from conftest import wait_for
@@ -145,3 +146,37 @@ def test_open_for_append_of_a_file_whose_move_lands_while_it_is_read_follows_it(
     assert vfs.read_bytes("b.pt") == body + b"tail"
     assert mount.fs.sync() == []
     assert fake_store.objects(mount.prefix) == {"mnt/b.pt": body + b"tail"}
+
+
+def test_readlink_of_a_renamed_symlink_follows_its_move(inproc, fake_store):
+    # A trainer's `last` pointer: symlink, sync, rename. readlink looks the new name up (the
+    # link, still under its old key) and reads it; the move deletes the old key meanwhile.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    vfs.write_file("b.bin", b"checkpoint")
+    vfs.symlink("b.bin", "last")
+    assert mount.fs.sync() == []
+    fake_store.inject(fakestore.latency(0.05), "copy", key="mnt/last")
+    fake_store.inject(fakestore.latency(0.5), "get_bytes", key="mnt/last")
+    vfs.rename("last", "a.pt")
+    assert mount.fs.readlink("/a.pt") == "b.bin"
+    assert mount.fs.sync() == []
+    assert mount.fs.readlink("/a.pt") == "b.bin"
+
+
+def test_a_symlink_in_a_renamed_directory_stays_a_symlink(inproc, fake_store):
+    # The directory's listing does not tell a symlink from a small file: the renamed
+    # directory must still show it as a link until its move has run, and after.
+    mount = inproc(metadata_ttl=0, negative_ttl=0)
+    vfs = Vfs(mount.fs)
+    vfs.mkdir("d")
+    vfs.write_file("d/x.pt", b"data")
+    vfs.symlink("x.pt", "d/last")
+    assert mount.fs.sync() == []
+    with blocked_queue(fake_store, vfs):
+        vfs.rename("d", "e")
+        assert stat.S_ISLNK(vfs.stat("e/last").st_mode)
+        assert mount.fs.readlink("/e/last") == "x.pt"
+    assert mount.fs.sync() == []
+    assert stat.S_ISLNK(vfs.stat("e/last").st_mode)
+    assert mount.fs.readlink("/e/last") == "x.pt"

@@ -81,7 +81,7 @@ class Filesystem:
                              self.uploader)
         self.pending = PendingOps(core, self.uploader)
         self.lifecycle.pending = self.pending
-        self.namespace = Namespace(core, self.lookup, self.opens, self.lifecycle, self.durability,
+        self.namespace = Namespace(core, self.lookup, self.opens, self.reads, self.lifecycle, self.durability,
                                    self.pending, self.uploader)
         self.recovery = Recovery(core, self.durability, self.pending, self.uploader)
 

@@ -23,12 +23,13 @@ from ..remoteops import DELETE, MARKER, MOVE, RemoteOp
 from ..store import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Uploader
-from .core import Core, s3_errno
+from .core import SYMLINK_MAX, Core, s3_errno
 from .durability import Durability
 from .lifecycle import Lifecycle
 from .lookup import Lookup
 from .opens import Opens
 from .pending import PendingOps
+from .reads import Reads
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +37,15 @@ log = logging.getLogger(__name__)
 class Namespace:
     """unlink, mkdir, rmdir, rename, symlink, readlink, chmod, chown, utimens. Thread-safe."""
 
-    def __init__(self, core: Core, lookup: Lookup, opens: Opens, lifecycle: Lifecycle, durability: Durability,
-                 pending: PendingOps, uploader: Uploader) -> None:
+    def __init__(self, core: Core, lookup: Lookup, opens: Opens, reads: Reads, lifecycle: Lifecycle,
+                 durability: Durability, pending: PendingOps, uploader: Uploader) -> None:
         self.core = core
         self.table = core.table
         self.meta = core.meta
         self.store = core.store
         self.lookup = lookup
         self.opens = opens
+        self.reads = reads
         self.lifecycle = lifecycle
         self.durability = durability
         self.pending = pending
@@ -263,6 +265,9 @@ class Namespace:
         found: list[tuple[str, object]] = []
         for name, entry in self.lookup.children(path).items():
             child = path.rstrip("/") + "/" + name
+            if isinstance(entry, ObjectInfo) and entry.mode is None and entry.size <= SYMLINK_MAX:
+                # A listing does not tell a symlink from a small file; the new path must show which.
+                entry = self.lookup.lookup(child) or entry
             found.append((child, entry))
             if isinstance(entry, DirInfo):
                 found.extend(self._subtree(child))
@@ -346,7 +351,9 @@ class Namespace:
         if not isinstance(entry, ObjectInfo) or not entry.is_symlink:
             raise FsError(errno.EINVAL, path)
         try:
-            return self.store.get_bytes(entry.key).decode("utf-8", "surrogateescape")
+            # Following the link if it moves meanwhile: a renamed link is moved in S3 later.
+            body = self.reads.following(path, entry, lambda now: self.store.get_bytes(now.key))
+            return body.decode("utf-8", "surrogateescape")
         except S3Error as err:
             raise s3_errno(err, f"readlink {path}") from err
 

@@ -1,0 +1,87 @@
+"""Random sequences of what users do, in process, against a local directory (tests/workload.py).
+
+The suite runs ``SHARDS`` x ``PER_SHARD`` sequences (5,000 by default) from fixed
+seeds, so that a run is reproducible; shards spread them over the test workers.
+For finding rare interleavings, run for as long as you like from a random seed:
+
+    S3CKPTFS_WORKLOAD_SECONDS=3600 scripts/test.sh tests/test_workload_inproc.py -k long -s
+
+(``S3CKPTFS_WORKLOAD_SEED`` picks the first seed; each sequence uses the next one.)
+A failure is shrunk to a short sequence and printed with its seed: keep it as a
+plain regression test (``test_kept_sequences`` below).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+import pytest
+
+from inproc import fast_tmp_dir
+from workload import Checker, Divergence, draw, shrink
+
+SHARDS = 10
+PER_SHARD = int(os.environ.get("S3CKPTFS_WORKLOAD_PER_SHARD", "500"))
+STEPS = 20
+LONG_SECONDS = float(os.environ.get("S3CKPTFS_WORKLOAD_SECONDS", "0"))
+
+
+def check_seeds(checker: Checker, seeds, steps: int = STEPS) -> dict[str, int]:
+    counts = {"sequences": 0, "operations": 0, "crashes": 0}
+    for seed in seeds:
+        ops = draw(seed, steps)
+        try:
+            ran = checker.run(ops)
+        except Divergence as failure:
+            shortest = shrink(checker, ops)
+            pytest.fail(f"seed {seed} diverged: {failure}\n\nshrunk to {len(shortest) - 1} operations "
+                        f"(keep as a regression test):\n{shortest!r}", pytrace=False)
+        counts["sequences"] += 1
+        for key, value in ran.items():
+            counts[key] += value
+    return counts
+
+
+@pytest.fixture
+def checker(tmp_path, caplog):
+    caplog.set_level(logging.CRITICAL, logger="s3ckptfs")  # retries during refusals: thousands of lines
+    with fast_tmp_dir(tmp_path) as base:
+        yield Checker(base)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_user_sequences_behave_as_a_local_directory(checker, shard):
+    first = 1_000_000 + shard * PER_SHARD
+    counts = check_seeds(checker, range(first, first + PER_SHARD))
+    print(f"\nworkload shard {shard}: {counts}")
+    assert counts["sequences"] == PER_SHARD
+
+
+@pytest.mark.skipif(not LONG_SECONDS, reason="set S3CKPTFS_WORKLOAD_SECONDS to run for that long")
+@pytest.mark.timeout(0)
+def test_long_run(checker):
+    seed = int(os.environ.get("S3CKPTFS_WORKLOAD_SEED", random.randrange(1 << 40)))
+    print(f"\nworkload long run: first seed {seed}, {LONG_SECONDS:.0f} s", flush=True)
+    deadline = time.monotonic() + LONG_SECONDS
+    total = {"sequences": 0, "operations": 0, "crashes": 0}
+    while time.monotonic() < deadline:
+        counts = check_seeds(checker, range(seed, seed + 100), steps=random.Random(seed).choice([20, 40, 80]))
+        seed += 100
+        for key, value in counts.items():
+            total[key] += value
+    print(f"workload long run: {total}, next seed {seed}")
+
+
+# Sequences that diverged once, shrunk; each names the cause in docs/design.md
+# ("Renames while changes are in flight").
+KEPT: list[list[tuple]] = []
+
+
+@pytest.mark.parametrize("ops", KEPT, ids=lambda ops: f"{len(ops) - 1}ops")
+def test_kept_sequences(checker, ops):
+    for _ in range(5):  # timing varies: give each a few chances to diverge
+        checker.run(ops)
