@@ -203,11 +203,12 @@ class Uploader:
                 self._queue.append(follow)
             self._queue_changed.notify_all()
 
-    def request_op(self, op: RemoteOp, ahead_of: Iterable[StagedFile] = ()) -> Ticket:
+    def request_op(self, op: RemoteOp, ahead_of: Iterable[StagedFile] = (), ticket: Ticket | None = None) -> Ticket:
         """Queue a namespace change behind every commit requested so far, or, with ``ahead_of``,
-        just ahead of the first of those files' commits not yet started."""
+        just ahead of the first of those files' commits not yet started. ``ticket``: the one
+        its waiters already hold (made when the change was shown)."""
         with self._lock:
-            commit = Commit(None, op)
+            commit = Commit(None, op, ticket=ticket or Ticket())
             if self._stopping:  # journaled: made at the next start
                 commit.ticket.finish(S3Error("ShuttingDown", "the daemon is stopping"))
                 return commit.ticket

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
+import time
 
 import fakestore
 from conftest import wait_for
@@ -180,3 +182,53 @@ def test_a_symlink_in_a_renamed_directory_stays_a_symlink(inproc, fake_store):
     assert mount.fs.sync() == []
     assert stat.S_ISLNK(vfs.stat("e/last").st_mode)
     assert mount.fs.readlink("/e/last") == "x.pt"
+
+
+def test_a_directory_renamed_twice_before_its_first_move_ran_is_listed_once(inproc, fake_store):
+    # mkdir a; write a/y, a/z; sync; rename a b; rename b c: the listing shows c only (b's
+    # files, shown there until the first moves ran, went with the second rename).
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    vfs.mkdir("a")
+    vfs.write_file("a/y", data_of(9000))
+    vfs.write_file("a/z", data_of(9000, 1))
+    assert mount.fs.sync() == []
+    with blocked_queue(fake_store, vfs):
+        vfs.rename("a", "b")
+        vfs.rename("b", "c")
+        assert sorted(vfs.listdir("")) == ["blocker", "c"]
+        assert not vfs.exists("b") and sorted(vfs.listdir("c")) == ["y", "z"]
+    assert mount.fs.sync() == []
+    assert sorted(vfs.listdir("")) == ["blocker", "c"]
+    assert fake_store.objects(mount.prefix) == {"mnt/blocker": b"x", "mnt/c/": b"", "mnt/c/y": data_of(9000),
+                                                "mnt/c/z": data_of(9000, 1)}
+
+
+def test_sync_while_a_directory_is_renamed_waits_for_its_moves(inproc, fake_store, monkeypatch):
+    # The rename shows its moves at once and journals them one by one; a sync that comes in
+    # between must wait for each, not report one as "not yet made in S3".
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    vfs.mkdir("tmp-k")
+    vfs.write_file("tmp-k/model.pt", data_of(17_000))
+    vfs.write_file("tmp-k/meta.json", b"{}")
+    assert mount.fs.sync() == []
+    journal = mount.fs.core.journal
+    write = journal.write
+    shown = threading.Event()
+
+    def slow_write(name, record):
+        if "op" in record:
+            shown.set()
+            time.sleep(0.05)
+        write(name, record)
+
+    monkeypatch.setattr(journal, "write", slow_write)
+    renamer = threading.Thread(target=vfs.rename, args=("tmp-k", "checkpoint-k"))
+    renamer.start()
+    assert shown.wait(5)
+    assert mount.fs.sync(timeout=30) == []
+    renamer.join()
+    assert mount.fs.sync() == []
+    assert sorted(fake_store.objects(mount.prefix)) == ["mnt/checkpoint-k/", "mnt/checkpoint-k/meta.json",
+                                                        "mnt/checkpoint-k/model.pt"]

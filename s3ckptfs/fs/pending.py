@@ -47,6 +47,9 @@ class PendingOps:
         self.core = core
         self.table = core.table
         self.uploader = uploader
+        # op id -> its outcome, from the moment the change is shown (mount's lock): a sync that
+        # comes between show and submit waits for it instead of reporting it missing.
+        self._tickets: dict[str, Ticket] = {}
 
     def queue(self, op: RemoteOp, shows: dict[str, object] | None = None) -> Ticket:
         """Show ``op``'s outcome here, journal it, and queue it for S3. Call without the mount's lock."""
@@ -59,6 +62,7 @@ class PendingOps:
         op.close_seq = next_close_seq()
         op.shows = {path: entry_record(entry) for path, entry in (shows or {}).items()}
         self._show_locked(op)
+        self._tickets[op.id] = Ticket()
         for path in op.hides:
             self.core.meta.forget_tree(path)
             self.core.meta.note(path, MISSING)
@@ -74,14 +78,19 @@ class PendingOps:
             if seqs:
                 op.close_seq = min(op.close_seq, min(seqs) - 1)
         self.core.journal.write(op.id, op.record())
-        return self.uploader.request_op(op, ahead_of or ())
+        with self.table.lock:
+            ticket = self._tickets.get(op.id)
+        return self.uploader.request_op(op, ahead_of or (), ticket)
 
     def _show_locked(self, op: RemoteOp) -> None:
         table = self.table
         table.ops[op.id] = op
         for path in op.hides:
             table.gone[path] = op
-            table.moved.pop(path, None)  # a path shown under a new name, removed again
+            # Paths shown under a new name at or below it (a directory renamed twice, its first
+            # moves still pending) are removed again: they are not there any more.
+            for shown in [p for p in table.moved if under(path, p)]:
+                del table.moved[shown]
         for path, record in op.shows.items():
             table.moved[path] = (entry_from_record(record), op)
 
@@ -94,6 +103,7 @@ class PendingOps:
                 return
             table.ops.pop(op.id, None)
             table.failed_ops.pop(op.id, None)
+            self._tickets.pop(op.id, None)
             if op.dst:
                 self.core.objects.invalidate(op.dst)  # a copy made here of what the key held before
             for path in op.hides:
@@ -118,7 +128,8 @@ class PendingOps:
         op = RemoteOp.from_record(record)
         with self.table.lock:
             self._show_locked(op)
-        self.uploader.request_op(op)
+            self._tickets[op.id] = ticket = Ticket()
+        self.uploader.request_op(op, ticket=ticket)
         log.info("resuming %s from the journal", op.label)
 
     def retry_failed(self, path: str = "/") -> list[tuple[RemoteOp, Ticket]]:
@@ -128,15 +139,16 @@ class PendingOps:
             again = [op for op in again if any(under(path, p) for p in op.paths())]
             for op in again:
                 del self.table.failed_ops[op.id]
-        return [(op, self.uploader.request_op(op)) for op in again]
+                self._tickets[op.id] = Ticket()
+            tickets = [(op, self._tickets[op.id]) for op in again]
+        return [(op, self.uploader.request_op(op, ticket=ticket)) for op, ticket in tickets]
 
     def pending(self, path: str = "/") -> list[tuple[RemoteOp, Ticket | None]]:
         """Operations not yet made in S3 that touch ``path``, with their tickets (None: given up)."""
-        queued = {commit.op.id: commit.ticket for commit in self.uploader.pending_ops() if commit.op}
         with self.table.lock:
-            ops = list(self.table.ops.values())
-        return [(op, queued.get(op.id)) for op in ops
-                if path == "/" or any(under(path, p) for p in op.paths())]
+            ops = [(op, None if op.id in self.table.failed_ops else self._tickets.get(op.id))
+                   for op in self.table.ops.values()]
+        return [(op, ticket) for op, ticket in ops if path == "/" or any(under(path, p) for p in op.paths())]
 
     def status(self) -> list[dict]:
         """One row per pending operation, for ``s3ckptfs status``."""
