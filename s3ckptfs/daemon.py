@@ -183,7 +183,8 @@ def _status(fs) -> dict:
                 continue
             files.append({
                 "path": file.path, "key": file.key, "size": file.size,
-                "uploaded": min(file.bytes_uploaded, file.size), "copied": min(file.bytes_copied, file.size),
+                "uploaded": min(file.upload.bytes_uploaded, file.size),
+                "copied": min(file.upload.bytes_copied, file.size),
                 "age": round(now - file.created, 1),
                 "state": ("failed" if file.failure else "open" if file.writers
                           else "retrying" if file.retrying else "pending"),

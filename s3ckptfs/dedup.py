@@ -271,7 +271,7 @@ class Dedup:
         """(start, length, digest) of the file's parts as about to be completed; None if one is unhashed."""
         ranges = []
         for number in range(1, count + 1):
-            part = file.uploaded[number]
+            part = file.upload.parts[number]
             if part.digest is None:
                 return None
             ranges.append((partplan.part_range(number, file.part_base)[0], part.length, part.digest))

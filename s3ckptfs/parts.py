@@ -31,7 +31,8 @@ from .cache import UploadRegistry
 from .dedup import Dedup
 from .errors import S3Error
 from .s3client import crc32c, object_metadata
-from .staging import StagedFile, UploadedPart, read_padded
+from .multipart import UploadedPart
+from .staging import StagedFile, read_padded
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class PartUploads:
     def part_filled(self, file: StagedFile, number: int) -> None:
         """The writer moved past part ``number``: upload it now if it is stale and the eager limit allows."""
         with file.lock:
-            if (file.deleted or file.size <= self.single_put_limit or number in file.inflight
+            if (file.deleted or file.size <= self.single_put_limit or file.upload.sending(number)
                     or file.part_up_to_date_locked(number)):
                 return
         if self.dedup.held_back(file.id, commit=False):
@@ -89,10 +90,8 @@ class PartUploads:
         with file.lock:
             # A part queued while the file was written may come up after the file was
             # committed (and its staging fd closed): then there is nothing left to do.
-            claimed = (file.dirty and file.fd >= 0 and not file.deleted and number not in file.inflight
-                       and not file.part_up_to_date_locked(number))
-            if claimed:
-                file.inflight.add(number)
+            claimed = (file.dirty and file.fd >= 0 and not file.deleted and not file.part_up_to_date_locked(number)
+                       and file.upload.claim(number))
         if claimed:
             self._pool.submit(self._upload_eager_part, file, number)
         else:
@@ -123,8 +122,7 @@ class PartUploads:
         if self.dedup.held_back(file.id, commit=not defer):
             return stale  # parts were left for the commit: the rest waits for it too (not read twice)
         for number in stale:
-            if number not in file.inflight:
-                file.inflight.add(number)
+            if file.upload.claim(number):
                 self._pool.submit(self._upload_part, file, number, defer)
         return stale
 
@@ -139,12 +137,13 @@ class PartUploads:
             with file.lock:
                 if file.deleted or not file.dirty or file.fd < 0 or file.size <= self.single_put_limit:
                     return None  # a file that small is one PUT at commit
-                if file.upload_id is not None and file.upload_key == file.key:
-                    return file.upload_key, file.upload_id
+                current = file.upload.for_key(file.key)
+                if current is not None:
+                    return file.key, current
                 if file.creating_upload:
                     file.changed.wait_for(lambda: not file.creating_upload)
                     continue
-                self.abort_later(file.forget_upload_locked())
+                self.abort_later(file.upload.forget())
                 file.begin_creating_upload_locked()
                 key, metadata = file.key, object_metadata(file.mtime, file.mode)
             upload_id = None
@@ -157,10 +156,10 @@ class PartUploads:
                     # Not adopted (aborted instead) if the file no longer needs it: renamed, deleted,
                     # or committed meanwhile, e.g. by a PUT after a truncate, and maybe retired.
                     adopted = (upload_id is not None and not file.deleted and file.key == key
-                               and file.upload_id is None and file.dirty and file.fd >= 0
+                               and file.upload.id is None and file.dirty and file.fd >= 0
                                and file.size > self.single_put_limit)
                     if adopted:
-                        file.upload_id, file.upload_key = upload_id, key
+                        file.upload.started(key, upload_id)
             if upload_id is not None and not adopted:
                 self.abort_later((key, upload_id))  # renamed or deleted meanwhile
 
@@ -174,7 +173,7 @@ class PartUploads:
                 return
             with file.lock:
                 if (file.deleted or not file.dirty or file.fd < 0 or number > file.part_count_locked()
-                        or file.part_up_to_date_locked(number) or file.upload_id != target[1]):
+                        or file.part_up_to_date_locked(number) or file.upload.id != target[1]):
                     return  # changed meanwhile: the commit schedules what is still stale
                 generation = file.part_generation.get(number, 0)
                 epoch = file.pt_epoch
@@ -197,35 +196,32 @@ class PartUploads:
                 self.dedup.count(sent=length)
             self.answered_at = time.monotonic()  # S3 accepted the part, sent or copied
             with file.lock:
-                if file.upload_id == upload_id:
-                    file.uploaded[number] = UploadedPart(generation, length, etag, upload_id, checksum,
-                                                         epoch=epoch, crc=crc, digest=digest)
-                    file.bytes_uploaded += length
-                    file.bytes_copied += length if copied else 0
+                file.upload.sent(number, UploadedPart(generation, length, etag, upload_id, checksum,
+                                                      epoch=epoch, crc=crc, digest=digest), copied)
         except S3Error as err:
             with file.lock:
-                if upload_id is not None and file.upload_id != upload_id:
+                if upload_id is not None and file.upload.id != upload_id:
                     return  # the upload was superseded (rename, commit, unlink): nothing lost
                 if err.code == "NoSuchUpload":
                     # Aborted behind our back: start a new upload; every part becomes stale.
                     log.warning("multipart upload of %s vanished; restarting it", file.path)
-                    gone = file.forget_upload_locked()
+                    gone = file.upload.forget()
                     if gone:
                         self.registry.remove(gone[1])
                     return
-                file.part_error = err
+                file.upload.failed(err)
             log.warning("upload of part %d of %s failed: %s", number, file.path, err)
         except OSError as err:
             log.error("reading part %d of %s from the staging file failed: %s", number, file.path, err)
             with file.lock:
-                file.part_error = S3Error("LocalIOError", str(err))
+                file.upload.failed(S3Error("LocalIOError", str(err)))
         except Exception as err:  # never let a worker die silently
             log.exception("unexpected error uploading part %d of %s", number, file.path)
             with file.lock:
-                file.part_error = S3Error("InternalError", repr(err))
+                file.upload.failed(S3Error("InternalError", repr(err)))
         finally:
             with file.lock:
-                file.inflight.discard(number)
+                file.upload.settled(number)
                 file.changed.notify_all()
 
     def resume_upload(self, file: StagedFile, upload_id: str) -> int:
@@ -257,9 +253,7 @@ class PartUploads:
                     kept[number] = UploadedPart(0, size, etag, upload_id, local_crc if self.checksums else None,
                                                 epoch=file.pt_epoch, crc=local_crc, digest=self.dedup.digest(data))
             if kept:
-                file.upload_id, file.upload_key = upload_id, file.key
-                file.uploaded.update(kept)
-                file.bytes_uploaded = sum(part.length for part in kept.values())
+                file.upload.resumed(file.key, upload_id, kept)
         if not kept:
             self.abort_later((file.key, upload_id))
         return len(kept)

@@ -8,12 +8,12 @@ change since its last commit is recognised as such and not uploaded again.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 from . import partplan
 from .s3client import crc32c
-from .staging import StagedFile, UploadedPart, read_padded
+from .multipart import UploadedPart
+from .staging import StagedFile, read_padded
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,8 @@ def unverified_parts_locked(file: StagedFile) -> list[tuple[int, UploadedPart]]:
     """Uploaded parts whose bytes a passthrough writer may have changed since they were read."""
     if not file.pt_epoch:
         return []
-    return [(number, part) for number, part in sorted(file.uploaded.items())
-            if part.epoch != file.pt_epoch and part.upload_id == file.upload_id]
+    return [(number, part) for number, part in sorted(file.upload.parts.items())
+            if part.epoch != file.pt_epoch and part.upload_id == file.upload.id]
 
 
 def verify_parts(file: StagedFile, parts: list[tuple[int, UploadedPart]]) -> None:
@@ -31,20 +31,19 @@ def verify_parts(file: StagedFile, parts: list[tuple[int, UploadedPart]]) -> Non
     changed = 0
     for number, part in parts:
         with file.lock:
-            if file.deleted or file.fd < 0 or file.uploaded.get(number) is not part:
+            if file.deleted or file.fd < 0 or file.upload.part(number) is not part:
                 continue
             epoch, fd = file.pt_epoch, file.fd
         start, _ = partplan.part_range(number, file.part_base)
         data = read_padded(fd, start, part.length)
         same = part.crc is not None and crc32c(data) == part.crc
         with file.lock:
-            if file.uploaded.get(number) is not part:
+            if file.upload.part(number) is not part:
                 continue
             if same:
-                file.uploaded[number] = dataclasses.replace(part, epoch=epoch)
+                file.upload.verified(number, part, epoch)
             else:
-                del file.uploaded[number]
-                file.bytes_uploaded -= part.length
+                file.upload.discarded(number, part)
                 changed += 1
     if changed:
         log.info("%s: %d part(s) uploaded early were rewritten since; uploading them again", file.path, changed)

@@ -40,6 +40,7 @@ from . import locks, partplan
 from .cache import boot_id
 from .commitstate import CommitState, check_move
 from .errors import S3Error
+from .multipart import MultipartUpload
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -92,18 +93,6 @@ def next_close_seq() -> int:
 
 
 @dataclass(frozen=True)
-class UploadedPart:
-    generation: int
-    length: int
-    etag: str
-    upload_id: str
-    checksum: str | None = None   # CRC32C of the bytes sent, checked by the server
-    epoch: int = 0                # the file's pt_epoch when the bytes were read (or last verified)
-    crc: str | None = None        # CRC32C of the bytes sent, whether or not the server got it
-    digest: str | None = None     # SHA-256 of the part's bytes (dedup.py), None when dedup is off
-
-
-@dataclass(frozen=True)
 class Digest:
     """What the last commit put in S3, to tell whether a passthrough file really changed since."""
     key: str
@@ -111,6 +100,16 @@ class Digest:
     mode: int
     mtime: float
     crcs: tuple[str, ...]         # per part (or one for a single PUT)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a commit's last request wrote: ``version`` of the file is object ``key`` with ``etag``."""
+    key: str
+    etag: str
+    version: int
+    digest: Digest | None         # to tell later whether a passthrough file changed since
+    completed_upload: str | None = None  # the multipart upload it completed (nothing left to abort)
 
 
 def read_padded(fd: int, start: int, length: int) -> bytes:
@@ -140,11 +139,7 @@ class StagedFile:
         self.version = 1
         self._committed_version = 0       # the version S3 holds (0: none yet)
         self.part_generation: dict[int, int] = {}
-        self.uploaded: dict[int, UploadedPart] = {}
-        self.inflight: set[int] = set()
-        self.upload_id: str | None = None
-        self.upload_key: str | None = None
-        self.part_error: S3Error | None = None
+        self.upload = MultipartUpload()   # its multipart upload and parts (multipart.py), under ``lock``
         self.handles = 0                  # open handles of any kind
         self.writers = 0                  # open handles that may write
         # The commit lifecycle: one state, changed only by the transition methods below.
@@ -158,8 +153,6 @@ class StagedFile:
         self._data_synced = True          # the staging file was fsync'd after the journaled version's writes
         self.close_seq = 0                # when it was last journaled at a close: recovery commits in this order
         self._renames = 0                 # times renamed: a commit requested before a rename writes nothing
-        self.bytes_uploaded = 0
-        self.bytes_copied = 0             # of which made server-side from equal bytes already in S3 (dedup.py)
         self.writeback_from = 0           # disk writeback was started for bytes before this offset
         self._write_error: int | None = None  # sticky: a failed write means never publish this file
         self.created = time.time()
@@ -241,7 +234,7 @@ class StagedFile:
 
     def can_retire_locked(self) -> bool:
         """Closed, clean, and no commit queued and no part in flight: S3 holds it."""
-        return not (self.handles or self.dirty or self.deleted or self.commit_queued or self.inflight)
+        return not (self.handles or self.dirty or self.deleted or self.commit_queued or self.upload.inflight)
 
     def _move(self, new: CommitState) -> bool:
         if self._state is CommitState.DELETED:
@@ -269,10 +262,12 @@ class StagedFile:
         """The commit's last request is about to go, without the lock."""
         self._move(CommitState.SENDING)
 
-    def end_send_locked(self, committed: tuple[int, str, Digest | None] | None) -> None:
-        """The last request returned: (version, etag, digest) if it wrote the object, None if it failed."""
+    def end_send_locked(self, committed: Committed | None) -> None:
+        """The last request returned: what it wrote, or None if it failed."""
         if committed is not None:
-            self._committed_version, self._last_etag, self._committed_digest = committed
+            self._committed_version = committed.version
+            self._last_etag = committed.etag
+            self._committed_digest = committed.digest
         self._move(CommitState.UPLOADING)
         self.changed.notify_all()
 
@@ -346,8 +341,8 @@ class StagedFile:
         return partplan.part_count(self.size, self.part_base)
 
     def part_up_to_date_locked(self, number: int) -> bool:
-        part = self.uploaded.get(number)
-        return (part is not None and part.upload_id == self.upload_id
+        part = self.upload.part(number)
+        return (part is not None and part.upload_id == self.upload.id
                 and part.generation == self.part_generation.get(number, 0)
                 and part.length == partplan.part_length(number, self.size, self.part_base))
 
@@ -431,15 +426,7 @@ class StagedFile:
         self._renames += 1
         if self.committing:
             self.version += 1
-        return old_key, self.forget_upload_locked()
-
-    def forget_upload_locked(self) -> tuple[str, str] | None:
-        """Drop the multipart upload (its key changed, or it completed); returns (key, id) to abort."""
-        stale = (self.upload_key, self.upload_id) if self.upload_id else None
-        self.upload_id = None
-        self.upload_key = None
-        self.uploaded.clear()
-        return stale
+        return old_key, self.upload.forget()
 
     # -- data ----------------------------------------------------------------------
 
@@ -471,7 +458,7 @@ class StagedFile:
 
     def journal_record_locked(self) -> dict:
         return {"id": self.id, "path": self.path, "key": self.key, "size": self.size, "mode": self.mode,
-                "mtime": self.mtime, "upload_id": self.upload_id, "upload_key": self.upload_key,
+                "mtime": self.mtime, "upload_id": self.upload.id, "upload_key": self.upload.key,
                 "data_synced": self.data_synced, "boot_id": boot_id(), "close_seq": self.close_seq}
 
     def close_fd(self) -> None:

@@ -40,7 +40,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Protocol
 
 from . import locks
 from .cache import UploadRegistry
@@ -51,15 +51,13 @@ from .parts import PartUploads
 from .remoteops import RemoteOp
 from .ptcheck import passthrough_unchanged, unverified_parts_locked, verify_parts
 from .s3client import composite_crc32c, crc32c, object_metadata
-from .staging import Digest, StagedFile, UploadedPart
+from .multipart import UploadedPart
+from .staging import Committed, Digest, StagedFile
 from .store import ObjectStore
 from .wholecopy import CopyRefused, WholeCopy
 
-# The last request of a commit, prepared under file.lock and run without it: it returns
-# (key, etag, version, record), where record() stores the outcome on the file (under file.lock).
-# What the last request wrote: key, etag, version, digest, and the multipart upload it completed.
-CommitResult = tuple[str, str, int, Digest | None, str | None]
-CommitCall = Callable[[], CommitResult]
+# The last request of a commit, prepared under file.lock and run without it; it says what it wrote.
+CommitCall = Callable[[], Committed]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +92,7 @@ class Commit:
     file: StagedFile | None
     op: RemoteOp | None = None
     renames: int = 0  # the file's rename count when the commit was requested
+    journaled: threading.Event | None = None  # a namespace change runs once this is set
     ticket: Ticket = field(default_factory=Ticket)
     attempts: int = 0
     requested: float = field(default_factory=time.monotonic)
@@ -203,20 +202,17 @@ class Uploader:
                 self._queue.append(follow)
             self._queue_changed.notify_all()
 
-    def request_op(self, op: RemoteOp, ahead_of: Iterable[StagedFile] = (), ticket: Ticket | None = None) -> Ticket:
-        """Queue a namespace change behind every commit requested so far, or, with ``ahead_of``,
-        just ahead of the first of those files' commits not yet started. ``ticket``: the one
-        its waiters already hold (made when the change was shown)."""
+    def request_op(self, op: RemoteOp, ticket: Ticket | None = None,
+                   journaled: threading.Event | None = None) -> Ticket:
+        """Queue a namespace change behind every commit requested so far. ``ticket``: the one its
+        waiters already hold; ``journaled``: set once its journal record is written (it does
+        not run before: a change made in S3 must be on disk to be made again after a crash)."""
         with self._lock:
-            commit = Commit(None, op, ticket=ticket or Ticket())
+            commit = Commit(None, op, ticket=ticket or Ticket(), journaled=journaled)
             if self._stopping:  # journaled: made at the next start
                 commit.ticket.finish(S3Error("ShuttingDown", "the daemon is stopping"))
                 return commit.ticket
-            files = set(map(id, ahead_of))
-            # The head of the queue is the commit running now: never ahead of it.
-            at = next((i for i, queued in enumerate(self._queue) if i > 0 and queued.file is not None
-                       and id(queued.file) in files and queued.attempts == 0), len(self._queue))
-            self._queue.insert(at, commit)
+            self._queue.append(commit)
             self._queue_changed.notify_all()
             return commit.ticket
 
@@ -300,6 +296,9 @@ class Uploader:
         """Make a namespace change in S3, retrying transient errors like a commit."""
         op = commit.op
         assert op is not None
+        while commit.journaled is not None and not commit.journaled.wait(0.5):
+            if self._stop_event.is_set():  # journaled by then or never shown: made at the next start
+                return S3Error("ShuttingDown", "the daemon is stopping")
 
         def attempt() -> None:
             op.run(self.s3)
@@ -357,7 +356,7 @@ class Uploader:
             with file.lock:
                 file.start_commit_locked()
                 if file.deleted or file.write_error is not None:
-                    self.abort_later(file.forget_upload_locked())
+                    self.abort_later(file.upload.forget())
                     return False
                 if file.renames != renames:
                     return False  # renamed: the commit queued behind the rename writes it
@@ -366,20 +365,19 @@ class Uploader:
                 if file.size <= self.single_put_limit:
                     call = self._begin_small_put_locked(file)
                     break
-                if file.upload_id is not None and file.upload_key != file.key:
-                    self.abort_later(file.forget_upload_locked())  # renamed: restart under the new key
+                if file.upload.id is not None and file.upload.for_key(file.key) is None:
+                    self.abort_later(file.upload.forget())  # renamed: restart under the new key
                 if candidate is not None and self.whole_copy.still_valid_locked(file, candidate):
-                    self.abort_later(file.forget_upload_locked())  # made early, with no part in it yet
+                    self.abort_later(file.upload.forget())  # made early, with no part in it yet
                     call = self.whole_copy.begin_locked(file, candidate)
                     file.begin_send_locked()
                     break
                 candidate = None
                 stale = self.parts.schedule_stale_locked(file)
-                if not stale and not file.inflight:
+                if not stale and not file.upload.inflight:
                     unverified = unverified_parts_locked(file)
                     if not unverified:
-                        if file.part_error is not None:
-                            file.part_error = None
+                        file.upload.take_error()  # every part is in S3 now: an earlier failure is moot
                         call = self._begin_complete_locked(file)
                         break
                 else:
@@ -387,9 +385,9 @@ class Uploader:
                     # page-cache reads that would otherwise add to the time until durable.
                     unverified = unverified_parts_locked(file)
                     if not unverified:
-                        file.changed.wait_for(lambda: not file.inflight or file.deleted, timeout=5.0)
-                        if not file.inflight and file.part_error is not None:
-                            error, file.part_error = file.part_error, None
+                        file.changed.wait_for(lambda: not file.upload.inflight or file.deleted, timeout=5.0)
+                        error = file.upload.take_error() if not file.upload.inflight else None
+                        if error is not None:
                             raise error
             if unverified:
                 verify_parts(file, unverified)
@@ -402,7 +400,7 @@ class Uploader:
         self.bytes_committed += file.size
         self.metrics.uploaded_objects.inc()
         self.metrics.uploaded_bytes.inc(file.size)
-        self._listener.committed(file, *result)
+        self._listener.committed(file, result.key, result.etag, result.version)
         return True
 
     # The last request of a commit (the PUT of a small file, or CompleteMultipartUpload) runs
@@ -412,7 +410,7 @@ class Uploader:
     # key behind it (the request writes under the key the file had when it began).
 
     def _begin_small_put_locked(self, file: StagedFile) -> CommitCall:
-        self.abort_later(file.forget_upload_locked())
+        self.abort_later(file.upload.forget())
         version, key, size, mode, mtime = file.version, file.key, file.size, file.mode, file.mtime
         data = os.pread(file.fd, size, 0) if size else b""
         if len(data) < size:
@@ -420,21 +418,23 @@ class Uploader:
         crc = crc32c(data)
         file.begin_send_locked()
 
-        def put() -> CommitResult:
+        def put() -> Committed:
             etag = self.s3.put(key, data, object_metadata(mtime, mode), crc if self.checksums else None)
-            return key, etag, version, Digest(key, size, mode, mtime, (crc,)), None
+            return Committed(key, etag, version, Digest(key, size, mode, mtime, (crc,)))
         return put
 
     def _begin_complete_locked(self, file: StagedFile) -> CommitCall:
-        version, key, upload_id = file.version, file.key, file.upload_id
+        version, key, upload_id = file.version, file.key, file.upload.id
+        assert upload_id is not None
         size, mode, mtime = file.size, file.mode, file.mtime
         count = file.part_count_locked()
-        parts = [(n, file.uploaded[n].etag, file.uploaded[n].checksum) for n in range(1, count + 1)]
-        crcs = tuple(file.uploaded[n].crc or "" for n in range(1, count + 1))
+        uploaded = file.upload.parts
+        parts = [(n, uploaded[n].etag, uploaded[n].checksum) for n in range(1, count + 1)]
+        crcs = tuple(uploaded[n].crc or "" for n in range(1, count + 1))
         ranges = self.parts.dedup.ranges_locked(file, count)
         file.begin_send_locked()
 
-        def complete() -> CommitResult:
+        def complete() -> Committed:
             etag, server_checksum = self.s3.complete_multipart(key, upload_id, parts)
             self.registry.remove(upload_id)
             if self.checksums and server_checksum:
@@ -444,30 +444,27 @@ class Uploader:
                     log.error("checksum of %s in S3 is %s, expected %s: uploading it again",
                               file.path, server_checksum, expected)
                     with file.lock:
-                        if file.upload_id == upload_id:
-                            file.forget_upload_locked()
+                        if file.upload.id == upload_id:
+                            file.upload.forget()
                     raise S3Error("ChecksumMismatch", f"{key}: {server_checksum} != {expected}", transient=True)
             self.parts.dedup.committed(key, etag, size, ranges, upload_id)
 
-            return key, etag, version, Digest(key, size, mode, mtime, crcs) if all(crcs) else None, upload_id
+            return Committed(key, etag, version, Digest(key, size, mode, mtime, crcs) if all(crcs) else None,
+                             upload_id)
         return complete
 
     @staticmethod
-    def _finish_commit_call(file: StagedFile, request: CommitCall) -> tuple[str, str, int]:
+    def _finish_commit_call(file: StagedFile, request: CommitCall) -> Committed:
         """Run the request ``_begin_*_locked`` prepared; record its result and end SENDING at once."""
-        outcome: CommitResult | None = None
+        outcome: Committed | None = None
         try:
             outcome = request()
         finally:
             with file.lock:
-                if outcome is None:
-                    file.end_send_locked(None)
-                else:
-                    _key, etag, version, digest, completed = outcome
-                    file.end_send_locked((version, etag, digest))
-                    if completed is not None and file.upload_id == completed:
-                        file.forget_upload_locked()  # completed: nothing to abort
-        return outcome[:3]
+                file.end_send_locked(outcome)
+                if outcome is not None and outcome.completed_upload is not None:
+                    file.upload.completed(outcome.completed_upload)
+        return outcome
 
     # -- lifecycle -------------------------------------------------------------------
 

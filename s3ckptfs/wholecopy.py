@@ -19,14 +19,13 @@ full-object one against the CRC32C of the whole staging file.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 from .dedup import Dedup, WholeMatch
 from .errors import S3Error
 from .s3client import composite_crc32c, crc32c_of_file, object_metadata
-from .staging import Digest, StagedFile
+from .staging import Committed, Digest, StagedFile
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -48,11 +47,10 @@ class Candidate:
 
 def _copyable_locked(file: StagedFile, single_put_limit: int, parts_may_be_in_flight: bool = False) -> bool:
     """Closed, to be committed, big enough for parts, and no part of it uploaded (or uploading)."""
-    no_part_uploaded = file.upload_id is None or all(part.upload_id != file.upload_id
-                                                     for part in file.uploaded.values())
+    no_part_uploaded = not file.upload.any_sent()
     return (not file.deleted and file.dirty and file.fd >= 0 and file.size > single_put_limit
             and file.writers == 0 and file.pt_writers == 0 and no_part_uploaded
-            and (parts_may_be_in_flight or not file.inflight))
+            and (parts_may_be_in_flight or not file.upload.inflight))
 
 
 class WholeCopy:
@@ -82,7 +80,7 @@ class WholeCopy:
         # uploads, or is still on its way (S3 slow or away), the file goes part by part after all.
         self.dedup.hold_back(file.id)
         with file.lock:
-            file.changed.wait_for(lambda: not file.inflight or file.deleted, timeout=INFLIGHT_WAIT)
+            file.changed.wait_for(lambda: not file.upload.inflight or file.deleted, timeout=INFLIGHT_WAIT)
         return Candidate(match, *snapshot)
 
     def still_valid_locked(self, file: StagedFile, candidate: Candidate) -> bool:
@@ -90,13 +88,13 @@ class WholeCopy:
         return ((file.version, file.pt_epoch, file.size) == (candidate.version, candidate.pt_epoch, candidate.size)
                 and _copyable_locked(file, self.single_put_limit))
 
-    def begin_locked(self, file: StagedFile, candidate: Candidate) -> Callable[[], tuple]:
+    def begin_locked(self, file: StagedFile, candidate: Candidate) -> Callable[[], Committed]:
         """Prepare the copy as the commit's last request (the caller marks the file SENDING)."""
         match = candidate.match
         version, key, size, mode, mtime, fd = file.version, file.key, file.size, file.mode, file.mtime, file.fd
         path, file_id = file.path, file.id
 
-        def copy() -> tuple[str, str, int, Digest, None]:
+        def copy() -> Committed:
             try:
                 etag, checksum = self.s3.copy_if_unchanged(match.key, key, match.etag, object_metadata(mtime, mode))
             except S3Error as err:
@@ -113,7 +111,7 @@ class WholeCopy:
             self.dedup.committed(key, etag, size, match.ranges, None)
             self.dedup.count(copied=size)
             log.debug("%s: copied from %s in S3", path, match.key)
-            return key, etag, version, Digest(key, size, mode, mtime, match.crcs), None
+            return Committed(key, etag, version, Digest(key, size, mode, mtime, match.crcs))
         return copy
 
 

@@ -9,7 +9,7 @@ import pytest
 from s3ckptfs import locks
 from s3ckptfs.commitstate import CommitState, IllegalTransition
 from s3ckptfs.errors import S3Error
-from s3ckptfs.staging import StagedFile
+from s3ckptfs.staging import Committed, StagedFile
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def test_a_commit_goes_queued_uploading_sending_idle(file):
         assert file.state is CommitState.UPLOADING and not file.commit_queued
         file.begin_send_locked()
         assert file.committing
-        file.end_send_locked((file.version, '"etag"', None))
+        file.end_send_locked(Committed(file.key, '"etag"', file.version, None))
         assert not file.committing and not file.dirty and file.last_etag == '"etag"'
         file.finish_commit_locked()
         assert file.state is CommitState.IDLE and file.can_retire_locked()
@@ -68,7 +68,7 @@ def test_deleted_is_final(file):
         file.start_commit_locked()
         file.begin_send_locked()
         file.mark_deleted_locked()          # unlinked while its request is in flight
-        file.end_send_locked((file.version, '"e"', None))
+        file.end_send_locked(Committed(file.key, '"e"', file.version, None))
         file.finish_commit_locked()
         file.queue_commit_locked()
         assert file.deleted and file.state is CommitState.DELETED and not file.can_retire_locked()

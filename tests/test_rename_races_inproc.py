@@ -11,10 +11,13 @@ making one request slow.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
 import time
+
+import pytest
 
 import fakestore
 from conftest import wait_for
@@ -232,3 +235,46 @@ def test_sync_while_a_directory_is_renamed_waits_for_its_moves(inproc, fake_stor
     assert mount.fs.sync() == []
     assert sorted(fake_store.objects(mount.prefix)) == ["mnt/checkpoint-k/", "mnt/checkpoint-k/meta.json",
                                                         "mnt/checkpoint-k/model.pt"]
+
+
+def test_readlink_of_a_file_being_written_is_einval(inproc):
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    fh = vfs.open("f", os.O_WRONLY | os.O_CREAT)
+    mount.fs.write(fh, b"not a link", 0)
+    try:
+        with pytest.raises(OSError) as raised:
+            mount.fs.readlink("/f")
+        assert raised.value.errno == errno.EINVAL
+    finally:
+        vfs.close(fh)
+
+
+def test_a_file_renamed_between_its_commit_and_its_retirement_is_rewritten_after_its_move(
+        inproc, fake_store, monkeypatch):
+    # f1's commit has written it (clean) but not yet retired it when f1 is renamed onto x:
+    # its bytes move in S3 (a queued copy). Opened with O_TRUNC and closed right after, x's
+    # new (empty) version must be committed after that move, never before it.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    lifecycle = mount.fs.lifecycle
+    committed = lifecycle.committed
+    entered, go_on = threading.Event(), threading.Event()
+
+    def slow_committed(file, key, etag, version):
+        if key == "mnt/f1":
+            entered.set()
+            go_on.wait(10)
+        committed(file, key, etag, version)
+
+    monkeypatch.setattr(lifecycle, "committed", slow_committed)
+    mount.fs.uploader._listener = lifecycle
+    vfs.write_file("f1", b"f1 content")
+    assert entered.wait(5)
+    vfs.rename("f1", "x")
+    fh = vfs.open("x", os.O_RDWR | os.O_TRUNC)
+    go_on.set()
+    vfs.close(fh)
+    assert mount.fs.sync() == []
+    assert vfs.read_bytes("x") == b""
+    assert fake_store.objects(mount.prefix) == {"mnt/x": b""}

@@ -72,7 +72,7 @@ class Lifecycle:
         """
         with file.lock:
             file.mark_deleted_locked()
-            self.uploader.abort_later(file.forget_upload_locked())
+            self.uploader.abort_later(file.upload.forget())
             unused = file.handles == 0
             self.core.journal.remove(file.id)  # under file.lock, like every removal: see Durability
         self.table.drop_locked(file)
@@ -228,7 +228,7 @@ class Lifecycle:
                 if not file.can_retire_locked() or not self.table.holds(file):
                     return
                 # A clean file holds no upload; one left by a request that returned late is aborted.
-                self.uploader.abort_later(file.forget_upload_locked())
+                self.uploader.abort_later(file.upload.forget())
                 self.table.drop_locked(file)
                 info = self._entry(file, file.last_etag)
                 file.close_fd()

@@ -176,7 +176,6 @@ class Namespace:
             self.uploader.abort_later(upload)
             moved = None if file.dirty else ObjectInfo(key=old_key, size=file.size, etag=file.last_etag,
                                                        mtime=file.mtime, mode=file.mode)
-        self.uploader.requeue_commit(file)
         rewrite.append(file)
         self.core.objects.invalidate(old_key)
         return moved, old_may_hold
@@ -211,6 +210,7 @@ class Namespace:
             self.table.move_locked(old, new)
             if op is not None:
                 self.pending.show_locked(op, shows)
+            self._requeue_locked(rewrite)
             log.debug("rename %s -> %s: %s%s; in S3: %s", old, new,
                       f"staged ({file.state.value})" if file is not None else "an object in S3",
                       ", replacing a staged file" if replaced is not None else "",
@@ -232,6 +232,13 @@ class Namespace:
         else:
             self.meta.note(new, ObjectInfo(key=new_key, size=source.size, etag="", mtime=source.mtime,
                                            mode=source.mode))
+    def _requeue_locked(self, files: list[StagedFile]) -> None:
+        """Renamed files commit behind every change made so far, the rename's own included
+        (mount's lock held): a move of the object the file replaced, or of its own committed
+        bytes, must reach S3 before a newer version of the file."""
+        for file in files:
+            self.uploader.requeue_commit(file)
+
     def _rewrite_records(self, files: list[StagedFile]) -> None:
         for file in files:
             self.durability.rewrite_record(file)
@@ -285,6 +292,7 @@ class Namespace:
         with self.table.lock:
             if self.table.local_dir_locked(old) is not None:  # all of it is here: no S3 request
                 self._move_staged_locked(old, new, rewrite)
+                self._requeue_locked(rewrite)
                 local = True
             else:
                 local = False
@@ -321,11 +329,12 @@ class Namespace:
                 self.meta.put_created_dir(new + d[len(old):])
             for op, shown in zip(ops, shows):
                 self.pending.show_locked(op, shown)
-        self._rewrite_records(rewrite)
-        for op in ops:
             # Markers land before the moved files commit under the new name: a server that made
             # the folder implicitly first would not keep the marker's mtime (SeaweedFS does not).
-            self.pending.submit(op, ahead_of=moving if op.kind == MARKER else None)
+            self._requeue_locked(rewrite)
+        self._rewrite_records(rewrite)
+        for op in ops:
+            self.pending.submit(op)
 
     # -- symlinks --------------------------------------------------------------------------
 
@@ -343,8 +352,13 @@ class Namespace:
     def readlink(self, path: str) -> str:
         with self.table.lock:
             file = self.table.get(path)
-        if file is not None:
-            return file.read(file.size, 0).decode("utf-8", "surrogateescape")
+            if file is not None:
+                with file.lock:  # not retired meanwhile (its staging fd closed): a short local read
+                    if file.deleted:
+                        raise FsError(errno.ENOENT, path)
+                    if not stat.S_ISLNK(file.mode):
+                        raise FsError(errno.EINVAL, path)
+                    return file.read(file.size, 0).decode("utf-8", "surrogateescape")
         entry = self.lookup.lookup(path)
         if entry is None:
             raise FsError(errno.ENOENT, path)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 
 from ..errors import S3Error
 from ..metadata import MISSING, DirInfo
 from ..remoteops import RemoteOp
 from ..store import ObjectInfo
-from ..staging import StagedFile, next_close_seq
+from ..staging import next_close_seq
 from ..uploader import Ticket, Uploader
 from .core import Core
 from .table import under
@@ -50,6 +51,7 @@ class PendingOps:
         # op id -> its outcome, from the moment the change is shown (mount's lock): a sync that
         # comes between show and submit waits for it instead of reporting it missing.
         self._tickets: dict[str, Ticket] = {}
+        self._journaled: dict[str, threading.Event] = {}  # op id -> set once its record is on disk
 
     def queue(self, op: RemoteOp, shows: dict[str, object] | None = None) -> Ticket:
         """Show ``op``'s outcome here, journal it, and queue it for S3. Call without the mount's lock."""
@@ -58,11 +60,15 @@ class PendingOps:
         return self.submit(op)
 
     def show_locked(self, op: RemoteOp, shows: dict[str, object] | None = None) -> None:
-        """The mount shows ``op``'s outcome from now on (mount's lock held); ``submit`` must follow."""
+        """The mount shows ``op``'s outcome from now on, and ``op`` takes its place in the uploader's
+        order (mount's lock held): behind every change made on the mount before it, ahead of every
+        change after. It runs once ``submit`` has journaled it, which must follow."""
         op.close_seq = next_close_seq()
         op.shows = {path: entry_record(entry) for path, entry in (shows or {}).items()}
         self._show_locked(op)
-        self._tickets[op.id] = Ticket()
+        ticket = self._tickets[op.id] = Ticket()
+        self._journaled[op.id] = journaled = threading.Event()
+        self.uploader.request_op(op, ticket, journaled)
         for path in op.hides:
             self.core.meta.forget_tree(path)
             self.core.meta.note(path, MISSING)
@@ -70,17 +76,17 @@ class PendingOps:
             self.core.meta.forget(path)
             self.core.meta.note(path, entry)
 
-    def submit(self, op: RemoteOp, ahead_of: list[StagedFile] | None = None) -> Ticket:
-        """Journal ``op`` (fsync: call without the mount's lock) and queue it behind the commits before it,
-        or ahead of the pending commits of ``ahead_of`` (which then follow it after a restart too)."""
-        if ahead_of:
-            seqs = [f.close_seq for f in ahead_of if f.close_seq]
-            if seqs:
-                op.close_seq = min(op.close_seq, min(seqs) - 1)
-        self.core.journal.write(op.id, op.record())
+    def submit(self, op: RemoteOp) -> Ticket:
+        """Journal ``op`` (fsync: call without the mount's lock); the uploader may run it from then on."""
         with self.table.lock:
-            ticket = self._tickets.get(op.id)
-        return self.uploader.request_op(op, ahead_of or (), ticket)
+            ticket = self._tickets.get(op.id) or Ticket()
+            journaled = self._journaled.pop(op.id, None)
+        try:
+            self.core.journal.write(op.id, op.record())
+        finally:
+            if journaled is not None:
+                journaled.set()  # also when the disk refused the record: S3 still gets the change
+        return ticket
 
     def _show_locked(self, op: RemoteOp) -> None:
         table = self.table
@@ -129,7 +135,7 @@ class PendingOps:
         with self.table.lock:
             self._show_locked(op)
             self._tickets[op.id] = ticket = Ticket()
-        self.uploader.request_op(op, ticket=ticket)
+        self.uploader.request_op(op, ticket)
         log.info("resuming %s from the journal", op.label)
 
     def retry_failed(self, path: str = "/") -> list[tuple[RemoteOp, Ticket]]:
@@ -141,7 +147,7 @@ class PendingOps:
                 del self.table.failed_ops[op.id]
                 self._tickets[op.id] = Ticket()
             tickets = [(op, self._tickets[op.id]) for op in again]
-        return [(op, self.uploader.request_op(op, ticket=ticket)) for op, ticket in tickets]
+        return [(op, self.uploader.request_op(op, ticket)) for op, ticket in tickets]
 
     def pending(self, path: str = "/") -> list[tuple[RemoteOp, Ticket | None]]:
         """Operations not yet made in S3 that touch ``path``, with their tickets (None: given up)."""
