@@ -49,6 +49,7 @@ from typing import Callable
 
 from . import locks
 from .errors import ConfigError
+from .records import FileRecord
 
 log = logging.getLogger(__name__)
 
@@ -153,17 +154,17 @@ class Journal:
             pass
 
     @staticmethod
-    def data_may_be_torn(record: dict) -> bool:
+    def data_may_be_torn(record: FileRecord) -> bool:
         """The record was written before its data was fsync'd, in an earlier boot of the machine.
 
         Its bytes were in the page cache only, and the machine went down since: any
         part of them may be missing on disk. (Same boot: the daemon died, the page
         cache still holds them.)
         """
-        if record.get("data_synced", True):
+        if record.data_synced:
             return False
         current = boot_id()
-        return not current or record.get("boot_id") != current
+        return not current or record.boot_id != current
 
     def load_all(self) -> list[dict]:
         """Every valid record; unreadable ones are logged and skipped (their data stays on disk)."""

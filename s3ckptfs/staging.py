@@ -41,6 +41,7 @@ from .cache import boot_id
 from .commitstate import CommitState, check_move
 from .errors import S3Error
 from .multipart import MultipartUpload
+from .records import FileRecord
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -456,10 +457,10 @@ class StagedFile:
         # The part holding the new end changes; parts past it fall out of the object.
         self.touch_locked(max(0, low - 1), max(low, min(high, low + 1)))
 
-    def journal_record_locked(self) -> dict:
-        return {"id": self.id, "path": self.path, "key": self.key, "size": self.size, "mode": self.mode,
-                "mtime": self.mtime, "upload_id": self.upload.id, "upload_key": self.upload.key,
-                "data_synced": self.data_synced, "boot_id": boot_id(), "close_seq": self.close_seq}
+    def journal_record_locked(self) -> FileRecord:
+        return FileRecord(id=self.id, path=self.path, key=self.key, size=self.size, mode=self.mode,
+                          mtime=self.mtime, upload_id=self.upload.id, upload_key=self.upload.key,
+                          data_synced=self.data_synced, boot_id=boot_id(), close_seq=self.close_seq)
 
     def close_fd(self) -> None:
         """Close the staging fd once (a second close could hit a reused descriptor number)."""

@@ -78,7 +78,7 @@ class Durability:
                 if closing:
                     file.close_seq = next_close_seq()
                 record = file.journal_record_locked()
-            self.journal.write(file.id, record)
+            self.journal.write(file.id, record.to_dict())
             with file.lock:
                 if file.deleted or (not file.dirty and file.committed_version >= version):
                     self.journal.remove(file.id)  # deleted, or committed, while it was written

@@ -16,9 +16,10 @@ import os
 import time
 from pathlib import Path
 
+from ..records import FileRecord, is_namespace_change
 from ..staging import StagedFile
 from ..uploader import Ticket, Uploader
-from .core import FILE_MODE, Core
+from .core import Core
 from .durability import Durability
 from .pending import PendingOps
 from .table import LostFile, under
@@ -70,29 +71,29 @@ class Recovery:
         count = 0
         leftover_uploads = dict((upload_id, key) for key, upload_id in core.registry.load_all())
         # In close order, as the uploader would have committed them (records of older versions have no close_seq).
-        for record in sorted(core.journal.load_all(), key=lambda r: int(r.get("close_seq", 0))):
-            if "op" in record:  # a namespace change not yet made in S3
-                self.pending.recover(record)
+        for raw in sorted(core.journal.load_all(), key=lambda r: int(r.get("close_seq", 0))):
+            if is_namespace_change(raw):  # a namespace change not yet made in S3
+                self.pending.recover(raw)
                 count += 1
                 continue
-            file_id = record.get("id", "")
+            record = FileRecord.from_dict(raw)
+            file_id = record.id
             staging_path = core.cache_dir.staging_path(file_id)
             known.add(staging_path.name)
             if core.journal.data_may_be_torn(record):
                 self._keep_lost(record, staging_path)
                 continue  # its leftover multipart uploads are aborted below; the object in S3 is not touched
             if not staging_path.exists():
-                log.error("journal record for %s has no staging file; dropping it", record.get("path"))
+                log.error("journal record for %s has no staging file; dropping it", record.path)
                 core.journal.remove(file_id)
                 continue
             fd = os.open(staging_path, os.O_RDWR)
             size = os.fstat(fd).st_size
-            path = record["path"]
-            file = StagedFile(file_id, path, record["key"], staging_path, fd, size=size,
-                              mode=int(record.get("mode", FILE_MODE)), mtime=float(record.get("mtime", 0)),
-                              part_base=core.options.part_size)
-            file.restored_locked(bool(record.get("data_synced", True)))
-            file.close_seq = int(record.get("close_seq", 0))
+            path = record.path
+            file = StagedFile(file_id, path, record.key, staging_path, fd, size=size, mode=record.mode,
+                              mtime=record.mtime, part_base=core.options.part_size)
+            file.restored_locked(record.data_synced)
+            file.close_seq = record.close_seq
             if not file.data_synced:  # the daemon died before the fsync; the page cache still holds the data
                 self.durability.sync_data_later(file, file.version)
             kept = 0
@@ -116,16 +117,15 @@ class Recovery:
                 leftover.unlink()  # never closed successfully: nobody was promised this data
         return count
 
-    def _keep_lost(self, record: dict, staging_path: Path) -> None:
+    def _keep_lost(self, record: FileRecord, staging_path: Path) -> None:
         """Recovery met a record whose data a restart of the machine may have torn: report it, never upload it."""
-        path = str(record.get("path", "?"))
+        path = record.path
         kept = staging_path.exists()
-        size = staging_path.stat().st_size if kept else int(record.get("size", 0))
+        size = staging_path.stat().st_size if kept else record.size
         with self.table.lock:
-            self.table.lost[path] = LostFile(path=path, key=str(record.get("key", "")),
-                                             file_id=str(record.get("id", "")), size=size,
-                                             mtime=float(record.get("mtime", 0)))
+            self.table.lost[path] = LostFile(path=path, key=record.key, file_id=record.id, size=size,
+                                             mtime=record.mtime)
         log.error("%s is not uploaded: its data may be incomplete (closed with local_sync=background, the machine "
                   "restarted before the data reached the disk); the object in S3, if any, is left as it was; "
-                  "record %s, %s", path, self.core.journal.directory / f"{record.get('id', '')}.json",
+                  "record %s, %s", path, self.core.journal.directory / f"{record.id}.json",
                   f"bytes kept in {staging_path}" if kept else "no bytes left")
