@@ -278,3 +278,23 @@ def test_a_file_renamed_between_its_commit_and_its_retirement_is_rewritten_after
     assert mount.fs.sync() == []
     assert vfs.read_bytes("x") == b""
     assert fake_store.objects(mount.prefix) == {"mnt/x": b""}
+
+
+def test_a_file_moved_away_and_back_is_read_wherever_its_bytes_are(inproc, fake_store, monkeypatch):
+    # rename f1 f0; rename f0 f1: two queued moves. Between the first's delete of f1 and the
+    # second's copy back, the bytes are under f0 only: a read of f1 then must find them there,
+    # not wait for the second move (which may wait behind a slow upload).
+    from s3ckptfs.fs import reads
+    monkeypatch.setattr(reads, "FOLLOW_WAIT", 0.3)
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    body = data_of(10_000)
+    fake_store.put_object("mnt/f1", body)  # another node's: not in this one's cache
+    fake_store.inject(fakestore.latency(1.0), "copy", key="mnt/f1")  # the second move's copy (by destination)
+    fake_store.inject(fakestore.latency(0.2), "get_range_into", key="mnt/f1")
+    vfs.rename("f1", "f0")
+    vfs.rename("f0", "f1")
+    vfs.truncate("f1", 5)
+    assert vfs.read_bytes("f1") == body[:5]
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/f1": body[:5]}

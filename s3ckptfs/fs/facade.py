@@ -73,6 +73,7 @@ class Filesystem:
         self.lookup = Lookup(core)
         self.reads = Reads(core)
         self.reads.resolve = self.lookup.lookup
+        self.reads.locations = self.lookup.locations
         if self.dedup.enabled:
             self.reads.object_complete = lambda entry: self.dedup.remember_read(
                 entry.key, entry.etag, entry.size, entry.fd, opts.part_size)

@@ -17,6 +17,7 @@ fails with EIO, after a longer bound: a resume during an outage must never read
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 
 from ..errors import FsError, S3Error
@@ -144,6 +145,24 @@ class Lookup:
         if changed and attempts > 1:
             return self.lookup(path, attempts - 1)
         return None
+
+    def locations(self, path: str) -> list[ObjectInfo]:
+        """Where the bytes of file ``path`` may be in S3 now, most likely first: what a lookup
+        answers, then, while a pending move shows the path, that move's source and destination
+        keys (the object a move shows may itself still be on its way from an earlier move)."""
+        self.meta.forget(path)
+        entry = self.lookup(path)
+        if not isinstance(entry, ObjectInfo):
+            return []
+        found = [entry]
+        with self.table.lock:
+            shown = self.table.moved.get(path)
+        if shown is not None:
+            op = shown[1]
+            for key in (op.key, op.dst):
+                if key and key != entry.key:
+                    found.append(dataclasses.replace(entry, key=key, etag=""))
+        return found
 
     def _local_locked(self, path: str) -> tuple[bool, ObjectInfo | DirInfo | None]:
         """(True, answer) if this mount's own state answers for ``path`` (mount's lock held)."""

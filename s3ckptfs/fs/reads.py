@@ -42,17 +42,21 @@ class Reads:
                                             thread_name_prefix="s3ckptfs-get")
         # path -> what it names now (the lookup room's), to follow an object moved while open
         self.resolve: Callable[[str], object] | None = None
+        # path -> where its bytes may be in S3 now, most likely first (Lookup.locations)
+        self.locations: Callable[[str], list[ObjectInfo]] | None = None
         # told of each object whose copy here became complete by downloads (dedup.py hashes it)
         self.object_complete: Callable[[CachedObject], None] | None = None
 
     def following(self, path: str, entry: ObjectInfo, fetch: Callable[[ObjectInfo], T]) -> T:
         """``fetch(entry)``; if S3 says the object moved or changed since ``entry`` was looked up,
-        ``fetch`` again what ``path`` names now.
+        ``fetch`` it where ``path``'s bytes may be now.
 
         A rename of an object already in S3 is made there later, in close order (remoteops.py):
-        until then the path shows the object under its old key, which the move deletes just
-        before the mount shows the new one. Raises the S3Error when the path names nothing
-        else within ``FOLLOW_WAIT``.
+        until then the path shows the object under its old key, which the move deletes once
+        it has copied it. Moves can chain (``rename a b; rename b a``): the bytes are then under
+        the first move's source, then its destination, then the second's destination, and
+        ``locations`` names each place. Raises the S3Error when none of them holds the bytes
+        within ``FOLLOW_WAIT``.
         """
         deadline = time.monotonic() + FOLLOW_WAIT
         delay = 0.005
@@ -60,22 +64,29 @@ class Reads:
             try:
                 return fetch(entry)
             except S3Error as err:
-                if err.code not in _GONE_OR_CHANGED or self.resolve is None:
+                if err.code not in _GONE_OR_CHANGED or self.locations is None:
                     raise
-                while True:
-                    self.core.meta.forget(path)
-                    now = self.resolve(path)
-                    if not isinstance(now, ObjectInfo):
-                        raise
-                    if (now.key, now.etag) != (entry.key, entry.etag):
-                        break
-                    if time.monotonic() + delay > deadline:
-                        raise
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.25)
-                log.info("%s: %s@%s is gone (%s); reading %s@%s", path, entry.key, entry.etag or "?", err.code,
-                         now.key, now.etag or "?")
-                entry = now
+                failed = (entry.key, entry.etag)
+                for place in self.locations(path):
+                    if (place.key, place.etag) == failed:
+                        continue
+                    try:
+                        result = fetch(place)
+                    except S3Error as again:
+                        if again.code not in _GONE_OR_CHANGED:
+                            raise
+                        continue
+                    log.info("%s: %s@%s is gone (%s); read %s", path, entry.key, entry.etag or "?", err.code,
+                             place.key)
+                    return result
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)  # between a move's copy and the mount showing its outcome
+                delay = min(delay * 2, 0.25)
+                now = self.locations(path)
+                if not now:
+                    raise
+                entry = now[0]
 
     def hydrate(self, file: StagedFile, entry: ObjectInfo) -> ObjectInfo:
         """Fill a new staging file with the whole object at ``file.path`` (parallel ranged GETs),
