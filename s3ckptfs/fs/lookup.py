@@ -18,6 +18,7 @@ fails with EIO, after a longer bound: a resume during an outage must never read
 from __future__ import annotations
 
 import errno
+import logging
 
 from ..errors import FsError, S3Error
 from ..metadata import MISSING, DirInfo
@@ -29,6 +30,8 @@ from .core import DIR_MODE, FILE_MODE, SYMLINK_MAX, Core, Stat, parent_of, s3_er
 # Without a kept listing to answer from, a lookup waits this many deadlines (30 s by default)
 # before EIO: long enough for the S3 client's retries through a storm of 503s.
 NO_FALLBACK_DEADLINES = 15
+
+log = logging.getLogger(__name__)
 
 
 class Lookup:
@@ -74,13 +77,11 @@ class Lookup:
             if known:
                 return local
             staged_children = self.table.live_below_locked(path)
-        cached = self.meta.get(path)
+        cached = self._kept(path)
+        if cached is None and self._list_first(parent_of(path), path):
+            cached = self._kept(path)
         if cached is MISSING:
             return DirInfo(max(f.mtime for f in staged_children)) if staged_children else None
-        if isinstance(cached, ObjectInfo) and cached.mode is None and cached.size <= SYMLINK_MAX:
-            cached = None  # from a listing: HEAD tells whether it is a symlink
-        if isinstance(cached, DirInfo) and cached.mtime is None:
-            cached = None  # from a listing: its own listing tells its mtime
         if cached is not None:
             return cached  # type: ignore[return-value]
         key = self.core.key_for(path)
@@ -144,6 +145,48 @@ class Lookup:
         if changed and attempts > 1:
             return self.lookup(path, attempts - 1)
         return None
+
+    def _kept(self, path: str) -> object | None:
+        """The answer kept for ``path`` that needs no request (ObjectInfo, DirInfo, MISSING), or None."""
+        cached = self.meta.get(path)
+        if isinstance(cached, ObjectInfo) and cached.mode is None and cached.size <= SYMLINK_MAX:
+            return None  # from a listing: HEAD tells whether it is a symlink
+        if isinstance(cached, DirInfo) and cached.mtime is None:
+            return None  # from a listing: its own listing tells its mtime
+        return cached
+
+    def _list_first(self, directory: str, path: str) -> bool:
+        """The first lookup in a directory with no kept listing lists it (one page); True if kept.
+
+        From then on the directory answers for every name in it, present or absent, also
+        while S3 is away. When the LIST fails, a lookup of ``path`` that has a kept answer
+        goes on to use it; one that has none fails now, as its own request would have.
+        """
+        meta = self.meta
+        if (meta.ttl <= 0 and meta.stale_if_error <= 0) or meta.has_listing(directory):
+            return False
+        with self.table.lock:
+            if self.table.contents_known_locked(directory) or self.table.hidden_locked(directory):
+                return False
+        dir_key = self.core.dir_key(directory)
+        for _attempt in range(3):
+            token = meta.token()
+            can_fall_back = meta.get_stale(path) is not None
+            try:
+                files, dirs, complete = self._ask(f"list {directory}", lambda: self.core.store.list_page(dir_key),
+                                                  can_fall_back)
+            except S3Error as err:
+                if can_fall_back and err.transient:
+                    return False
+                raise s3_errno(err, f"lookup {path}") from err
+            children = listing_children(dir_key, files, dirs)
+            through = None if complete else max([f.key[len(dir_key):] for f in files] + [d + "/" for d in dirs])
+            if meta.put_listing(directory, children, token, through):
+                if through is not None:
+                    log.info("%s: more entries than one LIST page; kept the first %d (names up to %r): "
+                             "other names are looked up in S3", directory, len(children), through)
+                return True
+        return False
 
     def _local_locked(self, path: str) -> tuple[bool, ObjectInfo | DirInfo | None]:
         """(True, answer) if this mount's own state answers for ``path`` (mount's lock held)."""
@@ -235,6 +278,18 @@ class Lookup:
             with self.table.lock:
                 children = self._merge_staged_locked(path, listed)
         return children
+
+    def known_children(self, path: str, fresh: bool = True) -> dict[str, object] | None:
+        """Directory ``path``'s children as known here without a request (merged with local changes):
+        from a complete listing (fresh only, unless ``fresh`` is False), or None."""
+        with self.table.lock:
+            if self.table.contents_known_locked(path):
+                return self._merge_staged_locked(path, {})
+            if fresh:
+                listing = self.meta.get_listing(path)
+            else:
+                listing = self.meta.get_stale_listing(path) if self.meta.listing_complete(path) else None
+            return None if listing is None else self._merge_staged_locked(path, listing)
 
     def _list(self, path: str, dir_key: str) -> tuple[dict[str, object], bool]:
         """The children S3 lists under ``dir_key``, and True; or the kept listing and False."""

@@ -29,6 +29,7 @@ from .lifecycle import Lifecycle
 from .lookup import Lookup
 from .opens import Opens
 from .pending import PendingOps
+from .treemove import known_subtree, rename_tree_later
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ class Namespace:
         if op is not None:
             self.pending.submit(op)
         else:
-            self.meta.forget(path)
             self.meta.put(path, MISSING)
         self.core.handles.unname(path)  # open handles live on, nameless
 
@@ -91,7 +91,6 @@ class Namespace:
             if self.table.dirs.get(path) is not None or self.table.get(path) is not None:
                 raise FsError(errno.EEXIST, path)  # made by another thread since the lookup
             self.table.put_locked(marker)
-            self.meta.forget(path)
             self.meta.put(path, DirInfo(marker.mtime))
             self.meta.put_created_dir(path)  # known empty: files can be created in it while S3 is away
         self.lifecycle.close_and_commit(marker)
@@ -123,7 +122,7 @@ class Namespace:
             if marker is not None:
                 self.lifecycle.discard_locked(marker)
         if local:  # made here, never in S3: nothing to delete there
-            self.meta.forget_tree(path)
+            self.meta.settle(path, MISSING, tree=True)
             self.meta.put(path, MISSING)
             return
         self.pending.queue(RemoteOp(DELETE, dir_key, hides=(path,)))
@@ -222,14 +221,12 @@ class Namespace:
 
     def _note_rename(self, old: str, new: str, new_key: str, source: ObjectInfo | DirInfo) -> None:
         """The kept listings (answers while S3 is away) learn the outcome; fresh answers come from S3."""
-        self.meta.forget_tree(old)
-        self.meta.forget_tree(new)
-        self.meta.note(old, MISSING)
+        self.meta.settle(old, MISSING, tree=True)
         if isinstance(source, DirInfo):
-            self.meta.note(new, source)
+            self.meta.settle(new, source, tree=True)
         else:
-            self.meta.note(new, ObjectInfo(key=new_key, size=source.size, etag="", mtime=source.mtime,
-                                           mode=source.mode))
+            self.meta.settle(new, ObjectInfo(key=new_key, size=source.size, etag="", mtime=source.mtime,
+                                             mode=source.mode), tree=True)
     def _rewrite_records(self, files: list[StagedFile]) -> None:
         for file in files:
             self.durability.rewrite_record(file)
@@ -280,15 +277,20 @@ class Namespace:
         with self.table.lock:
             if self.table.local_dir_locked(old) is not None:  # all of it is here: no S3 request
                 self._move_staged_locked(old, new, rewrite)
+                # Under the lock: a moved file committed and retired meanwhile must find the new
+                # listing (a listing made after it would never learn of it).
+                self._note_rename(old, new, "", source)
+                self.meta.put_created_dir(new)
                 local = True
             else:
                 local = False
         if local:
             self._rewrite_records(rewrite)
-            self._note_rename(old, new, "", source)
-            self.meta.put_created_dir(new)
             return
-        entries = self._subtree(old)  # S3's listings (or the kept ones) merged with local changes
+        entries = known_subtree(self.lookup, old)
+        if entries is None:  # not all known now: moved in S3 as listed when its turn comes
+            rename_tree_later(self, old, new, source)
+            return  # S3's listings (or the kept ones) merged with local changes
         key_for = self.core.key_for
         for path, _ in entries:  # ENAMETOOLONG before any change
             key_for(new + path[len(old):])
