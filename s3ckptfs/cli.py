@@ -220,6 +220,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     pending = answer.get("pending", [])
     print(f"{mountpoint}: {len(pending)} file(s) not yet in S3; "
           f"{answer.get('objects_committed', 0)} object(s) uploaded since mount")
+    s3 = answer.get("s3") or {}
+    if s3.get("answering") is False:
+        since = time.strftime("%H:%M:%S", time.localtime(s3.get("since", 0)))
+        print(f"S3 not answering since {since} ({s3.get('error')}): answering from kept listings, "
+              "uploads wait")
     if answer.get("dedup"):
         sent, copied = answer.get("part_bytes_sent", 0), answer.get("part_bytes_copied", 0)
         print(f"parts since mount: {sent / 2**20:.1f} MiB sent, {copied / 2**20:.1f} MiB copied in S3 (dedup)")

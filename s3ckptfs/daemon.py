@@ -29,6 +29,7 @@ from .cache import CacheDir
 from .config import MountConfig
 from .control import ControlServer
 from .errors import ConfigError, S3Error
+from .listings import DB_NAME as LISTINGS_DB, knows as listings_know
 from .metrics import Metrics
 from .mounts import LOG_FILE, PID_FILE, is_dead_fuse_mount, is_mounted, unmount
 from .s3client import S3Client
@@ -123,21 +124,58 @@ def has_pending_work(cache_dir: Path) -> bool:
     return journal.is_dir() and any(journal.glob("*.json"))
 
 
-def preflight(config: MountConfig) -> None:
-    """Every check that can be made before mounting. Raises ConfigError.
+def cache_knows_prefix(config: MountConfig) -> bool:
+    """Whether the cache dir knows this mount's prefix: pending work, or kept listings of it."""
+    return has_pending_work(config.cache_dir) or listings_know(config.cache_dir / LISTINGS_DB, config.source)
 
-    S3 unreachable is fatal for a fresh mount, but not for a restart whose cache dir
-    still holds pending work: that mount comes up, keeps what it has, and uploads
-    it once S3 answers (a daemon killed during an outage restarts during it).
+
+def check_s3_within(config: MountConfig, limit: float) -> None:
+    """``check_s3``, waiting at most ``limit`` seconds: S3Unreachable after that (the check goes
+    on in the background and its late answer is dropped). A refusal or a rejection comes at once."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            check_s3(config)
+        except BaseException as exc:  # handed to the caller
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, name="s3ckptfs-check", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if not outcome:
+        raise S3Unreachable(f"no answer from {config.endpoint_url or 'S3'} within {limit:g}s")
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def preflight(config: MountConfig) -> str | None:
+    """Every check that can be made before mounting. Raises ConfigError; returns why S3 is
+    taken to be unreachable if the mount goes ahead without it, else None.
+
+    S3 unreachable is fatal for a fresh mount, but not for a cache dir that knows this
+    prefix (pending work, or kept listings of it): that mount comes up at once (the
+    check waits at most ``metadata_deadline``), answers from what it keeps, and uploads
+    once S3 answers (a daemon killed during an outage restarts during it). A rejection
+    (bucket, credentials, permission) is fatal either way.
     """
     check_mountpoint(config.mountpoint)
     check_cache_dir(config.cache_dir, config.mountpoint)
+    known = cache_knows_prefix(config)
     try:
-        check_s3(config)
+        if known:
+            check_s3_within(config, config.options.metadata_deadline)
+        else:
+            check_s3(config)
     except S3Unreachable as exc:
-        if not has_pending_work(config.cache_dir):
+        if not known:
             raise
-        log.warning("%s; mounting anyway: the cache dir holds pending work, uploaded once S3 answers", exc)
+        log.warning("%s; mounting anyway: the cache dir knows %s (kept listings or pending work); "
+                    "pending work is uploaded once S3 answers", exc, config.source)
+        return str(exc)
+    return None
 
 
 # -- systemd ---------------------------------------------------------------------------
@@ -171,6 +209,8 @@ def _notify_loop(fs, source: str, stop: threading.Event) -> None:
                   + (f", {failed} failed" if failed else "") if pending else f"serving {source}, all in S3")
         if lost:
             status = f"{status}; {lost} file(s) lost in a restart of the machine"
+        if not fs.s3_status()["answering"]:
+            status = f"{status}; S3 not answering"
         sd_notify(f"STATUS={status}" + ("\nWATCHDOG=1" if watchdog_usec else ""))
 
 
@@ -194,7 +234,7 @@ def _status(fs) -> dict:
     for lost in fs.lost_files():
         files.append({"path": lost.path, "key": lost.key, "size": lost.size, "uploaded": 0,
                       "age": round(now - lost.mtime, 1), "state": "failed", "error": lost.reason})
-    return {"ok": True, "pending": files, "objects_committed": fs.uploader.objects_committed,
+    return {"ok": True, "pending": files, "s3": fs.s3_status(), "objects_committed": fs.uploader.objects_committed,
             "bytes_committed": fs.uploader.bytes_committed, "clean_cache_bytes": fs.objects.used_bytes(),
             "dedup": fs.dedup.enabled, "part_bytes_sent": fs.dedup.bytes_sent,
             "part_bytes_copied": fs.dedup.bytes_copied}
@@ -247,7 +287,7 @@ def run(config: MountConfig) -> int:
 
     cache = CacheDir(config.cache_dir)
     try:
-        preflight(config)
+        unreachable = preflight(config)
         cache.prepare()
     except ConfigError as exc:
         report(f"error: {exc}")
@@ -256,6 +296,8 @@ def run(config: MountConfig) -> int:
     metrics = Metrics()
     fs = Filesystem(config, make_client(config), cache, metrics)
     metrics.add_state(fs.state_metrics)
+    if unreachable:
+        fs.note_outage(f"start-up check: {unreachable}")
     if config.options.metrics_port:
         try:
             metrics.serve(config.options.metrics_port, config.options.metrics_addr)
@@ -274,11 +316,13 @@ def run(config: MountConfig) -> int:
         while time.monotonic() < deadline:
             if is_mounted(config.mountpoint):
                 raise_readahead(str(config.mountpoint))
-                log.info("mounted %s at %s (cache %s, %d upload(s) resumed)", config.source,
-                         config.mountpoint, config.cache_dir, recovered)
+                log.info("mounted %s at %s (cache %s, %d upload(s) resumed)%s", config.source,
+                         config.mountpoint, config.cache_dir, recovered,
+                         "; S3 is not answering yet" if unreachable else "")
                 became_ready.set()
                 report("ready")
-                sd_notify(f"READY=1\nSTATUS=serving {config.source}")
+                sd_notify(f"READY=1\nSTATUS=serving {config.source}"
+                          + (" (S3 not answering: answering from the cache dir)" if unreachable else ""))
                 if os.environ.get("NOTIFY_SOCKET"):
                     threading.Thread(target=_notify_loop, args=(fs, config.source, stop_notify),
                                      name="s3ckptfs-notify", daemon=True).start()

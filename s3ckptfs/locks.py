@@ -17,7 +17,7 @@ The order, outermost first::
     journal   StagedFile.journal_lock: one file's journal record being written
               (held across its fsync, so never under the mount's or a file's lock)
     file      StagedFile.lock (+ changed): every field of one staged file
-    leaves    parts, parthashes, dedup, requests, outage, passthrough.holders, room,
+    leaves    parts, parthashes, listings, dedup, requests, outage, passthrough.holders, room,
               close_seq, metadata, objects, handles, watch.timers: each guards one
               small structure
 
@@ -124,6 +124,8 @@ ORDER: tuple[LockKind, ...] = (
     LockKind("parts", LEAF, "PartUploads._lock (parts.py)", "the eager-upload slots and their waiting list"),
     LockKind("parthashes", LEAF, "PartHashes._lock (parthashes.py)",
              "the SQLite connection holding the part hashes of objects written here"),
+    LockKind("listings", LEAF, "KeptListings._lock (listings.py)",
+             "the SQLite connection holding the kept listings saved in the cache dir"),
     LockKind("dedup", LEAF, "Dedup._lock (dedup.py)",
              "the bytes of parts sent and copied; parts sent for uploads not yet complete"),
     LockKind("requests", LEAF, "BoundedRequests._count_lock (fs/bounded.py)", "its thread counts"),

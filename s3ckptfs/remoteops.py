@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DELETE = "delete"
 MOVE = "move"
 MARKER = "marker"  # recreate a directory's marker under a new key, if there is one
+MOVE_TREE = "move_tree"  # move everything S3 holds under a prefix, listed when the operation runs
 DIR_MODE = stat.S_IFDIR | 0o755
 _GONE_CODES = ("NoSuchKey", "NotFound", "404")
 
@@ -54,6 +55,12 @@ class RemoteOp:
     def label(self) -> str:
         return f"delete {self.key}" if self.kind == DELETE else f"{self.kind} {self.key} -> {self.dst}"
 
+    def moved_key(self, key: str) -> str:
+        """Where this operation moves ``key`` (an object it shows under a new name)."""
+        if self.kind == MOVE_TREE and key.startswith(self.key):
+            return self.dst + key[len(self.key):]
+        return self.dst
+
     def paths(self) -> list[str]:
         return [*self.hides, *self.shows]
 
@@ -63,6 +70,9 @@ class RemoteOp:
 
     def run(self, store: ObjectStore) -> None:
         """Make the change in S3 (raises S3Error)."""
+        if self.kind == MOVE_TREE:
+            move_tree(store, self.key, self.dst)
+            return
         if self.kind == MARKER:
             marker = store.head(self.key)
             if marker is not None:  # else an implicit directory: nothing to recreate
@@ -88,3 +98,30 @@ class RemoteOp:
                    size=int(record.get("size", 0)), hides=tuple(record.get("hides", ())),
                    shows=dict(record.get("shows", {})), close_seq=int(record.get("close_seq", 0)),
                    id=str(record["id"]))
+
+
+def move_tree(store: ObjectStore, src: str, dst: str) -> None:
+    """Move every object under prefix ``src`` to the same name under ``dst``, as a directory rename.
+
+    For a directory whose content this mount did not know when it was renamed: what
+    is there is listed now. Markers are recreated first (a directory keeps its
+    creation time; some servers cannot copy a marker), then objects are moved, then
+    the old markers deleted deepest first and the old directory's key once more at
+    the end (some servers list an emptied folder until then). Safe to run again:
+    what a first run moved is no longer under ``src``.
+    """
+    objects = [info for info in store.list_all(src)]
+    dirs = {src}
+    for info in objects:
+        rest = info.key[len(src):]
+        parts = rest.split("/")[:-1]
+        for depth in range(1, len(parts) + 1):
+            dirs.add(src + "/".join(parts[:depth]) + "/")
+    for directory in sorted(dirs):
+        RemoteOp(MARKER, directory, dst + directory[len(src):]).run(store)
+    for info in objects:
+        if not info.key.endswith("/"):
+            RemoteOp(MOVE, info.key, dst + info.key[len(src):], info.size).run(store)
+    for directory in sorted(dirs, reverse=True):
+        store.delete(directory)
+    log.info("moved %d object(s) under %s to %s", sum(1 for o in objects if not o.key.endswith("/")), src, dst)

@@ -202,6 +202,18 @@ class S3Client:
             raise translate(exc, f"LIST {prefix}") from exc
         return files, dirs
 
+    def list_page(self, prefix: str) -> tuple[list[ObjectInfo], list[str], bool]:
+        """The first page of ``list_dir`` (one request), and whether it holds the whole listing."""
+        locks.assert_no_locks_held("S3 LIST")
+        try:
+            page = self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, Delimiter="/", MaxKeys=1000)
+        except Exception as exc:
+            raise translate(exc, f"LIST {prefix}") from exc
+        files = [ObjectInfo(key=item["Key"], size=item["Size"], etag=item.get("ETag", ""),
+                            mtime=item["LastModified"].timestamp(), mode=None) for item in page.get("Contents", [])]
+        dirs = [common["Prefix"][len(prefix):].rstrip("/") for common in page.get("CommonPrefixes", [])]
+        return files, dirs, not page.get("IsTruncated", False)
+
     def list_all(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object whose key starts with ``prefix`` (recursive).
 

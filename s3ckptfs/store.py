@@ -60,6 +60,11 @@ class ObjectStore(Protocol):
         """
         ...
 
+    def list_page(self, prefix: str) -> tuple[list[ObjectInfo], list[str], bool]:
+        """One ListObjectsV2 request with delimiter '/' (up to 1000 entries): what ``list_dir``
+        returns from its first page, and whether that page was the whole listing."""
+        ...
+
     def list_all(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object whose key starts with ``prefix`` (recursive, no metadata); may raise while iterated."""
         ...

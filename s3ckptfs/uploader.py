@@ -162,7 +162,10 @@ class Uploader:
                 ticket.finish(S3Error("ShuttingDown", "the daemon is stopping"))
                 return ticket
             for commit in self._queue:
-                if commit.file is file and commit.attempts == 0 and file.commit_queued:
+                # Join a commit not yet started, and requested since the file's last rename (one
+                # from before gives up when it starts: its waiters moved to the one queued after).
+                if (commit.file is file and commit.attempts == 0 and file.commit_queued
+                        and commit.renames == file.renames):
                     return commit.ticket
             with file.lock:
                 file.queue_commit_locked()

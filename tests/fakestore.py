@@ -43,7 +43,7 @@ from s3ckptfs.errors import S3Error
 from s3ckptfs.s3client import _info_from_head, composite_crc32c, crc32c
 from s3ckptfs.store import ObjectInfo
 
-OPERATIONS = ("head", "list_dir", "list_all", "dir_summary", "get_range_into", "get_bytes", "put",
+OPERATIONS = ("head", "list_dir", "list_page", "list_all", "dir_summary", "get_range_into", "get_bytes", "put",
               "create_multipart", "upload_part", "upload_part_copy", "complete_multipart", "abort_multipart", "list_parts", "copy",
               "copy_if_unchanged", "delete")
 UPLOAD_OPERATIONS = ("put", "create_multipart", "upload_part", "complete_multipart")
@@ -183,6 +183,17 @@ class FakeClient:
         with self._store._lock:
             files, prefixes = self._store._delimited_locked(prefix)
         return files, [common[len(prefix):].rstrip("/") for common in prefixes]
+
+    def list_page(self, prefix: str) -> tuple[list[ObjectInfo], list[str], bool]:
+        self._store._enter("list_page", prefix, self)
+        with self._store._lock:
+            files, prefixes = self._store._delimited_locked(prefix)
+        # One page, as S3Client reads it: keys and common prefixes in key order.
+        page = sorted([(info.key, info) for info in files] + [(common, None) for common in prefixes],
+                      key=lambda entry: entry[0])
+        first = page[:MAX_KEYS]
+        return ([info for _, info in first if info is not None],
+                [key[len(prefix):].rstrip("/") for key, info in first if info is None], len(page) <= MAX_KEYS)
 
     def list_all(self, prefix: str) -> Iterator[ObjectInfo]:
         self._store._enter("list_all", prefix, self)

@@ -212,7 +212,7 @@ def test_s3client_and_the_fake_implement_the_whole_interface():
     from s3ckptfs.store import ObjectStore
 
     methods = [name for name, _ in inspect.getmembers(ObjectStore, inspect.isfunction) if not name.startswith("_")]
-    assert len(methods) == 16
+    assert len(methods) == 17
     for name in methods:
         expected = inspect.signature(getattr(ObjectStore, name))
         for implementation in (S3Client, FakeClient):

@@ -383,6 +383,7 @@ def client() -> S3Client:
 S3_CALLS = {
     "head": lambda c: c.head("k"),
     "list_dir": lambda c: c.list_dir("p/"),
+    "list_page": lambda c: c.list_page("p/"),
     "list_all": lambda c: list(c.list_all("p/")),
     "dir_summary": lambda c: c.dir_summary("p/"),
     "get_range_into": lambda c: c.get_range_into("k", 0, 10, -1),

@@ -4,7 +4,8 @@ Every mount here talks to S3 through ``FaultProxy`` (tests/faultproxy.py), which
 freezes the server (``hang``: connections accepted, never answered) and then
 refuses connections (``refuse``). The contract under test:
 
-* Lookups and listings of a directory this mount has listed or written into are
+* Lookups and listings of a directory this mount has listed, looked up a name in or
+  made (the first lookup in a directory lists it; kept listings survive a restart) are
   answered from the last known listing merged with local changes when S3 errors
   or does not answer within ``metadata_deadline`` (default 2 s), for up to
   ``stale_if_error`` (default one day; 0 turns it off). A name absent from that
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -44,8 +46,8 @@ from conftest import get_bytes  # noqa: E402
 from faultproxy import healing_proxy, running_proxy_process  # noqa: E402
 from frameworks_workers import assert_equal_states  # noqa: E402
 from outage_helpers import (  # noqa: E402
-    SAVES, Bounded, CallLog, Outage, call_bound_failures, describe_error, expected_listing, run_step,
-    s3_snapshot, snapshot_differences, status_json, step_state)
+    LOCAL_FSYNC, SAVES, Bounded, CallLog, Outage, call_bound_failures, describe_error, expected_listing, run_step,
+    s3_snapshot, save_and_fsync, snapshot_differences, status_json, step_state)
 
 # The proxy runs in a child process: torch.save holds the GIL while it opens a file on the
 # mount, and a proxy thread in this process could not answer the lookup that open waits for.
@@ -693,3 +695,122 @@ def test_hf_trainer_through_outage(fault_proxy, bucket, mount_factory, s3, tmp_p
     assert resumed.state.global_step == last + HF_SAVE_STEPS
     assert get_bytes(s3, bucket, run.key(f"hf/checkpoint-{last}/model.safetensors")) == \
         (output_dir / f"checkpoint-{last}" / "model.safetensors").read_bytes()
+
+
+# -- a directory never listed, a restart during the outage --------------------------------------------
+
+DIRS_OUTAGE_SECONDS = float(os.environ.get("S3CKPTFS_DIRS_OUTAGE_SECONDS", "30"))  # each phase
+BIG_NUMEL = 4 * MiB      # 4 float32 tensors of 16 MiB: a 64 MiB checkpoint
+NAMESPACE_BOUND = 0.5    # a directory rename or rmtree during the outage
+
+
+def big_state(step: int) -> dict[str, Any]:
+    from frameworks_workers import tensors
+    return tensors(4, BIG_NUMEL, seed=5000 + step)
+
+
+def dirs_sequence(mount, root: Path, log: CallLog, local: Path | None, outage: Outage | None) -> list[str]:
+    """The job: saves into an existing directory it never lists, directories made here renamed and
+    removed, a kill -9 and restart, then saves and a rotation; with ``outage``, all but the first
+    save during it (S3 hangs, then refuses). Returns the problems seen."""
+    problems: list[str] = []
+    run = root / "run"
+
+    def save(step: int) -> None:
+        state = big_state(step)
+        log.timed("torch.save 64 MiB", torch.save, state, run / f"step_{step}.pt", step=step, save=True)
+        if local is not None:
+            log.timed("torch.save 64 MiB", save_and_fsync, state, local / f"step_{step}.pt", step=step,
+                      where=LOCAL_FSYNC, save=True)
+            (local / f"step_{step}.pt").unlink()
+
+    def at(fraction: float) -> None:
+        if outage is not None:
+            outage.wait_until(fraction * outage.duration)
+
+    save(1)                                    # run/ exists in S3, looked up, written into, never listed
+    for name in ("tmp-checkpoint-100", "tmp-checkpoint-200"):
+        os.mkdir(run / name)
+    mount.sync()                               # the markers are in S3
+    if outage is not None:
+        outage.start()
+        time.sleep(TTL_SECONDS + 0.5)          # every kept answer is stale: lookups ask S3 first
+        log.timed("first lookup of the outage", os.path.exists, run / "absent", step=0)
+    for k, step in enumerate((2, 3, 4)):
+        at(0.05 + 0.1 * k)
+        save(step)
+    for name in ("tmp-checkpoint-100", "tmp-checkpoint-200"):
+        for i in range(4):
+            log.timed("torch.save small", torch.save, {"i": torch.full((1000,), float(i))}, run / name / f"part-{i}.pt",
+                      step=100)
+        log.timed("rename dir", os.rename, run / name, run / name[len("tmp-"):], step=100)
+    log.timed("rmtree", shutil.rmtree, run / "checkpoint-100", step=100)
+    at(0.35)
+    log.note(f"kill -9 of the daemon during {outage.mode if outage else 'no outage'}")
+    mount.kill()
+    restarted = log.timed("restart mount", mount.start, check=False, step=7, where="cli")
+    if restarted.returncode != 0 or not mount.mounted:
+        problems.append(f"restart failed:\n{restarted.describe()}")
+        if outage is not None:
+            outage.wait_healed()
+        mount.start()
+    if outage is not None and outage.active:
+        s3 = status_json(mount).get("s3", {})
+        if s3.get("answering") is not False:
+            problems.append(f"status after the restart during the outage does not show it: {s3}")
+    for k, step in enumerate((5, 6, 7)):
+        at(0.55 + 0.1 * k)
+        save(step)
+    log.timed("write latest", (run / "latest").write_text, "step_7.pt", step=7)
+    for step in (1, 2, 3, 4):                  # rotation: keep the newest three
+        log.timed("rotate", os.unlink, run / f"step_{step}.pt", step=step)
+    log.timed("listdir", os.listdir, run, step=7)
+    return problems
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(900 + 4 * DIRS_OUTAGE_SECONDS)
+def test_checkpointing_in_a_directory_never_listed_and_across_a_restart(fault_proxy, bucket, mount_factory, s3,
+                                                                         tmp_path):
+    """A job saves once into an existing directory it never lists; S3 hangs, then refuses; the job
+    saves five more 64 MiB checkpoints there, renames and removes directories made here whose
+    markers are in S3, and its daemon is killed (-9) and restarted on the same cache dir while S3
+    is still down. Saves stay within 1.5x a local save + fsync, the rename and rmtree within 0.5 s;
+    afterwards S3 holds what the same job without an outage leaves, and a fresh node resumes."""
+    for prefix in ("ref", "run"):
+        s3.put_object(Bucket=bucket, Key=f"{prefix}/run/existing.pt", Body=b"e" * 1000)
+    ref = mount_factory(bucket, "ref", options=TTL)
+    assert not dirs_sequence(ref, ref.path, CallLog(), None, None)
+    ref.sync()
+    ref.unmount()
+    expected = s3_snapshot(s3, bucket, "ref")
+
+    mount = mount_factory(bucket, "run", endpoint_url=fault_proxy.url, options=TTL)
+    local = tmp_path / "local"
+    local.mkdir()
+    with Outage(fault_proxy, outage_phases(DIRS_OUTAGE_SECONDS)) as outage:
+        log = CallLog(lambda: outage.mode)
+        problems = dirs_sequence(mount, mount.path, log, local, outage)
+        outage.wait_healed()
+    synced = log.timed("sync", mount.sync, check=False, where="cli")
+    summary = log.report(tmp_path / "outage-report.json", "directory never listed, kill -9 and restart",
+                         outage_seconds=DIRS_OUTAGE_SECONDS, problems=problems, sync_returncode=synced.returncode)
+    assert not log.errors(), f"calls failed during the outage: {log.errors()}"
+    assert not problems, problems
+    slow = [f"{c.label} took {c.seconds:.2f}s" for c in log.on_mount()
+            if c.label in ("rename dir", "rmtree") and c.seconds >= NAMESPACE_BOUND]
+    assert not slow, slow
+    assert not call_bound_failures(log, CALL_BOUND), call_bound_failures(log, CALL_BOUND)
+    ratios = [(c.step, round(r, 2)) for c, r in log.save_ratios(LOCAL_FSYNC) if c.phase in ("hang", "refuse")]
+    assert len(ratios) == 6 and all(r <= 1.5 for _, r in ratios), ratios
+    assert summary["longest_call_during_outage"]["seconds"] < CALL_BOUND
+    assert synced.returncode == 0, synced.describe()
+    differences = snapshot_differences(s3_snapshot(s3, bucket, "run"), expected)
+    assert not differences, f"S3 differs from the run without outage: {differences}"
+    mount.unmount()
+    fresh = mount_factory(bucket, "run", options=TTL)
+    run = fresh.path / "run"
+    assert sorted(os.listdir(run)) == ["checkpoint-200", "existing.pt", "latest", "step_5.pt", "step_6.pt",
+                                       "step_7.pt"]
+    assert_equal_states(big_state(7), torch.load(run / (run / "latest").read_text(), weights_only=True))
+    assert sorted(os.listdir(run / "checkpoint-200")) == [f"part-{i}.pt" for i in range(4)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Callable, TypeVar
 
@@ -125,6 +126,7 @@ class Outage:
     def __init__(self, on_fallback: Callable[[], None] | None = None) -> None:
         self._lock = locks.new_lock("outage")
         self._since: str | None = None
+        self._started = 0.0
         self._on_fallback = on_fallback
         self.fallbacks = 0
 
@@ -133,12 +135,27 @@ class Outage:
         """S3 failed a request and has not answered one since."""
         return self._since is not None
 
+    def begin(self, reason: str) -> None:
+        """S3 is known not to answer (the daemon's start-up check): no lookup waits for it."""
+        with self._lock:
+            if self._since is None:
+                self._since, self._started = reason, time.time()
+        log.warning("S3 is not answering (%s): lookups and listings of directories this mount knows are "
+                    "answered from their kept listings; new files are kept here until S3 is back", reason)
+
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            if self._since is None:
+                return {"answering": True}
+            return {"answering": False, "since": round(self._started, 3), "error": self._since,
+                    "answered_from_kept_listings": self.fallbacks}
+
     def fell_back(self, what: str, err: S3Error) -> None:
         with self._lock:
             self.fallbacks += 1
             first = self._since is None
             if first:
-                self._since = str(err)
+                self._since, self._started = str(err), time.time()
         if self._on_fallback is not None:
             self._on_fallback()
         if first:

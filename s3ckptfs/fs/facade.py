@@ -27,6 +27,7 @@ from ..cache import CacheDir
 from ..config import MountConfig
 from ..dedup import Dedup
 from ..errors import FsError
+from ..listings import DB_NAME as LISTINGS_DB, KeptListings
 from ..metrics import Metrics
 from ..parthashes import DB_NAME as HASHES_DB, PartHashes
 from ..passthrough import PassthroughBackend, PassthroughFiles
@@ -85,6 +86,10 @@ class Filesystem:
         self.namespace = Namespace(core, self.lookup, self.opens, self.reads, self.lifecycle, self.durability,
                                    self.pending, self.uploader)
         self.recovery = Recovery(core, self.durability, self.pending, self.uploader)
+        # Kept listings outlive the process: a restart during an outage answers from them.
+        self.kept_listings = KeptListings(cache_dir.root / LISTINGS_DB if opts.stale_if_error > 0 else None,
+                                          config.source)
+        self.kept_listings.start(core.meta)
 
     # -- FUSE passthrough ----------------------------------------------------------------
 
@@ -192,6 +197,14 @@ class Filesystem:
     def recover(self) -> int:
         return self.recovery.recover()
 
+    def note_outage(self, reason: str) -> None:
+        """S3 did not answer the start-up check: lookups answer from kept listings at once."""
+        self.lookup.outage.begin(reason)
+
+    def s3_status(self) -> dict[str, object]:
+        """Whether S3 answers metadata requests, for ``status``."""
+        return self.lookup.outage.status()
+
     def shutdown(self, drain_timeout: float) -> bool:
         self.passthrough.stop()
         self.durability.shutdown()
@@ -200,6 +213,7 @@ class Filesystem:
         self.dedup.shutdown(wait=False)
         self.lookup.requests.shutdown()
         self.lookup.side_requests.shutdown()
+        self.kept_listings.stop()
         return drained
 
     def join_threads(self, timeout: float = 10.0) -> bool:

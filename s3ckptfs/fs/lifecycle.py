@@ -61,7 +61,7 @@ class Lifecycle:
             self.discard_locked(previous)
         self.clear_lost_locked(file.path, "written again")
         self.table.staged[file.path] = file
-        self.core.meta.forget(file.path)
+        self.core.meta.drop(file.path)  # the staged file shadows it; the parent's listing stays fresh
         self.table.mtime_overrides.pop(file.path, None)
 
     def discard_locked(self, file: StagedFile) -> None:

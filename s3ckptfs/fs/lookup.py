@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 
 from ..errors import FsError, S3Error
 from ..metadata import MISSING, DirInfo
+from ..remoteops import MOVE_TREE
 from ..store import ObjectInfo
 from ..staging import StagedFile
 from .bounded import BoundedRequests, Outage
@@ -30,6 +32,8 @@ from .core import DIR_MODE, FILE_MODE, SYMLINK_MAX, Core, Stat, parent_of, s3_er
 # Without a kept listing to answer from, a lookup waits this many deadlines (30 s by default)
 # before EIO: long enough for the S3 client's retries through a storm of 503s.
 NO_FALLBACK_DEADLINES = 15
+
+log = logging.getLogger(__name__)
 
 
 class Lookup:
@@ -72,16 +76,16 @@ class Lookup:
             return DirInfo(self.core.mount_time)
         with self.table.lock:
             known, local = self._local_locked(path)
-            if known:
+            if known and not _maybe_symlink(local):
                 return local
             staged_children = self.table.live_below_locked(path)
-        cached = self.meta.get(path)
+        if known:  # shown by a pending move, from a listing that does not tell a symlink from a file
+            return self._with_mode(path, local)  # type: ignore[arg-type]
+        cached = self._kept(path)
+        if cached is None and self._list_first(parent_of(path), path):
+            cached = self._kept(path)
         if cached is MISSING:
             return DirInfo(max(f.mtime for f in staged_children)) if staged_children else None
-        if isinstance(cached, ObjectInfo) and cached.mode is None and cached.size <= SYMLINK_MAX:
-            cached = None  # from a listing: HEAD tells whether it is a symlink
-        if isinstance(cached, DirInfo) and cached.mtime is None:
-            cached = None  # from a listing: its own listing tells its mtime
         if cached is not None:
             return cached  # type: ignore[return-value]
         key = self.core.key_for(path)
@@ -146,6 +150,14 @@ class Lookup:
             return self.lookup(path, attempts - 1)
         return None
 
+    def _with_mode(self, path: str, shown: ObjectInfo) -> ObjectInfo:
+        """``shown`` with its mode, from a HEAD of the key it is read from (as it is when S3 is away)."""
+        try:
+            info = self._ask(f"lookup {path}", lambda: self.core.store.head(shown.key), True)
+        except S3Error:
+            return shown
+        return dataclasses.replace(shown, mode=info.mode) if info is not None else shown
+
     def locations(self, path: str) -> list[ObjectInfo]:
         """Where the bytes of file ``path`` may be in S3 now, most likely first: what a lookup
         answers, then, while a pending move shows the path, that move's source and destination
@@ -159,10 +171,54 @@ class Lookup:
             shown = self.table.moved.get(path)
         if shown is not None:
             op = shown[1]
-            for key in (op.key, op.dst):
-                if key and key != entry.key:
-                    found.append(dataclasses.replace(entry, key=key, etag=""))
+            key = self.core.key_for(path)  # where the move puts it
+            source = op.key + key[len(op.dst):] if op.kind == MOVE_TREE and key.startswith(op.dst) else op.key
+            for place in (source, key):
+                if place not in (entry.key, *(f.key for f in found)):
+                    found.append(dataclasses.replace(entry, key=place, etag=""))
         return found
+
+    def _kept(self, path: str) -> object | None:
+        """The answer kept for ``path`` that needs no request (ObjectInfo, DirInfo, MISSING), or None."""
+        cached = self.meta.get(path)
+        if isinstance(cached, ObjectInfo) and cached.mode is None and cached.size <= SYMLINK_MAX:
+            return None  # from a listing: HEAD tells whether it is a symlink
+        if isinstance(cached, DirInfo) and cached.mtime is None:
+            return None  # from a listing: its own listing tells its mtime
+        return cached
+
+    def _list_first(self, directory: str, path: str) -> bool:
+        """The first lookup in a directory with no kept listing lists it (one page); True if kept.
+
+        From then on the directory answers for every name in it, present or absent, also
+        while S3 is away. When the LIST fails, a lookup of ``path`` that has a kept answer
+        goes on to use it; one that has none fails now, as its own request would have.
+        """
+        meta = self.meta
+        if (meta.ttl <= 0 and meta.stale_if_error <= 0) or meta.has_listing(directory):
+            return False
+        with self.table.lock:
+            if self.table.contents_known_locked(directory) or self.table.hidden_locked(directory):
+                return False
+        dir_key = self.core.dir_key(directory)
+        for _attempt in range(3):
+            token = meta.token()
+            can_fall_back = meta.get_stale(path) is not None
+            try:
+                files, dirs, complete = self._ask(f"list {directory}", lambda: self.core.store.list_page(dir_key),
+                                                  can_fall_back)
+            except S3Error as err:
+                if can_fall_back and err.transient:
+                    return False
+                raise s3_errno(err, f"lookup {path}") from err
+            children = listing_children(dir_key, files, dirs)
+            through = None if complete else max([f.key[len(dir_key):] for f in files] + [d + "/" for d in dirs])
+            if meta.put_listing(directory, children, token, through):
+                if through is not None:
+                    log.info("%s: more entries than one LIST page; kept the first %d (names up to %r): "
+                             "other names are looked up in S3", directory, len(children), through)
+                return True
+        return False
 
     def _local_locked(self, path: str) -> tuple[bool, ObjectInfo | DirInfo | None]:
         """(True, answer) if this mount's own state answers for ``path`` (mount's lock held)."""
@@ -255,6 +311,18 @@ class Lookup:
                 children = self._merge_staged_locked(path, listed)
         return children
 
+    def known_children(self, path: str, fresh: bool = True) -> dict[str, object] | None:
+        """Directory ``path``'s children as known here without a request (merged with local changes):
+        from a complete listing (fresh only, unless ``fresh`` is False), or None."""
+        with self.table.lock:
+            if self.table.contents_known_locked(path):
+                return self._merge_staged_locked(path, {})
+            if fresh:
+                listing = self.meta.get_listing(path)
+            else:
+                listing = self.meta.get_stale_listing(path) if self.meta.listing_complete(path) else None
+            return None if listing is None else self._merge_staged_locked(path, listing)
+
     def _list(self, path: str, dir_key: str) -> tuple[dict[str, object], bool]:
         """The children S3 lists under ``dir_key``, and True; or the kept listing and False."""
         stale = self.meta.get_stale_listing(path)
@@ -285,6 +353,11 @@ class Lookup:
                 if sep or not isinstance(merged.get(name), DirInfo) or merged[name].mtime is None:
                     merged[name] = DirInfo(None if sep else marker.mtime)
         return merged
+
+
+def _maybe_symlink(entry: object) -> bool:
+    """An entry from a listing, small enough to be a symlink: only a HEAD tells."""
+    return isinstance(entry, ObjectInfo) and entry.mode is None and entry.size <= SYMLINK_MAX
 
 
 def listing_children(dir_key: str, files: list[ObjectInfo], dirs: list[str]) -> dict[str, object]:

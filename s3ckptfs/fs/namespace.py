@@ -23,13 +23,14 @@ from ..remoteops import DELETE, MARKER, MOVE, RemoteOp
 from ..store import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Uploader
-from .core import SYMLINK_MAX, Core, s3_errno
+from .core import Core, s3_errno
 from .durability import Durability
 from .lifecycle import Lifecycle
 from .lookup import Lookup
 from .opens import Opens
 from .pending import PendingOps
 from .reads import Reads
+from .treemove import known_subtree, rename_tree_later
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,6 @@ class Namespace:
         if op is not None:
             self.pending.submit(op)
         else:
-            self.meta.forget(path)
             self.meta.put(path, MISSING)
         self.core.handles.unname(path)  # open handles live on, nameless
 
@@ -93,7 +93,6 @@ class Namespace:
             if self.table.dirs.get(path) is not None or self.table.get(path) is not None:
                 raise FsError(errno.EEXIST, path)  # made by another thread since the lookup
             self.table.put_locked(marker)
-            self.meta.forget(path)
             self.meta.put(path, DirInfo(marker.mtime))
             self.meta.put_created_dir(path)  # known empty: files can be created in it while S3 is away
         self.lifecycle.close_and_commit(marker)
@@ -125,7 +124,7 @@ class Namespace:
             if marker is not None:
                 self.lifecycle.discard_locked(marker)
         if local:  # made here, never in S3: nothing to delete there
-            self.meta.forget_tree(path)
+            self.meta.settle(path, MISSING, tree=True)
             self.meta.put(path, MISSING)
             return
         self.pending.queue(RemoteOp(DELETE, dir_key, hides=(path,)))
@@ -224,14 +223,12 @@ class Namespace:
 
     def _note_rename(self, old: str, new: str, new_key: str, source: ObjectInfo | DirInfo) -> None:
         """The kept listings (answers while S3 is away) learn the outcome; fresh answers come from S3."""
-        self.meta.forget_tree(old)
-        self.meta.forget_tree(new)
-        self.meta.note(old, MISSING)
+        self.meta.settle(old, MISSING, tree=True)
         if isinstance(source, DirInfo):
-            self.meta.note(new, source)
+            self.meta.settle(new, source, tree=True)
         else:
-            self.meta.note(new, ObjectInfo(key=new_key, size=source.size, etag="", mtime=source.mtime,
-                                           mode=source.mode))
+            self.meta.settle(new, ObjectInfo(key=new_key, size=source.size, etag="", mtime=source.mtime,
+                                             mode=source.mode), tree=True)
     def _requeue_locked(self, files: list[StagedFile]) -> None:
         """Renamed files commit behind every change made so far, the rename's own included
         (mount's lock held): a move of the object the file replaced, or of its own committed
@@ -267,19 +264,6 @@ class Namespace:
                 ops.append((RemoteOp(DELETE, old_key), {}))
         return ops
 
-    def _subtree(self, path: str) -> list[tuple[str, object]]:
-        """(path, entry) of everything below directory ``path``, as this mount shows it (S3 or kept listings)."""
-        found: list[tuple[str, object]] = []
-        for name, entry in self.lookup.children(path).items():
-            child = path.rstrip("/") + "/" + name
-            if isinstance(entry, ObjectInfo) and entry.mode is None and entry.size <= SYMLINK_MAX:
-                # A listing does not tell a symlink from a small file; the new path must show which.
-                entry = self.lookup.lookup(child) or entry
-            found.append((child, entry))
-            if isinstance(entry, DirInfo):
-                found.extend(self._subtree(child))
-        return found
-
     def _rename_dir(self, old: str, new: str, source: DirInfo) -> None:
         """Move a directory: at once here; in S3 as queued copies and deletes, in order.
 
@@ -293,15 +277,20 @@ class Namespace:
             if self.table.local_dir_locked(old) is not None:  # all of it is here: no S3 request
                 self._move_staged_locked(old, new, rewrite)
                 self._requeue_locked(rewrite)
+                # Under the lock: a moved file committed and retired meanwhile must find the new
+                # listing (a listing made after it would never learn of it).
+                self._note_rename(old, new, "", source)
+                self.meta.put_created_dir(new)
                 local = True
             else:
                 local = False
         if local:
             self._rewrite_records(rewrite)
-            self._note_rename(old, new, "", source)
-            self.meta.put_created_dir(new)
             return
-        entries = self._subtree(old)  # S3's listings (or the kept ones) merged with local changes
+        entries = known_subtree(self.lookup, old)
+        if entries is None:  # not all known now: moved in S3 as listed when its turn comes
+            rename_tree_later(self, old, new, source)
+            return
         key_for = self.core.key_for
         for path, _ in entries:  # ENAMETOOLONG before any change
             key_for(new + path[len(old):])

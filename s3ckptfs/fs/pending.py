@@ -70,11 +70,9 @@ class PendingOps:
         self._journaled[op.id] = journaled = threading.Event()
         self.uploader.request_op(op, ticket, journaled)
         for path in op.hides:
-            self.core.meta.forget_tree(path)
-            self.core.meta.note(path, MISSING)
+            self.core.meta.settle(path, MISSING, tree=True)
         for path, entry in (shows or {}).items():
-            self.core.meta.forget(path)
-            self.core.meta.note(path, entry)
+            self.core.meta.settle(path, entry)
 
     def submit(self, op: RemoteOp) -> Ticket:
         """Journal ``op`` (fsync: call without the mount's lock); the uploader may run it from then on."""
@@ -116,17 +114,16 @@ class PendingOps:
                 if table.gone.get(path) is op:
                     del table.gone[path]
                 # A listing taken before the change must not be merged after it (token).
-                self.core.meta.forget_tree(path)
-                self.core.meta.note(path, MISSING)
+                self.core.meta.settle(path, MISSING, tree=True)
             for path, record in op.shows.items():
                 shown = table.moved.get(path)
                 if shown is not None and shown[1] is op:
                     del table.moved[path]
-                    self.core.meta.forget(path)  # S3 answers for it now (its ETag is the copy's)
                     entry = entry_from_record(record)
                     if isinstance(entry, ObjectInfo) and op.dst:
-                        entry = dataclasses.replace(entry, key=op.dst, etag="")
-                    self.core.meta.note(path, entry)  # the kept listing stays whole
+                        entry = dataclasses.replace(entry, key=op.moved_key(entry.key), etag="")
+                    # S3 answers for it now (its ETag is the copy's); the kept listing stays whole.
+                    self.core.meta.settle(path, entry)
         self.core.journal.remove(op.id)
 
     def recover(self, record: dict) -> None:
