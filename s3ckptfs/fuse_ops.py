@@ -376,7 +376,7 @@ def raise_readahead(mountpoint: str, kib: int = KERNEL_READAHEAD // 1024) -> Non
 
 class _FUSE(mfusepy.FUSE):
     """mfusepy's FUSE with write_buf/read_buf accepting a NULL path (a file unlinked while open),
-    and open/create that hand the kernel a passthrough backing id when the file has one."""
+    truncate passing the file handle on (ftruncate), and open/create that hand the kernel a passthrough backing id when the file has one."""
 
     own_keep_cache = False
 
@@ -406,6 +406,12 @@ class _FUSE(mfusepy.FUSE):
     def read_buf(self, path, bufpp, size, offset, fip):  # noqa: D102 - same contract as mfusepy's
         decoded = None if path is None else path.decode(self.encoding, self.errors)
         return self.operations.read_buf(decoded, bufpp, size, offset, fip.contents.fh)
+
+    def truncate_fuse_3(self, path, length, fip):  # noqa: D102 - same contract as mfusepy's
+        # mfusepy drops the file info here, so an ftruncate of a file unlinked while open
+        # (libfuse passes no path then) would reach us with neither path nor handle.
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        return self.operations.truncate(decoded, length, fip.contents.fh if fip else None)
 
 
 def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool, metrics: Metrics,

@@ -126,7 +126,7 @@ class Filesystem:
     def write_with(self, fh: int, offset: int, length: int, copy: Callable[[int, int], int]) -> int:
         return self.writes.write_with(fh, offset, length, copy)
 
-    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
         self.writes.truncate(path, length, fh)
 
     def flush(self, fh: int) -> None:

@@ -95,7 +95,8 @@ class Writes:
             waited += 0.5
         self.core.objects.evict(limit - self.table.staged_bytes() - incoming)
 
-    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
+        """Set the size of the file open as ``fh`` (ftruncate), else of ``path``."""
         passthrough = self.core.passthrough
         if fh is not None:
             handle = self.core.handles.get(fh)
@@ -105,6 +106,8 @@ class Writes:
                     if handle.staged.pt_writers:
                         passthrough.reserve_locked(handle.staged)
                 return
+        if path is None:  # the file's name is gone (unlinked while open): only its handle names it
+            raise FsError(errno.EBADF, "truncate of a file without a name needs its handle open for writing")
         with self.table.lock:
             file = self.table.get(path)
             if file is not None:

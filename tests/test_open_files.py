@@ -1,0 +1,36 @@
+"""Descriptors kept open across unlink, truncate and replace, through a real mount.
+
+What the kernel and libfuse add to test_open_files_inproc.py: calls that arrive
+without a path once a name is gone, and readers passed through to a local file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from conftest import get_bytes, list_keys
+
+
+def data_of(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(size))
+
+
+def test_ftruncate_after_unlink(mnt, s3):
+    path = mnt.path / "t.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data_of(70_000))
+        os.unlink(path)
+        os.ftruncate(fd, 1000)
+        assert os.pread(fd, 100_000, 0) == data_of(1000)
+    finally:
+        os.close(fd)
+    with tempfile.TemporaryFile(dir=mnt.path) as f:  # unlinked at once, then used
+        f.write(data_of(5000))
+        f.truncate(100)
+        f.seek(0)
+        assert f.read() == data_of(100)
+    mnt.sync()
+    assert list_keys(s3, mnt.bucket, mnt.key("")) == []
+    assert "Traceback" not in mnt.log_tail(2000)
