@@ -346,6 +346,8 @@ class Uploader:
         ``try_copy``: a file equal to an object written here is copied from it (wholecopy.py).
         """
         if file.pt_epoch:
+            with file.lock:
+                file.start_commit_locked()  # the commit thread works on it from here (finish ends it)
             unchanged = passthrough_unchanged(file, self.single_put_limit)
             if unchanged is not None:
                 self._listener.committed(file, *unchanged)

@@ -34,3 +34,15 @@ def test_ftruncate_after_unlink(mnt, s3):
     mnt.sync()
     assert list_keys(s3, mnt.bucket, mnt.key("")) == []
     assert "Traceback" not in mnt.log_tail(2000)
+
+
+def test_fsync_then_close_commits_without_a_state_error(mnt, s3):
+    # torch.distributed.checkpoint: write, fsync, close
+    for name, size in (("small.bin", 70_000), ("large.bin", 20 << 20)):
+        with open(mnt.path / name, "wb") as f:
+            f.write(data_of(size))
+            f.flush()
+            os.fsync(f.fileno())
+        mnt.sync()
+        assert get_bytes(s3, mnt.bucket, mnt.key(name)) == data_of(size)
+    assert "commit state" not in mnt.log_tail(2000)

@@ -9,6 +9,7 @@ kernel's side of this is tested through a mount in test_open_files.py.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 
 import pytest
@@ -18,6 +19,20 @@ KiB = 1 << 10
 
 def data_of(size: int, seed: int = 0) -> bytes:
     return bytes((i * 7 + seed) % 251 for i in range(size))
+
+
+class FakeBacking:
+    """Kernel backing files as the FUSE layer registers them; here, numbers only."""
+
+    def __init__(self) -> None:
+        self.next_id = 0
+
+    def open(self, fd: int) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def close(self, backing_id: int) -> None:
+        pass
 
 
 # -- unlink while open -------------------------------------------------------------------
@@ -38,3 +53,29 @@ def test_ftruncate_of_an_unlinked_file_uses_its_handle(inproc, fake_store):
     fs.release(fh)
     assert fs.sync() == []
     assert fake_store.objects(mount.prefix) == {}
+
+
+# -- fsync, then close -------------------------------------------------------------------
+
+def test_fsync_then_close_of_a_passthrough_file_commits_once_without_a_state_error(inproc, fake_store, caplog):
+    # DCP: write, fsync (committed), close. The close of a passthrough writer always counts
+    # as a change; the commit finds S3 holding the same bytes and does nothing.
+    mount = inproc(passthrough="auto")
+    fs = mount.fs
+    fs.enable_passthrough(FakeBacking())
+    caplog.set_level(logging.ERROR)
+    for name, size in (("small.bin", 5 * KiB), ("large.bin", 70 * KiB)):
+        path = "/" + name
+        fh = fs.create(path, 0o100644, os.O_WRONLY)
+        assert fs.backing_id(fh), "the test needs a passthrough writer"
+        staged = fs.handles.get(fh).staged
+        os.pwrite(staged.fd, data_of(size), 0)  # what the kernel does for a passthrough writer
+        fs.fsync(fh)
+        puts = fake_store.count("put") + fake_store.count("complete_multipart")
+        fs.flush(fh)
+        fs.release(fh)
+        assert fs.sync() == []
+        assert fake_store.count("put") + fake_store.count("complete_multipart") == puts, "uploaded twice"
+        assert fake_store.objects(mount.key(path)) == {mount.key(path): data_of(size)}
+        assert fs.staged_files() == []
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
