@@ -167,7 +167,10 @@ class Uploader:
                     return commit.ticket
             with file.lock:
                 file.queue_commit_locked()
-                if file.size > self.single_put_limit:
+                # A passthrough file committed before may be unchanged (fsync, then close): its
+                # commit compares it first, and schedules the parts itself if it changed.
+                may_be_unchanged = bool(file.pt_epoch) and file.committed_digest is not None
+                if file.size > self.single_put_limit and not may_be_unchanged:
                     self.parts.schedule_stale_locked(file, defer=True)  # the remaining parts, in parallel
                 renames = file.renames
             commit = Commit(file, renames=renames)

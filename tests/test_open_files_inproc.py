@@ -72,10 +72,12 @@ def test_fsync_then_close_of_a_passthrough_file_commits_once_without_a_state_err
         os.pwrite(staged.fd, data_of(size), 0)  # what the kernel does for a passthrough writer
         fs.fsync(fh)
         puts = fake_store.count("put") + fake_store.count("complete_multipart")
+        parts = fake_store.count("upload_part")
         fs.flush(fh)
         fs.release(fh)
         assert fs.sync() == []
         assert fake_store.count("put") + fake_store.count("complete_multipart") == puts, "uploaded twice"
+        assert fake_store.count("upload_part") == parts, "parts uploaded again"
         assert fake_store.objects(mount.key(path)) == {mount.key(path): data_of(size)}
-        assert fs.staged_files() == []
+        assert fs.staged_files() == []  # retired: no part left on its way
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
