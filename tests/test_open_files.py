@@ -46,3 +46,34 @@ def test_fsync_then_close_commits_without_a_state_error(mnt, s3):
         mnt.sync()
         assert get_bytes(s3, mnt.bucket, mnt.key(name)) == data_of(size)
     assert "commit state" not in mnt.log_tail(2000)
+
+
+def test_a_reader_sees_a_truncate_through_the_path(mnt):
+    # its copy here is complete and it reads it through passthrough: the truncate is made to that file
+    path = mnt.path / "b.bin"
+    path.write_bytes(data_of(5_000_000))
+    mnt.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data_of(4096)
+        os.truncate(path, 1000)
+        assert os.fstat(fd).st_size == 1000
+        assert os.pread(fd, 1 << 20, 0) == data_of(1000)
+    finally:
+        os.close(fd)
+    mnt.sync()
+    assert path.read_bytes() == data_of(1000)
+
+
+def test_a_reader_sees_a_rewrite_through_another_descriptor(bucket, mount_factory):
+    mnt = mount_factory(bucket, "ckpt", options={"passthrough": "off"})
+    path = mnt.path / "b.bin"
+    path.write_bytes(data_of(200_000))
+    mnt.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data_of(4096)
+        path.write_bytes(data_of(100_000, seed=5))  # open(O_TRUNC): the same file
+        assert os.pread(fd, 1 << 20, 0) == data_of(100_000, seed=5)
+    finally:
+        os.close(fd)

@@ -14,6 +14,8 @@ import os
 
 import pytest
 
+from inproc import Vfs
+
 KiB = 1 << 10
 
 
@@ -81,3 +83,55 @@ def test_fsync_then_close_of_a_passthrough_file_commits_once_without_a_state_err
         assert fake_store.objects(mount.key(path)) == {mount.key(path): data_of(size)}
         assert fs.staged_files() == []  # retired: no part left on its way
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+# -- a reader sees the file as it is now ---------------------------------------------------
+
+def written_and_retired(mount, vfs: Vfs, name: str, data: bytes) -> None:
+    vfs.write_file(name, data)
+    assert mount.fs.sync() == []
+    assert mount.fs.staged_files() == []  # read through the object cache from here on
+
+
+def test_a_reader_sees_a_truncate_through_the_path(inproc):
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    written_and_retired(mount, vfs, "b.bin", data_of(50 * KiB))
+    fh = mount.fs.open("/b.bin", os.O_RDONLY)
+    assert mount.fs.read(fh, 4 * KiB, 0) == data_of(4 * KiB)
+    vfs.truncate("b.bin", 1000)
+    assert mount.fs.getattr("/b.bin", fh).size == 1000
+    assert mount.fs.read(fh, 64 * KiB, 0) == data_of(1000)
+    mount.fs.release(fh)
+    assert mount.fs.sync() == []
+    assert vfs.read_bytes("b.bin") == data_of(1000)
+
+
+def test_a_reader_sees_a_rewrite_through_another_descriptor(inproc):
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    written_and_retired(mount, vfs, "b.bin", data_of(50 * KiB))
+    reader = mount.fs.open("/b.bin", os.O_RDONLY)
+    assert mount.fs.read(reader, 4 * KiB, 0) == data_of(4 * KiB)
+    vfs.write_file("b.bin", data_of(20 * KiB, seed=3))  # open(O_TRUNC) of the same file
+    assert mount.fs.read(reader, 64 * KiB, 0) == data_of(20 * KiB, seed=3)
+    writer = vfs.open("b.bin", os.O_WRONLY)  # written in place, without O_TRUNC
+    mount.fs.write(writer, b"patched", 0)
+    assert mount.fs.read(reader, 7, 0) == b"patched"
+    vfs.close(writer)
+    mount.fs.release(reader)
+    assert mount.fs.sync() == []
+    assert vfs.read_bytes("b.bin") == b"patched" + data_of(20 * KiB, seed=3)[7:]
+
+
+def test_a_reader_of_a_replaced_name_keeps_the_old_file(inproc):
+    # rename over a name is a new file there: the reader keeps what it opened, as on a local disk
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    written_and_retired(mount, vfs, "latest", b"old")
+    reader = mount.fs.open("/latest", os.O_RDONLY)
+    vfs.write_file("latest.tmp", b"new")
+    vfs.rename("latest.tmp", "latest")
+    assert mount.fs.read(reader, 100, 0) == b"old"
+    mount.fs.release(reader)
+    assert vfs.read_bytes("latest") == b"new"

@@ -126,12 +126,21 @@ class Writes:
             raise FsError(errno.ENOENT, path)
         if isinstance(entry, DirInfo):
             raise FsError(errno.EISDIR, path)
-        file = self.opens.new_staged(path, entry.mode or FILE_MODE)
-        if length:
-            self.reads.hydrate(file, entry)
-        with file.lock:
-            file.truncate_locked(length)
         with self.table.lock:
-            self.lifecycle.register_locked(file)
+            # Readers passed through to the complete cached copy see the truncate only if it is
+            # made to that very file.
+            file = self.opens.take_cached_copy_locked(path, entry) if self.table.get(path) is None else None
+            if file is not None:
+                with file.lock:
+                    file.truncate_locked(length)
+                self.opens.stage_existing_locked(file)
+        if file is None:
+            file = self.opens.new_staged(path, entry.mode or FILE_MODE)
+            if length:
+                self.reads.hydrate(file, entry)
+            with file.lock:
+                file.truncate_locked(length)
+            with self.table.lock:
+                self.opens.stage_existing_locked(file)
         self.durability.make_durable(file)
         self.uploader.request_commit(file)
