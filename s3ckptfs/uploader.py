@@ -108,6 +108,9 @@ class CommitListener(Protocol):
     def settled(self, file: StagedFile) -> None:
         """A commit of ``file`` succeeded, whether or not it wrote anything: commit again or retire."""
 
+    def op_copied(self, op: RemoteOp) -> None:
+        """A move's destination holds the object; its source is deleted next."""
+
     def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
         """A namespace change has been made in S3 (``error`` None), or given up."""
 
@@ -304,7 +307,7 @@ class Uploader:
         assert op is not None
 
         def attempt() -> None:
-            op.run(self.s3)
+            op.run(self.s3, copied=lambda: self._listener.op_copied(op))
             # One line per namespace change made in S3, in close order: a user missing a file
             # can see when and why its key went.
             log.info("%s (%s) made in S3", op.label, ", ".join(op.describe()) or "no path shown")

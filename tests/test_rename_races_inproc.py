@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import fakestore
 from conftest import wait_for
@@ -145,3 +146,32 @@ def test_open_for_append_of_a_file_whose_move_lands_while_it_is_read_follows_it(
     assert vfs.read_bytes("b.pt") == body + b"tail"
     assert mount.fs.sync() == []
     assert fake_store.objects(mount.prefix) == {"mnt/b.pt": body + b"tail"}
+
+
+def test_a_name_replaced_by_a_rename_reads_while_the_move_ends(inproc, fake_store, monkeypatch):
+    # os.replace(latest.tmp, latest) of an object already in S3 is a copy, then a delete of the
+    # old key. A reader of latest right after must be sent to the new key once the old one may
+    # be gone, also before the mount has heard that the move is done (it was ENOENT).
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    fake_store.put_object("mnt/latest.tmp", b"step 2")  # written by another node: not cached here
+    fake_store.put_object("mnt/latest", b"step 1")
+    assert vfs.read_bytes("latest") == b"step 1"
+    moved, go_on = threading.Event(), threading.Event()
+    op_done = mount.fs.pending.op_done
+
+    def held(op, error):
+        moved.set()
+        go_on.wait(10)
+        op_done(op, error)
+
+    monkeypatch.setattr(mount.fs.pending, "op_done", held)
+    vfs.rename("latest.tmp", "latest")
+    assert moved.wait(10)
+    try:
+        assert fake_store.objects("mnt/") == {"mnt/latest": b"step 2"}  # copied, the old key deleted
+        assert vfs.read_bytes("latest") == b"step 2"
+    finally:
+        go_on.set()
+    assert mount.fs.sync() == []
+    assert vfs.read_bytes("latest") == b"step 2"

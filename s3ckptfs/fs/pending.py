@@ -85,6 +85,21 @@ class PendingOps:
         for path, record in op.shows.items():
             table.moved[path] = (entry_from_record(record), op)
 
+    def op_copied(self, op: RemoteOp) -> None:
+        """Uploader listener: a move's destination holds the object, and its source is deleted next.
+
+        The paths it shows are shown from the destination from now on: a reader opening one
+        between the delete and ``op_done`` would otherwise be sent to a key that is gone
+        (ENOENT), and one reading the source already follows to the destination.
+        """
+        with self.table.lock:
+            for path in op.shows:
+                shown = self.table.moved.get(path)
+                if shown is None or shown[1] is not op or not isinstance(shown[0], ObjectInfo):
+                    continue
+                self.table.moved[path] = (dataclasses.replace(shown[0], key=op.dst, etag=""), op)
+                self.core.meta.forget(path)
+
     def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
         """Uploader listener: S3 now agrees with ``op`` (or refused it: then it stays shown and journaled)."""
         table = self.table
