@@ -97,6 +97,8 @@ class Commit:
     ticket: Ticket = field(default_factory=Ticket)
     attempts: int = 0
     requested: float = field(default_factory=time.monotonic)
+    not_before: float = 0.0   # (monotonic) the commit thread does not start it earlier
+    started: bool = False     # the commit thread has begun it
 
 
 class CommitListener(Protocol):
@@ -209,11 +211,13 @@ class Uploader:
                 self._queue.append(follow)
             self._queue_changed.notify_all()
 
-    def request_op(self, op: RemoteOp, ahead_of: Iterable[StagedFile] = ()) -> Ticket:
+    def request_op(self, op: RemoteOp, ahead_of: Iterable[StagedFile] = (), hold: float = 0.0) -> Ticket:
         """Queue a namespace change behind every commit requested so far, or, with ``ahead_of``,
-        just ahead of the first of those files' commits not yet started."""
+        just ahead of the first of those files' commits not yet started. With ``hold``, it is
+        not started for that many seconds (everything behind it waits too), so that
+        ``cancel_op`` can still drop it."""
         with self._lock:
-            commit = Commit(None, op)
+            commit = Commit(None, op, not_before=time.monotonic() + hold if hold else 0.0)
             if self._stopping:  # journaled: made at the next start
                 commit.ticket.finish(S3Error("ShuttingDown", "the daemon is stopping"))
                 return commit.ticket
@@ -224,6 +228,17 @@ class Uploader:
             self._queue.insert(at, commit)
             self._queue_changed.notify_all()
             return commit.ticket
+
+    def cancel_op(self, op: RemoteOp) -> bool:
+        """Drop a queued namespace change that has not started; True if it was dropped."""
+        with self._lock:
+            for i, commit in enumerate(self._queue):
+                if commit.op is op and not commit.started:
+                    del self._queue[i]
+                    commit.ticket.finish()
+                    self._queue_changed.notify_all()
+                    return True
+        return False
 
     def stalled_for(self) -> float:
         """Seconds the ordered queue has waited on S3 without any answer (0 when nothing is queued):
@@ -256,11 +271,17 @@ class Uploader:
     def _commit_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._stop_event.is_set():
-                    self._queue_changed.wait()
-                if not self._queue:
-                    return
-                commit = self._queue[0]
+                while True:
+                    while not self._queue and not self._stop_event.is_set():
+                        self._queue_changed.wait()
+                    if not self._queue:
+                        return
+                    commit = self._queue[0]
+                    held = commit.not_before - time.monotonic()
+                    if held <= 0 or self._stop_event.is_set():
+                        break
+                    self._queue_changed.wait(held)  # a held change: it may be dropped meanwhile
+                commit.started = True
                 self._head_started = time.monotonic()
             error = self._run_op(commit) if commit.op is not None else self._commit_with_retries(commit)
             with self._lock:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import tempfile
 
-import pytest
-
 from conftest import get_bytes, list_keys
 
 
@@ -18,9 +16,6 @@ def data_of(size: int, seed: int = 0) -> bytes:
     return bytes((i * 7 + seed) % 251 for i in range(size))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fstat sends GETATTR without a file handle; with hard_remove, libfuse's high-level API has no "
-    "path left for an unlinked node and answers ESTALE before the daemon is asked"))
 def test_fstat_after_unlink(mnt):
     path = mnt.path / "p.bin"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -28,8 +23,13 @@ def test_fstat_after_unlink(mnt):
         os.write(fd, data_of(1000))
         os.unlink(path)
         assert os.fstat(fd).st_size == 1000
+        assert not path.exists() and os.listdir(mnt.path) == []
+        os.ftruncate(fd, 10)
+        os.fchmod(fd, 0o600)
+        assert os.fstat(fd).st_size == 10
     finally:
         os.close(fd)
+    assert os.listdir(mnt.path) == []
 
 
 def test_ftruncate_after_unlink(mnt, s3):

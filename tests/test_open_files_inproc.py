@@ -135,3 +135,56 @@ def test_a_reader_of_a_replaced_name_keeps_the_old_file(inproc):
     assert mount.fs.read(reader, 100, 0) == b"old"
     mount.fs.release(reader)
     assert vfs.read_bytes("latest") == b"new"
+
+
+# -- the private name libfuse keeps an unlinked open file under ----------------------------------
+
+HIDDEN = "/.fuse_hidden0000000a00000001"
+
+
+def test_an_unlinked_open_file_answers_to_the_name_it_is_kept_as(inproc, fake_store):
+    mount = inproc()
+    fs = mount.fs
+    fh = fs.create("/p.bin", 0o100644, os.O_RDWR)
+    fs.write(fh, data_of(1000), 0)
+    fs.unlink("/p.bin", keep_open_as=HIDDEN)
+    kept = fs.kept_open(HIDDEN)
+    assert kept == fh and fs.getattr(None, kept).size == 1000
+    assert [name for name, _ in fs.readdir("/")] == []
+    fs.flush(fh)
+    fs.release(fh)
+    assert fs.kept_open(HIDDEN) is None
+    assert fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {}
+
+
+def test_a_rename_onto_an_open_name_just_unlinked_leaves_no_gap_in_s3(inproc, fake_store):
+    # libfuse renames an open target away (an unlink here) right before the rename onto it:
+    # S3 keeps the old object under the name until the new one replaces it, never deleting it.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    written_and_retired(mount, vfs, "latest", b"step 1")
+    reader = mount.fs.open("/latest", os.O_RDONLY)
+    vfs.write_file("latest.tmp", b"step 2")
+    assert mount.fs.sync() == []
+    mount.fs.unlink("/latest", keep_open_as=HIDDEN)
+    vfs.rename("latest.tmp", "latest")
+    assert mount.fs.read(reader, 100, 0) == b"step 1"
+    mount.fs.release(reader)
+    assert mount.fs.sync() == []
+    assert fake_store.count("delete", key=mount.key("latest")) == 0
+    assert fake_store.objects(mount.prefix) == {mount.key("latest"): b"step 2"}
+    assert vfs.read_bytes("latest") == b"step 2"
+
+
+def test_an_open_file_unlinked_alone_is_deleted_after_a_moment(inproc, fake_store):
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    written_and_retired(mount, vfs, "old.pt", b"old")
+    reader = mount.fs.open("/old.pt", os.O_RDONLY)
+    mount.fs.unlink("/old.pt", keep_open_as=HIDDEN)
+    assert not vfs.exists("old.pt")
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {}
+    assert mount.fs.read(mount.fs.kept_open(HIDDEN), 100, 0) == b"old"
+    mount.fs.release(reader)

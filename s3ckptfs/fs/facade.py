@@ -138,8 +138,12 @@ class Filesystem:
     def release(self, fh: int) -> None:
         self.lifecycle.release(fh)
 
-    def unlink(self, path: str) -> None:
-        self.namespace.unlink(path)
+    def unlink(self, path: str, keep_open_as: str = "") -> None:
+        self.namespace.unlink(path, keep_open_as)
+
+    def kept_open(self, name: str) -> int | None:
+        """A file handle open on the unlinked file kept as ``name`` (see ``unlink``), or None."""
+        return self.handles.kept(name)
 
     def mkdir(self, path: str, mode: int) -> None:
         self.namespace.mkdir(path, mode)

@@ -16,7 +16,7 @@ import time
 
 from ..errors import S3Error
 from ..metadata import MISSING, DirInfo
-from ..remoteops import RemoteOp
+from ..remoteops import DELETE, RemoteOp
 from ..store import ObjectInfo
 from ..staging import StagedFile, next_close_seq
 from ..uploader import Ticket, Uploader
@@ -66,15 +66,16 @@ class PendingOps:
             self.core.meta.forget(path)
             self.core.meta.note(path, entry)
 
-    def submit(self, op: RemoteOp, ahead_of: list[StagedFile] | None = None) -> Ticket:
+    def submit(self, op: RemoteOp, ahead_of: list[StagedFile] | None = None, hold: float = 0.0) -> Ticket:
         """Journal ``op`` (fsync: call without the mount's lock) and queue it behind the commits before it,
-        or ahead of the pending commits of ``ahead_of`` (which then follow it after a restart too)."""
+        or ahead of the pending commits of ``ahead_of`` (which then follow it after a restart too).
+        ``hold``: see ``Uploader.request_op``."""
         if ahead_of:
             seqs = [f.close_seq for f in ahead_of if f.close_seq]
             if seqs:
                 op.close_seq = min(op.close_seq, min(seqs) - 1)
         self.core.journal.write(op.id, op.record())
-        return self.uploader.request_op(op, ahead_of or ())
+        return self.uploader.request_op(op, ahead_of or (), hold)
 
     def _show_locked(self, op: RemoteOp) -> None:
         table = self.table
@@ -84,6 +85,19 @@ class PendingOps:
             table.moved.pop(path, None)  # a path shown under a new name, removed again
         for path, record in op.shows.items():
             table.moved[path] = (entry_from_record(record), op)
+
+    def cancel_delete_locked(self, path: str, key: str) -> bool:
+        """``key`` is about to be overwritten by a rename onto ``path`` (mount's lock held): a queued
+        delete of it, not yet started, would only make the name vanish from S3 until then, so it
+        is dropped. True if it was. (libfuse unlinks a name that is open before a rename onto it.)"""
+        op = self.table.gone.get(path)
+        if (op is None or op.kind != DELETE or op.key != key or op.hides != (path,) or op.shows
+                or not self.uploader.cancel_op(op)):
+            return False
+        del self.table.gone[path]
+        self.table.ops.pop(op.id, None)
+        self.core.journal.remove(op.id)
+        return True
 
     def op_copied(self, op: RemoteOp) -> None:
         """Uploader listener: a move's destination holds the object, and its source is deleted next.
