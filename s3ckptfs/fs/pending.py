@@ -102,17 +102,26 @@ class PendingOps:
     def op_copied(self, op: RemoteOp) -> None:
         """Uploader listener: a move's destination holds the object, and its source is deleted next.
 
-        The paths it shows are shown from the destination from now on: a reader opening one
-        between the delete and ``op_done`` would otherwise be sent to a key that is gone
+        S3 answers for the paths it shows from now on (with the copy's ETag): a reader opening
+        one between the delete and ``op_done`` would otherwise be sent to a key that is gone
         (ENOENT), and one reading the source already follows to the destination.
         """
         with self.table.lock:
-            for path in op.shows:
-                shown = self.table.moved.get(path)
-                if shown is None or shown[1] is not op or not isinstance(shown[0], ObjectInfo):
-                    continue
-                self.table.moved[path] = (dataclasses.replace(shown[0], key=op.dst, etag=""), op)
-                self.core.meta.forget(path)
+            self.core.objects.invalidate(op.dst)
+            self._stop_showing_locked(op)
+
+    def _stop_showing_locked(self, op: RemoteOp) -> None:
+        """S3 answers for the paths ``op`` shows: the table stops showing them (mount's lock held)."""
+        table = self.table
+        for path, record in op.shows.items():
+            shown = table.moved.get(path)
+            if shown is not None and shown[1] is op:
+                del table.moved[path]
+                self.core.meta.forget(path)  # S3 answers for it now (its ETag is the copy's)
+                entry = entry_from_record(record)
+                if isinstance(entry, ObjectInfo) and op.dst:
+                    entry = dataclasses.replace(entry, key=op.dst, etag="")
+                self.core.meta.note(path, entry)  # the kept listing stays whole
 
     def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
         """Uploader listener: S3 now agrees with ``op`` (or refused it: then it stays shown and journaled)."""
@@ -131,15 +140,7 @@ class PendingOps:
                 # A listing taken before the change must not be merged after it (token).
                 self.core.meta.forget_tree(path)
                 self.core.meta.note(path, MISSING)
-            for path, record in op.shows.items():
-                shown = table.moved.get(path)
-                if shown is not None and shown[1] is op:
-                    del table.moved[path]
-                    self.core.meta.forget(path)  # S3 answers for it now (its ETag is the copy's)
-                    entry = entry_from_record(record)
-                    if isinstance(entry, ObjectInfo) and op.dst:
-                        entry = dataclasses.replace(entry, key=op.dst, etag="")
-                    self.core.meta.note(path, entry)  # the kept listing stays whole
+            self._stop_showing_locked(op)
         self.core.journal.remove(op.id)
 
     def recover(self, record: dict) -> None:
