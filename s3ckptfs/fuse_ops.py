@@ -21,6 +21,7 @@ import fcntl
 import functools
 import logging
 import os
+import re
 import struct
 import sys
 from pathlib import Path
@@ -184,6 +185,17 @@ def _translate(method: Callable) -> Callable:
     return wrapper
 
 
+# libfuse (without hard_remove) keeps a file unlinked while open under such a name in its
+# directory, renamed there by the filesystem's rename, and unlinks it at the last release.
+# Calls on the file without a handle (fstat) then come with that name: with hard_remove
+# they would come with no path at all, and libfuse answers them ESTALE itself.
+_HIDDEN = re.compile(r"(?:^|/)\.fuse_hidden[0-9a-f]{16}$")
+
+
+def _hidden(path: str | None) -> bool:
+    return path is not None and _HIDDEN.search(path) is not None
+
+
 def _stat_dict(st: Stat, uid: int, gid: int) -> dict[str, int]:
     mtime_ns = int(st.mtime * 1e9)
     return {"st_mode": st.mode, "st_size": st.size, "st_nlink": st.nlink, "st_uid": uid, "st_gid": gid,
@@ -239,9 +251,21 @@ class FuseOperations(mfusepy.Operations):
         self.fs.enable_passthrough(_KernelBacking(device_fd))
         return None
 
+    def _kept(self, path: str | None, fh: int | None) -> int | None:
+        """The handle to use for ``path``: ``fh``, or one open on the unlinked file libfuse keeps
+        as ``path`` (ENOENT if none: such a name never reaches S3)."""
+        if fh is not None or not _hidden(path):
+            return fh
+        kept = self.fs.kept_open(path or "")
+        if kept is None:
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        return kept
+
     @_translate
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
-        return _stat_dict(self.fs.getattr(path, fh), self._uid, self._gid)
+        fh = self._kept(path, fh)
+        return _stat_dict(self.fs.getattr(None if fh is not None and _hidden(path) else path, fh),
+                          self._uid, self._gid)
 
     @_translate
     def readdir(self, path: str, fh: int):
@@ -282,7 +306,8 @@ class FuseOperations(mfusepy.Operations):
 
     @_translate
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
-        self.fs.truncate(path, length, fh)
+        fh = self._kept(path, fh)
+        self.fs.truncate(None if _hidden(path) else path, length, fh)
         return 0
 
     @_translate
@@ -302,7 +327,8 @@ class FuseOperations(mfusepy.Operations):
 
     @_translate
     def unlink(self, path: str) -> int:
-        self.fs.unlink(path)
+        if not _hidden(path):  # a kept file's last release: it went with its handles
+            self.fs.unlink(path)
         return 0
 
     @_translate
@@ -317,7 +343,12 @@ class FuseOperations(mfusepy.Operations):
 
     @_translate
     def rename(self, old: str, new: str) -> int:
-        self.fs.rename(old, new)
+        if _hidden(new):  # libfuse keeps an open file it unlinks (or renames over) under a new name
+            self.fs.unlink(old, keep_open_as=new)
+        elif _hidden(old):
+            raise mfusepy.FuseOSError(errno.ENOENT)
+        else:
+            self.fs.rename(old, new)
         return 0
 
     @_translate
@@ -337,17 +368,20 @@ class FuseOperations(mfusepy.Operations):
 
     @_translate
     def chmod(self, path: str, mode: int) -> int:
-        self.fs.chmod(path, mode)
+        if not _hidden(path):  # an unlinked file's attributes go nowhere
+            self.fs.chmod(path, mode)
         return 0
 
     @_translate
     def chown(self, path: str, uid: int, gid: int) -> int:
-        self.fs.chown(path, uid, gid)
+        if not _hidden(path):  # an unlinked file's attributes go nowhere
+            self.fs.chown(path, uid, gid)
         return 0
 
     @_translate
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-        self.fs.utimens(path, None if times is None else times[1] / 1e9)
+        if not _hidden(path):  # an unlinked file's mtime goes nowhere
+            self.fs.utimens(path, None if times is None else times[1] / 1e9)
         return 0
 
     @_translate
@@ -376,7 +410,7 @@ def raise_readahead(mountpoint: str, kib: int = KERNEL_READAHEAD // 1024) -> Non
 
 class _FUSE(mfusepy.FUSE):
     """mfusepy's FUSE with write_buf/read_buf accepting a NULL path (a file unlinked while open),
-    and open/create that hand the kernel a passthrough backing id when the file has one."""
+    truncate passing the file handle on (ftruncate), and open/create that hand the kernel a passthrough backing id when the file has one."""
 
     own_keep_cache = False
 
@@ -407,6 +441,12 @@ class _FUSE(mfusepy.FUSE):
         decoded = None if path is None else path.decode(self.encoding, self.errors)
         return self.operations.read_buf(decoded, bufpp, size, offset, fip.contents.fh)
 
+    def truncate_fuse_3(self, path, length, fip):  # noqa: D102 - same contract as mfusepy's
+        # mfusepy drops the file info here, so an ftruncate of a file unlinked while open
+        # (libfuse passes no path then) would reach us with neither path nor handle.
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        return self.operations.truncate(decoded, length, fip.contents.fh if fip else None)
+
 
 def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool, metrics: Metrics,
           on_ready: Callable[[], None] | None = None) -> None:
@@ -415,7 +455,9 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, allow_other: bool, me
     # kernel refuses a passthrough open with keep_cache (EIO). Where passthrough may be used,
     # the daemon keeps the page cache itself: for objects read through it, while the ETag stays.
     own_keep_cache = LIBFUSE_VERSION >= (3, 17) and fs.options.passthrough != "off"
-    options: dict[str, Any] = {"fsname": fsname, "subtype": "s3ckptfs", "hard_remove": True,
+    # No hard_remove: libfuse then keeps a file unlinked while open under a hidden name (see
+    # _HIDDEN), so that fstat and the like still reach us for it.
+    options: dict[str, Any] = {"fsname": fsname, "subtype": "s3ckptfs",
                                "foreground": True, "auto_cache": not own_keep_cache}
     if fs.options.negative_ttl > 0:
         # The kernel remembers absent names as long as we do: a stat storm of missing

@@ -31,6 +31,7 @@ class Handle:
     window: int = 0            # current read-ahead, grows while reads stay sequential
     backing_id: int = 0        # FUSE passthrough: the kernel reads and writes the backing file itself
     named: bool = True         # False once its name was unlinked or renamed over (the open file lives on)
+    kept_as: str = ""          # a private name the FUSE layer gave the file when its name was unlinked
 
 
 class HandleTable:
@@ -59,12 +60,19 @@ class HandleTable:
         with self._lock:
             return [h for h in self._handles.values() if h.path == path and h.named]
 
-    def unname(self, path: str) -> None:
-        """``path`` was unlinked or replaced: handles open on it no longer refer to that name."""
+    def unname(self, path: str, kept_as: str = "") -> None:
+        """``path`` was unlinked or replaced: handles open on it no longer refer to that name.
+        With ``kept_as``, they answer to that private name from now on (``kept``)."""
         with self._lock:
             for handle in self._handles.values():
-                if handle.path == path:
+                if handle.path == path and handle.named:
                     handle.named = False
+                    handle.kept_as = kept_as
+
+    def kept(self, name: str) -> int | None:
+        """The fh of a handle still open on the file kept as ``name`` by ``unname``, if any."""
+        with self._lock:
+            return next((fh for fh, handle in self._handles.items() if name and handle.kept_as == name), None)
 
     def move(self, old: str, new: str) -> None:
         """A rename: handles opened under ``old`` (or below it) now live under ``new``."""

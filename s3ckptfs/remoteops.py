@@ -21,6 +21,7 @@ import logging
 import stat
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .errors import S3Error
 from .s3client import object_metadata
@@ -68,8 +69,10 @@ class RemoteOp:
         """What the change does to the mount's paths, for the log."""
         return [*(f"{path} removed" for path in self.hides), *(f"{path} shown" for path in self.shows)]
 
-    def run(self, store: ObjectStore) -> None:
-        """Make the change in S3 (raises S3Error)."""
+    def run(self, store: ObjectStore, copied: Callable[[], None] | None = None) -> None:
+        """Make the change in S3 (raises S3Error). A move calls ``copied()`` once the destination
+        holds the object, before the source is deleted: the mount then shows the destination,
+        so that no reader is sent to a key about to go."""
         if self.kind == MOVE_TREE:
             move_tree(store, self.key, self.dst)
             return
@@ -86,6 +89,8 @@ class RemoteOp:
                 if err.code not in _GONE_CODES or store.head(self.dst) is None:
                     raise
                 log.info("%s: source already gone and destination present (moved before a restart)", self.label)
+            if copied is not None:
+                copied()
         store.delete(self.key)
 
     def record(self) -> dict:

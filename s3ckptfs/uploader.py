@@ -96,6 +96,8 @@ class Commit:
     ticket: Ticket = field(default_factory=Ticket)
     attempts: int = 0
     requested: float = field(default_factory=time.monotonic)
+    not_before: float = 0.0   # (monotonic) the commit thread does not start it earlier
+    started: bool = False     # the commit thread has begun it
 
 
 class CommitListener(Protocol):
@@ -106,6 +108,9 @@ class CommitListener(Protocol):
 
     def settled(self, file: StagedFile) -> None:
         """A commit of ``file`` succeeded, whether or not it wrote anything: commit again or retire."""
+
+    def op_copied(self, op: RemoteOp) -> None:
+        """A move's destination holds the object; its source is deleted next."""
 
     def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
         """A namespace change has been made in S3 (``error`` None), or given up."""
@@ -169,7 +174,10 @@ class Uploader:
                     return commit.ticket
             with file.lock:
                 file.queue_commit_locked()
-                if file.size > self.single_put_limit:
+                # A passthrough file committed before may be unchanged (fsync, then close): its
+                # commit compares it first, and schedules the parts itself if it changed.
+                may_be_unchanged = bool(file.pt_epoch) and file.committed_digest is not None
+                if file.size > self.single_put_limit and not may_be_unchanged:
                     self.parts.schedule_stale_locked(file, defer=True)  # the remaining parts, in parallel
                 renames = file.renames
             commit = Commit(file, renames=renames)
@@ -205,19 +213,33 @@ class Uploader:
                 self._queue.append(follow)
             self._queue_changed.notify_all()
 
-    def request_op(self, op: RemoteOp, ticket: Ticket | None = None,
-                   journaled: threading.Event | None = None) -> Ticket:
+    def request_op(self, op: RemoteOp, ticket: Ticket | None = None, journaled: threading.Event | None = None,
+                   hold: float = 0.0) -> Ticket:
         """Queue a namespace change behind every commit requested so far. ``ticket``: the one its
         waiters already hold; ``journaled``: set once its journal record is written (it does
-        not run before: a change made in S3 must be on disk to be made again after a crash)."""
+        not run before: a change made in S3 must be on disk to be made again after a crash).
+        With ``hold``, it is not started for that many seconds (everything behind it waits too),
+        so that ``cancel_op`` can still drop it."""
         with self._lock:
-            commit = Commit(None, op, ticket=ticket or Ticket(), journaled=journaled)
+            commit = Commit(None, op, ticket=ticket or Ticket(), journaled=journaled,
+                            not_before=time.monotonic() + hold if hold else 0.0)
             if self._stopping:  # journaled: made at the next start
                 commit.ticket.finish(S3Error("ShuttingDown", "the daemon is stopping"))
                 return commit.ticket
             self._queue.append(commit)
             self._queue_changed.notify_all()
             return commit.ticket
+
+    def cancel_op(self, op: RemoteOp) -> bool:
+        """Drop a queued namespace change that has not started; True if it was dropped."""
+        with self._lock:
+            for i, commit in enumerate(self._queue):
+                if commit.op is op and not commit.started:
+                    del self._queue[i]
+                    commit.ticket.finish()
+                    self._queue_changed.notify_all()
+                    return True
+        return False
 
     def stalled_for(self) -> float:
         """Seconds the ordered queue has waited on S3 without any answer (0 when nothing is queued):
@@ -250,11 +272,17 @@ class Uploader:
     def _commit_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._stop_event.is_set():
-                    self._queue_changed.wait()
-                if not self._queue:
-                    return
-                commit = self._queue[0]
+                while True:
+                    while not self._queue and not self._stop_event.is_set():
+                        self._queue_changed.wait()
+                    if not self._queue:
+                        return
+                    commit = self._queue[0]
+                    held = commit.not_before - time.monotonic()
+                    if held <= 0 or self._stop_event.is_set():
+                        break
+                    self._queue_changed.wait(held)  # a held change: it may be dropped meanwhile
+                commit.started = True
                 self._head_started = time.monotonic()
             error = self._run_op(commit) if commit.op is not None else self._commit_with_retries(commit)
             with self._lock:
@@ -304,7 +332,7 @@ class Uploader:
                 return S3Error("ShuttingDown", "the daemon is stopping")
 
         def attempt() -> None:
-            op.run(self.s3)
+            op.run(self.s3, copied=lambda: self._listener.op_copied(op))
             # One line per namespace change made in S3, in close order: a user missing a file
             # can see when and why its key went.
             log.info("%s (%s) made in S3", op.label, ", ".join(op.describe()) or "no path shown")
@@ -349,6 +377,8 @@ class Uploader:
         ``try_copy``: a file equal to an object written here is copied from it (wholecopy.py).
         """
         if file.pt_epoch:
+            with file.lock:
+                file.start_commit_locked()  # the commit thread works on it from here (finish ends it)
             unchanged = passthrough_unchanged(file, self.single_put_limit)
             if unchanged is not None:
                 self._listener.committed(file, *unchanged)

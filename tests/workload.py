@@ -43,9 +43,6 @@ SIZES = [0, 1, 1000, 4095, 4096, 4097, 6143, 6144, 6145, 8192, 12289, 30000]
 APPENDS = [1, 500, 4096, 6145]
 SLOW_OPERATIONS = UPLOAD_OPERATIONS + ("copy", "delete")
 MAX_FDS = 3
-# Read-only descriptors of an object that is then written through its path still read the old
-# version (issue "A reader keeps seeing old bytes"): drawn once that is fixed.
-READ_ONLY_DESCRIPTORS = False
 MAX_CRASHES = 2
 
 Op = tuple  # (name, *arguments): plain data, printable as a regression test
@@ -80,7 +77,7 @@ def draw(seed: int, steps: int) -> list[Op]:
         elif kind == "symlink":  # made in the top directory: a target never leaves the tree, even once moved
             ops.append((kind, rng.choice(["last", "last", "f3"]), rng.choice(FILES + ["missing"])))
         elif kind in ("fd_open",):
-            ops.append((kind, name, rng.choice(["rw", "rw", "trunc"] + (["ro"] if READ_ONLY_DESCRIPTORS else []))))
+            ops.append((kind, name, rng.choice(["rw", "rw", "ro", "trunc"])))
         elif kind in ("fd_write", "fd_read", "fd_stat", "fd_truncate", "fd_close"):
             ops.append((kind, rng.randrange(MAX_FDS), rng.choice(SIZES), rng.randrange(256)))
         elif kind in ("mkdir", "rmdir"):

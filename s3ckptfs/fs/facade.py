@@ -132,7 +132,7 @@ class Filesystem:
     def write_with(self, fh: int, offset: int, length: int, copy: Callable[[int, int], int]) -> int:
         return self.writes.write_with(fh, offset, length, copy)
 
-    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
         self.writes.truncate(path, length, fh)
 
     def flush(self, fh: int) -> None:
@@ -144,8 +144,12 @@ class Filesystem:
     def release(self, fh: int) -> None:
         self.lifecycle.release(fh)
 
-    def unlink(self, path: str) -> None:
-        self.namespace.unlink(path)
+    def unlink(self, path: str, keep_open_as: str = "") -> None:
+        self.namespace.unlink(path, keep_open_as)
+
+    def kept_open(self, name: str) -> int | None:
+        """A file handle open on the unlinked file kept as ``name`` (see ``unlink``), or None."""
+        return self.handles.kept(name)
 
     def mkdir(self, path: str, mode: int) -> None:
         self.namespace.mkdir(path, mode)

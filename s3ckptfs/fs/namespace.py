@@ -34,6 +34,10 @@ from .treemove import known_subtree, rename_tree_later
 
 log = logging.getLogger(__name__)
 
+# How long the delete of an open file's unlinked name waits before it starts: a rename onto
+# the name that follows at once (libfuse unlinks an open target first) drops it instead.
+REPLACE_GRACE = 0.25
+
 
 class Namespace:
     """unlink, mkdir, rmdir, rename, symlink, readlink, chmod, chown, utimens. Thread-safe."""
@@ -52,7 +56,9 @@ class Namespace:
         self.pending = pending
         self.uploader = uploader
 
-    def unlink(self, path: str) -> None:
+    def unlink(self, path: str, keep_open_as: str = "") -> None:
+        """Remove ``path``; files open on it live on, nameless, or answering to ``keep_open_as``
+        (``HandleTable.kept``), the private name the FUSE layer gives them."""
         key = self.core.key_for(path)
         with self.table.lock:
             file = self.table.get(path)
@@ -68,7 +74,9 @@ class Namespace:
             op = None
             if file is None or not self.table.only_here_locked(file):
                 op = RemoteOp(DELETE, key, hides=(path,))  # the object goes from S3 later, in close order
-                self.pending.show_locked(op)
+                # An open file's name is unlinked by libfuse before a rename onto it too: its delete
+                # waits a moment, for that rename to drop it (no gap without the name in S3).
+                self.pending.show_locked(op, hold=REPLACE_GRACE if keep_open_as else 0.0)
             if file is not None:
                 self.lifecycle.discard_locked(file)
             self.table.mtime_overrides.pop(path, None)
@@ -77,7 +85,7 @@ class Namespace:
             self.pending.submit(op)
         else:
             self.meta.put(path, MISSING)
-        self.core.handles.unname(path)  # open handles live on, nameless
+        self.core.handles.unname(path, keep_open_as)  # open handles live on
 
     def mkdir(self, path: str, mode: int) -> None:
         """Make the directory here at once; its ``dir/`` marker is committed in close order, like a file.
@@ -187,6 +195,8 @@ class Namespace:
         with self.table.lock:
             self.lifecycle.clear_lost_locked(old, "renamed")
             self.lifecycle.clear_lost_locked(new, "replaced by a rename")
+            # The old object under the new name stays until this rename replaces it.
+            superseded = self.pending.cancel_delete_locked(new, new_key)
             file = self.table.staged.pop(old, None)
             replaced = self.table.get(new)
             if replaced is not None:
@@ -200,7 +210,8 @@ class Namespace:
                 self.table.staged[new] = file
                 with file.lock:
                     # What was under the new name stays in S3 until this file's commit replaces it.
-                    file.over_object = target is not None or (replaced is not None and replaced.over_object)
+                    file.over_object = (target is not None or superseded
+                                        or (replaced is not None and replaced.over_object))
                     needs_commit = file.dirty and file.writers == 0 and not file.commit_queued
                 if moved is not None:
                     shows = {new: moved}

@@ -129,7 +129,7 @@ class Opens:
             if existing is not None:  # another thread won the race: share its copy
                 free_staging(file)
                 return self._open_handle_locked(existing, path, flags, writable)
-            self.lifecycle.register_locked(file)
+            self.stage_existing_locked(file)
             try:
                 return self._open_handle_locked(file, path, flags, writable)
             except FsError:
@@ -161,6 +161,19 @@ class Opens:
                 with existing.lock:
                     existing.truncate_locked(0)
             return self._open_handle_locked(existing, path, flags, writable=True)
+        file = self.take_cached_copy_locked(path, entry)
+        if file is None:
+            return 0
+        if truncate:
+            with file.lock:
+                file.truncate_locked(0)
+        self.stage_existing_locked(file)
+        return self._open_handle_locked(file, path, flags, writable=True)
+
+    def take_cached_copy_locked(self, path: str, entry: ObjectInfo) -> StagedFile | None:
+        """A staged file made of ``path``'s complete cached copy (moved, not copied), not yet
+        registered; None unless every open of the path reads that copy through passthrough
+        (or none is open): they go on reading the same local file, so they see its changes."""
         others = self.core.handles.open_on(path)  # new opens of path wait for the mount's lock
 
         def idle_or_passed_through(cached: CachedObject) -> bool:
@@ -168,7 +181,7 @@ class Opens:
 
         cached = self.core.objects.take(entry.key, entry.etag, idle_or_passed_through) if entry.etag else None
         if cached is None:
-            return 0
+            return None
         file_id = uuid.uuid4().hex
         staging_path = self.core.cache_dir.staging_path(file_id)
         try:
@@ -180,10 +193,19 @@ class Opens:
                           mode=entry.mode or FILE_MODE, mtime=entry.mtime, part_base=self.core.options.part_size)
         with file.lock:
             file.mark_identical_locked(entry.etag)  # identical to the object until written
-            if truncate:
-                file.truncate_locked(0)
+        return file
+
+    def stage_existing_locked(self, file: StagedFile) -> None:
+        """``file`` now stands for the existing file at its path, opened for writing or truncated
+        (mount's lock held). It is the same file to those who have it open: readers reading
+        through the daemon read it from now on, as on a local disk. (Readers passed through to
+        another local file cannot follow: the kernel reads that file itself.)"""
         self.lifecycle.register_locked(file)
-        return self._open_handle_locked(file, path, flags, writable=True)
+        for handle in self.core.handles.open_on(file.path):
+            if handle.staged is None and not handle.backing_id:
+                with file.lock:
+                    file.handles += 1
+                handle.staged = file  # its cached copy stays acquired until it is released
 
     def keep_cache(self, fh: int) -> bool:
         """Whether the kernel may keep its page cache of this file at open (FUSE keep_cache).

@@ -17,7 +17,7 @@ import time
 
 from ..errors import S3Error
 from ..metadata import MISSING, DirInfo
-from ..remoteops import RemoteOp
+from ..remoteops import DELETE, RemoteOp
 from ..store import ObjectInfo
 from ..staging import next_close_seq
 from ..uploader import Ticket, Uploader
@@ -59,7 +59,7 @@ class PendingOps:
             self.show_locked(op, shows)
         return self.submit(op)
 
-    def show_locked(self, op: RemoteOp, shows: dict[str, object] | None = None) -> None:
+    def show_locked(self, op: RemoteOp, shows: dict[str, object] | None = None, hold: float = 0.0) -> None:
         """The mount shows ``op``'s outcome from now on, and ``op`` takes its place in the uploader's
         order (mount's lock held): behind every change made on the mount before it, ahead of every
         change after. It runs once ``submit`` has journaled it, which must follow."""
@@ -68,7 +68,7 @@ class PendingOps:
         self._show_locked(op)
         ticket = self._tickets[op.id] = Ticket()
         self._journaled[op.id] = journaled = threading.Event()
-        self.uploader.request_op(op, ticket, journaled)
+        self.uploader.request_op(op, ticket, journaled, hold)  # hold: see Uploader.request_op
         for path in op.hides:
             self.core.meta.settle(path, MISSING, tree=True)
         for path, entry in (shows or {}).items():
@@ -84,6 +84,10 @@ class PendingOps:
         finally:
             if journaled is not None:
                 journaled.set()  # also when the disk refused the record: S3 still gets the change
+        with self.table.lock:
+            dropped = op.id not in self.table.ops
+        if dropped:  # cancelled meanwhile (cancel_delete_locked): never to be made, after a restart either
+            self.core.journal.remove(op.id)
         return ticket
 
     def _show_locked(self, op: RemoteOp) -> None:
@@ -97,6 +101,44 @@ class PendingOps:
                 del table.moved[shown]
         for path, record in op.shows.items():
             table.moved[path] = (entry_from_record(record), op)
+
+    def cancel_delete_locked(self, path: str, key: str) -> bool:
+        """``key`` is about to be overwritten by a rename onto ``path`` (mount's lock held): a queued
+        delete of it, not yet started, would only make the name vanish from S3 until then, so it
+        is dropped. True if it was. (libfuse unlinks a name that is open before a rename onto it.)"""
+        op = self.table.gone.get(path)
+        if (op is None or op.kind != DELETE or op.key != key or op.hides != (path,) or op.shows
+                or not self.uploader.cancel_op(op)):
+            return False
+        del self.table.gone[path]
+        self.table.ops.pop(op.id, None)
+        self._tickets.pop(op.id, None)
+        self.core.journal.remove(op.id)
+        return True
+
+    def op_copied(self, op: RemoteOp) -> None:
+        """Uploader listener: a move's destination holds the object, and its source is deleted next.
+
+        S3 answers for the paths it shows from now on (with the copy's ETag): a reader opening
+        one between the delete and ``op_done`` would otherwise be sent to a key that is gone
+        (ENOENT), and one reading the source already follows to the destination.
+        """
+        with self.table.lock:
+            self.core.objects.invalidate(op.dst)
+            self._stop_showing_locked(op)
+
+    def _stop_showing_locked(self, op: RemoteOp) -> None:
+        """S3 answers for the paths ``op`` shows: the table stops showing them (mount's lock held)."""
+        table = self.table
+        for path, record in op.shows.items():
+            shown = table.moved.get(path)
+            if shown is not None and shown[1] is op:
+                del table.moved[path]
+                entry = entry_from_record(record)
+                if isinstance(entry, ObjectInfo) and op.dst:
+                    entry = dataclasses.replace(entry, key=op.moved_key(entry.key), etag="")
+                # S3 answers for it now (its ETag is the copy's); the kept listing stays whole.
+                self.core.meta.settle(path, entry)
 
     def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
         """Uploader listener: S3 now agrees with ``op`` (or refused it: then it stays shown and journaled)."""
@@ -115,15 +157,7 @@ class PendingOps:
                     del table.gone[path]
                 # A listing taken before the change must not be merged after it (token).
                 self.core.meta.settle(path, MISSING, tree=True)
-            for path, record in op.shows.items():
-                shown = table.moved.get(path)
-                if shown is not None and shown[1] is op:
-                    del table.moved[path]
-                    entry = entry_from_record(record)
-                    if isinstance(entry, ObjectInfo) and op.dst:
-                        entry = dataclasses.replace(entry, key=op.moved_key(entry.key), etag="")
-                    # S3 answers for it now (its ETag is the copy's); the kept listing stays whole.
-                    self.core.meta.settle(path, entry)
+            self._stop_showing_locked(op)
         self.core.journal.remove(op.id)
 
     def recover(self, record: dict) -> None:

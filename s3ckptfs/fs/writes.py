@@ -95,7 +95,8 @@ class Writes:
             waited += 0.5
         self.core.objects.evict(limit - self.table.staged_bytes() - incoming)
 
-    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
+        """Set the size of the file open as ``fh`` (ftruncate), else of ``path``."""
         passthrough = self.core.passthrough
         if fh is not None:
             handle = self.core.handles.get(fh)
@@ -105,6 +106,8 @@ class Writes:
                     if handle.staged.pt_writers:
                         passthrough.reserve_locked(handle.staged)
                 return
+        if path is None:  # the file's name is gone (unlinked while open): only its handle names it
+            raise FsError(errno.EBADF, "truncate of a file without a name needs its handle open for writing")
         with self.table.lock:
             file = self.table.get(path)
             if file is not None:
@@ -123,12 +126,21 @@ class Writes:
             raise FsError(errno.ENOENT, path)
         if isinstance(entry, DirInfo):
             raise FsError(errno.EISDIR, path)
-        file = self.opens.new_staged(path, entry.mode or FILE_MODE)
-        if length:
-            self.reads.hydrate(file, entry)
-        with file.lock:
-            file.truncate_locked(length)
         with self.table.lock:
-            self.lifecycle.register_locked(file)
+            # Readers passed through to the complete cached copy see the truncate only if it is
+            # made to that very file.
+            file = self.opens.take_cached_copy_locked(path, entry) if self.table.get(path) is None else None
+            if file is not None:
+                with file.lock:
+                    file.truncate_locked(length)
+                self.opens.stage_existing_locked(file)
+        if file is None:
+            file = self.opens.new_staged(path, entry.mode or FILE_MODE)
+            if length:
+                self.reads.hydrate(file, entry)
+            with file.lock:
+                file.truncate_locked(length)
+            with self.table.lock:
+                self.opens.stage_existing_locked(file)
         self.durability.make_durable(file)
         self.uploader.request_commit(file)

@@ -1,0 +1,95 @@
+"""Descriptors kept open across unlink, truncate and replace, through a real mount.
+
+What the kernel and libfuse add to test_open_files_inproc.py: calls that arrive
+without a path once a name is gone, and readers passed through to a local file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from conftest import get_bytes, list_keys
+
+
+def data_of(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(size))
+
+
+def test_fstat_after_unlink(mnt):
+    path = mnt.path / "p.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data_of(1000))
+        os.unlink(path)
+        assert os.fstat(fd).st_size == 1000
+        assert not path.exists() and os.listdir(mnt.path) == []
+        os.ftruncate(fd, 10)
+        os.fchmod(fd, 0o600)
+        assert os.fstat(fd).st_size == 10
+    finally:
+        os.close(fd)
+    assert os.listdir(mnt.path) == []
+
+
+def test_ftruncate_after_unlink(mnt, s3):
+    path = mnt.path / "t.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data_of(70_000))
+        os.unlink(path)
+        os.ftruncate(fd, 1000)
+        assert os.pread(fd, 100_000, 0) == data_of(1000)
+    finally:
+        os.close(fd)
+    with tempfile.TemporaryFile(dir=mnt.path) as f:  # unlinked at once, then used
+        f.write(data_of(5000))
+        f.truncate(100)
+        f.seek(0)
+        assert f.read() == data_of(100)
+    mnt.sync()
+    assert list_keys(s3, mnt.bucket, mnt.key("")) == []
+    assert "Traceback" not in mnt.log_tail(2000)
+
+
+def test_fsync_then_close_commits_without_a_state_error(mnt, s3):
+    # torch.distributed.checkpoint: write, fsync, close
+    for name, size in (("small.bin", 70_000), ("large.bin", 20 << 20)):
+        with open(mnt.path / name, "wb") as f:
+            f.write(data_of(size))
+            f.flush()
+            os.fsync(f.fileno())
+        mnt.sync()
+        assert get_bytes(s3, mnt.bucket, mnt.key(name)) == data_of(size)
+    assert "commit state" not in mnt.log_tail(2000)
+
+
+def test_a_reader_sees_a_truncate_through_the_path(mnt):
+    # its copy here is complete and it reads it through passthrough: the truncate is made to that file
+    path = mnt.path / "b.bin"
+    path.write_bytes(data_of(5_000_000))
+    mnt.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data_of(4096)
+        os.truncate(path, 1000)
+        assert os.fstat(fd).st_size == 1000
+        assert os.pread(fd, 1 << 20, 0) == data_of(1000)
+    finally:
+        os.close(fd)
+    mnt.sync()
+    assert path.read_bytes() == data_of(1000)
+
+
+def test_a_reader_sees_a_rewrite_through_another_descriptor(bucket, mount_factory):
+    mnt = mount_factory(bucket, "ckpt", options={"passthrough": "off"})
+    path = mnt.path / "b.bin"
+    path.write_bytes(data_of(200_000))
+    mnt.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data_of(4096)
+        path.write_bytes(data_of(100_000, seed=5))  # open(O_TRUNC): the same file
+        assert os.pread(fd, 1 << 20, 0) == data_of(100_000, seed=5)
+    finally:
+        os.close(fd)
