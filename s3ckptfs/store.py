@@ -21,7 +21,7 @@ Object metadata follows the convention s3client.py documents: ``mtime``
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 
@@ -34,6 +34,9 @@ class ObjectInfo:
     etag: str
     mtime: float
     mode: int | None = None       # None when only a listing was seen (no metadata)
+    # From a listing: LastModified (whole seconds on many servers) stands for the mtime, and the
+    # mode is unknown. A HEAD, when S3 answers, gives the file's own (x-amz-meta-mtime, -mode).
+    listed: bool = field(default=False, compare=False)
 
     @property
     def is_symlink(self) -> bool:

@@ -67,8 +67,8 @@ def test_the_first_lookup_in_a_directory_lists_it_once(tmp_path):
             assert store.count("list_page", "mnt/run/") == 1
             before = len(store.calls)
             assert not vfs.exists("run/other.pt")           # answered by the kept listing
-            assert vfs.stat("run/a.pt").st_size == 10_000    # large: no HEAD needed
-            assert len(store.calls) == before, store.calls[before:]
+            assert vfs.stat("run/a.pt").st_size == 10_000    # a HEAD tells its own mtime and mode
+            assert store.calls[before:] == [("head", "mnt/run/a.pt")]
             assert sorted(vfs.listdir("run")) == ["a.pt", "sub"]
         finally:
             mount.close()
@@ -86,7 +86,8 @@ def test_a_directory_larger_than_one_page_keeps_what_it_got(tmp_path):
             vfs = Vfs(fs)
             assert not vfs.exists("big/f00000a")            # within the first page: known absent
             assert vfs.stat("big/f00001").st_size == 5000
-            assert store.count("head", "mnt/big/f00001") == 0 and store.count("head", "mnt/big/f00000a") == 0
+            # The absent name needs no request; the present one a HEAD for its own mtime and mode.
+            assert store.count("head", "mnt/big/f00001") == 1 and store.count("head", "mnt/big/f00000a") == 0
             assert vfs.stat(f"big/f{fakestore.MAX_KEYS + 10:05d}").st_size == 5000  # past it: asks S3
             assert not vfs.exists("big/zzz")
             assert len(vfs.listdir("big")) == fakestore.MAX_KEYS + 20  # a listing reads every page

@@ -339,3 +339,25 @@ def test_a_name_replaced_by_a_rename_reads_while_the_move_ends(inproc, fake_stor
         assert vfs.read_bytes("latest") == step
     for fh in readers:
         mount.fs.release(fh)
+
+
+def test_a_name_moved_onto_twice_reads_the_newest_while_the_first_is_still_open(inproc, fake_store):
+    # rename f1 f0, then f0 open for reading (its bytes cached here, the copy's ETag unknown);
+    # rename f3 f0: a new open of f0 must read f3's bytes, not the copy the first reader holds.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    vfs.write_file("f1", b"1")
+    assert mount.fs.sync() == []
+    vfs.rename("f1", "f0")
+    assert mount.fs.sync() == []
+    reader = mount.fs.open("/f0", os.O_RDONLY)
+    try:
+        assert mount.fs.read(reader, 100, 0) == b"1"
+        body = data_of(10_198)
+        vfs.write_file("f3", body)
+        assert mount.fs.sync() == []
+        vfs.rename("f3", "f0")
+        assert mount.fs.sync() == []
+        assert vfs.read_bytes("f0") == body
+    finally:
+        mount.fs.release(reader)

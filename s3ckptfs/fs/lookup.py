@@ -150,6 +150,21 @@ class Lookup:
             return self.lookup(path, attempts - 1)
         return None
 
+    def with_etag(self, path: str, entry: ObjectInfo) -> ObjectInfo:
+        """``entry`` with the ETag of the object its key holds now, when it has none (a path shown
+        after a move made here: the copy's ETag is not known). A read must name the version it
+        reads: a cached copy of an earlier object under the same key, still open elsewhere,
+        would otherwise be taken for it. Unchanged if S3 does not answer."""
+        if entry.etag:
+            return entry
+        try:
+            info = self._ask(f"lookup {path}", lambda: self.core.store.head(entry.key), True)
+        except S3Error:
+            return entry
+        if info is None or not info.etag:
+            return entry
+        return dataclasses.replace(entry, etag=info.etag, size=info.size)
+
     def _with_mode(self, path: str, shown: ObjectInfo) -> ObjectInfo:
         """``shown`` with its mode, from a HEAD of the key it is read from (as it is when S3 is away)."""
         try:
@@ -181,8 +196,8 @@ class Lookup:
     def _kept(self, path: str) -> object | None:
         """The answer kept for ``path`` that needs no request (ObjectInfo, DirInfo, MISSING), or None."""
         cached = self.meta.get(path)
-        if isinstance(cached, ObjectInfo) and cached.mode is None and cached.size <= SYMLINK_MAX:
-            return None  # from a listing: HEAD tells whether it is a symlink
+        if isinstance(cached, ObjectInfo) and (cached.listed or (cached.mode is None and cached.size <= SYMLINK_MAX)):
+            return None  # from a listing: HEAD tells its mtime and mode (a symlink or not)
         if isinstance(cached, DirInfo) and cached.mtime is None:
             return None  # from a listing: its own listing tells its mtime
         return cached
@@ -365,7 +380,7 @@ def listing_children(dir_key: str, files: list[ObjectInfo], dirs: list[str]) -> 
     for info in files:
         name = info.key[len(dir_key):]
         if name:  # "" is this directory's own marker
-            children[name] = info
+            children[name] = dataclasses.replace(info, listed=True)
     for name in dirs:
         if name:
             children[name] = DirInfo(None)  # a prefix shadows an object of the same name

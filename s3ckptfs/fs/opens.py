@@ -137,6 +137,7 @@ class Opens:
                 raise
 
     def _open_for_reading(self, path: str, entry: ObjectInfo, flags: int) -> int:
+        entry = self.lookup.with_etag(path, entry)
         cached = self.core.objects.acquire(entry.key, entry.etag, entry.size)
         try:
             with self.table.lock:
