@@ -11,6 +11,7 @@ making one request slow.
 from __future__ import annotations
 
 import contextlib
+import threading
 import os
 
 import fakestore
@@ -145,3 +146,32 @@ def test_open_for_append_of_a_file_whose_move_lands_while_it_is_read_follows_it(
     assert vfs.read_bytes("b.pt") == body + b"tail"
     assert mount.fs.sync() == []
     assert fake_store.objects(mount.prefix) == {"mnt/b.pt": body + b"tail"}
+
+
+def test_a_file_renamed_while_its_commit_finishes_is_written_after_its_move(inproc, fake_store):
+    # y's PUT has landed (the file is clean) but its commit has not finished when y is renamed
+    # to f4: the object is moved in S3 (y -> f4), and the file's next commit, asked for by
+    # an O_TRUNC rewrite of f4 right after, must run behind that move. Run ahead of it, the
+    # move copies y's old bytes over the new f4 afterwards.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    lifecycle = mount.fs.lifecycle
+    committed = lifecycle.committed
+    inside, go_on = threading.Event(), threading.Event()
+
+    def slow_committed(file, *args):
+        if file.path == "/y.bin" and not inside.is_set():
+            inside.set()
+            assert go_on.wait(10)
+        committed(file, *args)
+
+    lifecycle.committed = slow_committed
+    old, new = data_of(9000, 1), data_of(7000, 2)
+    vfs.write_file("y.bin", old)
+    assert inside.wait(10)
+    vfs.rename("y.bin", "f4.pt")
+    vfs.write_file("f4.pt", new)
+    go_on.set()
+    assert mount.fs.sync() == []
+    assert vfs.read_bytes("f4.pt") == new
+    assert fake_store.objects(mount.prefix) == {"mnt/f4.pt": new}

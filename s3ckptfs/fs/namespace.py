@@ -159,9 +159,10 @@ class Namespace:
 
         Returns (the object its old key holds, if it must move in S3; whether the old key
         may hold an object to delete); the file is added to ``rewrite``: the caller rewrites
-        its journal record once it has let go of the lock. A dirty file simply commits under
-        the new key, behind every change queued before the rename (``Uploader.requeue_commit``;
-        an upload already started for the old key is aborted and redone); a clean one is
+        its journal record and, once the rename's own changes are queued, requeue its commit
+        (``_requeue``). A dirty file simply commits under the new key, behind every change
+        queued before the rename and by it (an upload already started for the old key is
+        aborted and redone); a clean one is
         already in S3 under the old key and is moved server-side: until that move has run,
         the new path shows the object under its old key, even once the file is retired. A
         commit request in flight is not waited for: it lands under the old key, and the
@@ -174,7 +175,6 @@ class Namespace:
             self.uploader.abort_later(upload)
             moved = None if file.dirty else ObjectInfo(key=old_key, size=file.size, etag=file.last_etag,
                                                        mtime=file.mtime, mode=file.mode)
-        self.uploader.requeue_commit(file)
         rewrite.append(file)
         self.core.objects.invalidate(old_key)
         return moved, old_may_hold
@@ -214,10 +214,11 @@ class Namespace:
                       ", replacing a staged file" if replaced is not None else "",
                       op.label if op is not None else "nothing (not there yet)")
         self._rewrite_records(rewrite)
-        if needs_commit:
-            self.uploader.request_commit(file)
         if op is not None:
             self.pending.submit(op)
+        self._requeue(rewrite)
+        if needs_commit:
+            self.uploader.request_commit(file)
         self._note_rename(old, new, new_key, source)
 
     def _note_rename(self, old: str, new: str, new_key: str, source: ObjectInfo | DirInfo) -> None:
@@ -233,6 +234,15 @@ class Namespace:
     def _rewrite_records(self, files: list[StagedFile]) -> None:
         for file in files:
             self.durability.rewrite_record(file)
+
+    def _requeue(self, files: list[StagedFile]) -> None:
+        """The renamed ``files``' commits go behind the changes queued so far, the rename's own
+        included (``Uploader.requeue_commit``). Call once those are queued: a clean file's
+        object is moved to its new key by one of them, and a commit of the file's next
+        content (a rewrite right after the rename joins a commit still queued) must land
+        after that move, not be overwritten by it."""
+        for file in files:
+            self.uploader.requeue_commit(file)
 
     def _move_staged_locked(self, old: str, new: str,
                             rewrite: list[StagedFile]) -> list[tuple[RemoteOp, dict[str, object]]]:
@@ -285,6 +295,7 @@ class Namespace:
                 local = False
         if local:
             self._rewrite_records(rewrite)
+            self._requeue(rewrite)
             self._note_rename(old, new, "", source)
             self.meta.put_created_dir(new)
             return
@@ -321,6 +332,7 @@ class Namespace:
             # Markers land before the moved files commit under the new name: a server that made
             # the folder implicitly first would not keep the marker's mtime (SeaweedFS does not).
             self.pending.submit(op, ahead_of=moving if op.kind == MARKER else None)
+        self._requeue(rewrite)
 
     # -- symlinks --------------------------------------------------------------------------
 
