@@ -244,12 +244,15 @@ class Namespace:
         for file in files:
             self.uploader.requeue_commit(file)
 
-    def _move_staged_locked(self, old: str, new: str,
-                            rewrite: list[StagedFile]) -> list[tuple[RemoteOp, dict[str, object]]]:
+    def _move_staged_locked(self, old: str, new: str, rewrite: list[StagedFile],
+                            markers: bool = False) -> list[tuple[RemoteOp, dict[str, object]]]:
         """Retarget every file and directory marker staged at or below ``old`` to ``new`` (mount's lock held).
 
         Returns the operations S3 needs for the files: a move of each one already
-        committed, a delete of each old key that may hold an older object.
+        committed, a delete of each old key that may hold an older object. With
+        ``markers``, also a delete of each marker whose PUT may have gone under its old key
+        (a directory made here, renamed as its marker's commit began sending); else markers
+        are the caller's to move.
         """
         moving = self.table.staged_below_locked(old)
         if old in self.table.dirs:
@@ -260,6 +263,12 @@ class Namespace:
             self.table.drop_locked(file)
             moved, old_may_hold = self._retarget_locked(file, new + file.path[len(old):], rewrite)
             self.table.put_locked(file)
+            if file.is_dir_marker and markers and not file.deleted:
+                with file.lock:  # (a marker's over_object says nothing: it is never looked up first)
+                    sent = file.committing or bool(file.committed_version)
+                if sent:
+                    ops.append((RemoteOp(DELETE, old_key), {}))
+                continue
             if file.deleted or file.is_dir_marker:
                 continue  # markers are moved with their directory
             if moved is not None:
@@ -289,12 +298,18 @@ class Namespace:
         rewrite: list[StagedFile] = []
         with self.table.lock:
             if self.table.local_dir_locked(old) is not None:  # all of it is here: no S3 request
-                self._move_staged_locked(old, new, rewrite)
+                # ... unless a commit began sending since that check (the commit thread does
+                # not take the mount's lock): what it writes under an old key is deleted after it.
+                late = self._move_staged_locked(old, new, rewrite, markers=True)
+                for op, shown in late:
+                    self.pending.show_locked(op, shown)
                 local = True
             else:
                 local = False
         if local:
             self._rewrite_records(rewrite)
+            for op, _ in late:
+                self.pending.submit(op)
             self._requeue(rewrite)
             self._note_rename(old, new, "", source)
             self.meta.put_created_dir(new)
