@@ -371,6 +371,7 @@ def test_mount_behaves_like_a_local_directory(model_mounts, tmp_path):
 
     started = time.monotonic()
     rounds = 0
+    print(f"\nreference model: seed {SEED}" + (f", for {SECONDS:.0f} s" if SECONDS else ""), flush=True)
     while True:
         round_seed = SEED + rounds
         examples = EXAMPLES if not SECONDS else ROUND
