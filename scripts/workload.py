@@ -229,7 +229,19 @@ def run_sequence(server: devserver.SeaweedServer, base: Path, seed: int, steps: 
         shutil.rmtree(local, ignore_errors=True)
         if diverged is None:
             shutil.rmtree(mount.cache, ignore_errors=True)
+        delete_bucket(server.client(), bucket)  # SeaweedFS gives each bucket volumes of its own
     return diverged
+
+
+def delete_bucket(s3, bucket: str) -> None:
+    for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket):
+        for upload in page.get("Uploads", []):
+            s3.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
+    s3.delete_bucket(Bucket=bucket)
 
 
 def parse_seeds(text: str) -> list[int]:
