@@ -190,16 +190,17 @@ class Uploader:
 
         A commit is bound to the file's place in the order of the changes made on the mount
         (``Commit.renames``): changes queued since then may still concern the
-        new key's earlier occupant (a move of it elsewhere, a delete) and must reach S3
-        first. A commit not yet started moves behind them, bound to the new key; the one at
-        the head gives up at its next step (``_commit_once`` sees the rename) and hands
-        its waiters to a commit queued behind them. Call without the file's lock.
+        new key's earlier occupant (a move of it elsewhere, a delete), or the file's own
+        object (moved to the new key), and must reach S3 first. Every commit of the file not
+        yet started moves behind them, bound to the new key; the one at the head gives up at
+        its next step (``_commit_once`` sees the rename) and hands its waiters to a commit
+        queued behind them. Call without the file's lock, once the rename's own changes are
+        queued.
         """
         with self._lock:
             with file.lock:
                 renames = file.renames
-            waiting = [commit for i, commit in enumerate(self._queue)
-                       if i > 0 and commit.file is file and commit.renames != renames]
+            waiting = [commit for i, commit in enumerate(self._queue) if i > 0 and commit.file is file]
             for commit in waiting:
                 self._queue.remove(commit)
                 commit.renames = renames

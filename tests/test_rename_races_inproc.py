@@ -361,3 +361,69 @@ def test_a_name_moved_onto_twice_reads_the_newest_while_the_first_is_still_open(
         assert vfs.read_bytes("f0") == body
     finally:
         mount.fs.release(reader)
+
+
+def test_a_file_renamed_while_its_commit_finishes_is_written_after_its_move(inproc, fake_store):
+    # y's PUT has landed (the file is clean) but its commit has not finished when y is renamed
+    # to f4: the object is moved in S3 (y -> f4), and the file's next commit, asked for by
+    # an O_TRUNC rewrite of f4 right after, must run behind that move. Run ahead of it, the
+    # move copies y's old bytes over the new f4 afterwards.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    lifecycle = mount.fs.lifecycle
+    committed = lifecycle.committed
+    inside, go_on = threading.Event(), threading.Event()
+
+    def slow_committed(file, *args):
+        if file.path == "/y.bin" and not inside.is_set():
+            inside.set()
+            assert go_on.wait(10)
+        committed(file, *args)
+
+    lifecycle.committed = slow_committed
+    old, new = data_of(9000, 1), data_of(7000, 2)
+    vfs.write_file("y.bin", old)
+    assert inside.wait(10)
+    vfs.rename("y.bin", "f4.pt")
+    vfs.write_file("f4.pt", new)
+    go_on.set()
+    assert mount.fs.sync() == []
+    assert vfs.read_bytes("f4.pt") == new
+    assert fake_store.objects(mount.prefix) == {"mnt/f4.pt": new}
+
+
+def test_a_directory_renamed_as_its_marker_put_starts_leaves_no_marker_under_the_old_name(inproc, fake_store):
+    # mkdir tmp; rename tmp -> ckpt. The rename finds tmp made here with its marker not yet
+    # on its way (so nothing of it in S3: a rename without any S3 request), and the commit
+    # thread sends the marker's PUT under tmp/ just after. That PUT lands: the old marker
+    # must be deleted behind it, or an empty directory tmp stays in S3 for good.
+    mount = inproc()
+    fs = mount.fs
+    vfs = Vfs(fs)
+    go = threading.Event()
+    candidate = fs.uploader.whole_copy.candidate
+
+    def held(file):  # the commit thread, before it looks at the marker
+        if file.is_dir_marker and not go.is_set():
+            assert go.wait(10)
+        return candidate(file)
+
+    fs.uploader.whole_copy.candidate = held
+    table = fs.core.table
+    local_dir = table.local_dir_locked
+
+    def racing(path):  # the rename's check, then the commit thread goes on and sends the PUT
+        found = local_dir(path)
+        if path == "/tmp" and found is not None and not go.is_set():
+            go.set()
+            wait_for(lambda: fake_store.count("put", "mnt/tmp/") >= 1, 5)
+        return found
+
+    table.local_dir_locked = racing
+    fake_store.inject(fakestore.latency(0.5), "put", key="mnt/tmp/")
+    vfs.mkdir("tmp")
+    vfs.rename("tmp", "ckpt")
+    assert go.is_set()
+    assert fs.sync() == []
+    assert vfs.listdir("") == ["ckpt"]
+    assert sorted(fake_store.objects(mount.prefix)) == ["mnt/ckpt/"]

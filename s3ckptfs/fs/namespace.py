@@ -168,9 +168,10 @@ class Namespace:
 
         Returns (the object its old key holds, if it must move in S3; whether the old key
         may hold an object to delete); the file is added to ``rewrite``: the caller rewrites
-        its journal record once it has let go of the lock. A dirty file simply commits under
-        the new key, behind every change queued before the rename (``Uploader.requeue_commit``;
-        an upload already started for the old key is aborted and redone); a clean one is
+        its journal record, and, once the rename's own changes are queued, requeues its commit
+        (``_requeue_locked``). A dirty file simply commits under the new key, behind every change
+        queued before the rename and by it (an upload already started for the old key is
+        aborted and redone); a clean one is
         already in S3 under the old key and is moved server-side: until that move has run,
         the new path shows the object under its old key, even once the file is retired. A
         commit request in flight is not waited for: it lands under the old key, and the
@@ -226,10 +227,10 @@ class Namespace:
                       ", replacing a staged file" if replaced is not None else "",
                       op.label if op is not None else "nothing (not there yet)")
         self._rewrite_records(rewrite)
-        if needs_commit:
-            self.uploader.request_commit(file)
         if op is not None:
             self.pending.submit(op)
+        if needs_commit:
+            self.uploader.request_commit(file)
         self._note_rename(old, new, new_key, source)
 
     def _note_rename(self, old: str, new: str, new_key: str, source: ObjectInfo | DirInfo) -> None:
@@ -251,12 +252,15 @@ class Namespace:
         for file in files:
             self.durability.rewrite_record(file)
 
-    def _move_staged_locked(self, old: str, new: str,
-                            rewrite: list[StagedFile]) -> list[tuple[RemoteOp, dict[str, object]]]:
+    def _move_staged_locked(self, old: str, new: str, rewrite: list[StagedFile],
+                            markers: bool = False) -> list[tuple[RemoteOp, dict[str, object]]]:
         """Retarget every file and directory marker staged at or below ``old`` to ``new`` (mount's lock held).
 
         Returns the operations S3 needs for the files: a move of each one already
-        committed, a delete of each old key that may hold an older object.
+        committed, a delete of each old key that may hold an older object. With
+        ``markers``, also a delete of each marker whose PUT may have gone under its old key
+        (a directory made here, renamed as its marker's commit began sending); else markers
+        are the caller's to move.
         """
         moving = self.table.staged_below_locked(old)
         if old in self.table.dirs:
@@ -267,6 +271,12 @@ class Namespace:
             self.table.drop_locked(file)
             moved, old_may_hold = self._retarget_locked(file, new + file.path[len(old):], rewrite)
             self.table.put_locked(file)
+            if file.is_dir_marker and markers and not file.deleted:
+                with file.lock:  # (a marker's over_object says nothing: it is never looked up first)
+                    sent = file.committing or bool(file.committed_version)
+                if sent:
+                    ops.append((RemoteOp(DELETE, old_key), {}))
+                continue
             if file.deleted or file.is_dir_marker:
                 continue  # markers are moved with their directory
             if moved is not None:
@@ -286,7 +296,11 @@ class Namespace:
         rewrite: list[StagedFile] = []
         with self.table.lock:
             if self.table.local_dir_locked(old) is not None:  # all of it is here: no S3 request
-                self._move_staged_locked(old, new, rewrite)
+                # ... unless a commit began sending since that check (the commit thread does
+                # not take the mount's lock): what it writes under an old key is deleted after it.
+                late = self._move_staged_locked(old, new, rewrite, markers=True)
+                for op, shown in late:
+                    self.pending.show_locked(op, shown)
                 self._requeue_locked(rewrite)
                 # Under the lock: a moved file committed and retired meanwhile must find the new
                 # listing (a listing made after it would never learn of it).
@@ -297,6 +311,8 @@ class Namespace:
                 local = False
         if local:
             self._rewrite_records(rewrite)
+            for op, _ in late:
+                self.pending.submit(op)
             return
         entries = known_subtree(self.lookup, old)
         if entries is None:  # not all known now: moved in S3 as listed when its turn comes
