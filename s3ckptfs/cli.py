@@ -231,7 +231,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{item['state']:8} {done:>20} {item['age']:>7.0f}s  {item['path']}{copied}")
             if item.get("error"):
                 print(f"{'':8} error: {item['error']}")
-    return 1 if any(item["state"] == "failed" for item in pending) else 0
+    return 1 if any(item["state"] in ("failed", "conflict") for item in pending) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

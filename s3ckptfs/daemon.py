@@ -25,7 +25,11 @@ import threading
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
+from . import conditions
 from .cache import CacheDir
+from .conditions import is_conflict
 from .config import MountConfig
 from .control import ControlServer
 from .errors import ConfigError, S3Error
@@ -117,6 +121,33 @@ def check_s3(config: MountConfig) -> None:
 
 
 
+# The conditional-write probe may not hold up a mount longer than this (a server away at a restart).
+CONDITION_PROBE_TIMEOUT = 10.0
+
+
+def check_conditions(config: MountConfig) -> MountConfig:
+    """Conditional commits need a server that enforces them: probe it, and fall back to off, saying so."""
+    mode = config.options.conditional_commits
+    if mode == "off":
+        return config
+    answer: list[str | None] = []
+    worker = threading.Thread(target=lambda: answer.append(conditions.probe(make_client(config, quick=True),
+                                                                             config.prefix)),
+                              name="s3ckptfs-condition-probe", daemon=True)
+    worker.start()
+    worker.join(CONDITION_PROBE_TIMEOUT)
+    if not answer:
+        log.warning("could not check within %.0fs whether the server enforces conditional writes; "
+                    "commits stay conditional (conditional_commits=%s)", CONDITION_PROBE_TIMEOUT, mode)
+        return config
+    if answer[0] is None:
+        log.info("conditional commits: %s (the server enforces If-None-Match and If-Match)", mode)
+        return config
+    log.warning("the server does not enforce conditional writes (%s): commits are unconditional, so a node "
+                "that comes back late can overwrite newer objects (conditional_commits=off)", answer[0])
+    return replace(config, options=replace(config.options, conditional_commits="off"))
+
+
 def has_pending_work(cache_dir: Path) -> bool:
     """Whether the cache dir holds closed files or namespace changes not yet in S3 (journal records)."""
     journal = CacheDir(cache_dir).journal_dir
@@ -186,7 +217,8 @@ def _status(fs) -> dict:
                 "uploaded": min(file.upload.bytes_uploaded, file.size),
                 "copied": min(file.upload.bytes_copied, file.size),
                 "age": round(now - file.created, 1),
-                "state": ("failed" if file.failure else "open" if file.writers
+                "state": ("conflict" if is_conflict(file.failure) else "failed" if file.failure
+                          else "open" if file.writers
                           else "retrying" if file.retrying else "pending"),
                 "error": str(file.failure or file.retrying) if (file.failure or file.retrying) else None,
             })
@@ -253,6 +285,7 @@ def run(config: MountConfig) -> int:
         report(f"error: {exc}")
         raise
     (config.cache_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+    config = check_conditions(config)
     metrics = Metrics()
     fs = Filesystem(config, make_client(config), cache, metrics)
     metrics.add_state(fs.state_metrics)
@@ -389,6 +422,7 @@ def run_watch(config: MountConfig, *, settle: float, delete: bool) -> int:
     cache = CacheDir(config.cache_dir)
     cache.prepare()
     (config.cache_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+    config = check_conditions(config)
     metrics = Metrics()
     fs = Filesystem(config, make_client(config), cache, metrics)
     metrics.add_state(fs.state_metrics)
