@@ -27,10 +27,10 @@ from pathlib import Path
 
 from dataclasses import replace
 
-from . import conditions
+from . import cleanup, conditions
 from .cache import CacheDir
 from .conditions import is_conflict
-from .config import MountConfig
+from .config import MountConfig, parse_duration
 from .control import ControlServer
 from .errors import ConfigError, S3Error
 from .metrics import Metrics
@@ -146,6 +146,17 @@ def check_conditions(config: MountConfig) -> MountConfig:
     log.warning("the server does not enforce conditional writes (%s): commits are unconditional, so a node "
                 "that comes back late can overwrite newer objects (conditional_commits=off)", answer[0])
     return replace(config, options=replace(config.options, conditional_commits="off"))
+
+
+def start_cleanup(config: MountConfig, fs) -> None:
+    """``-o cleanup_older_than``: abort the prefix's old multipart uploads once, in the background,
+    sparing those this cache dir holds (recovery resumes them)."""
+    if not config.options.cleanup_older_than:
+        return
+    older_than = parse_duration(config.options.cleanup_older_than)
+    keep = {upload_id for _, upload_id in fs.core.registry.load_all()}
+    threading.Thread(target=cleanup.run_at_mount, args=(make_client(config), config.prefix, older_than, keep),
+                     name="s3ckptfs-cleanup", daemon=True).start()
 
 
 def has_pending_work(cache_dir: Path) -> bool:
@@ -297,6 +308,7 @@ def run(config: MountConfig) -> int:
                    f"{exc.strerror}")
             raise ConfigError(f"cannot serve metrics on port {config.options.metrics_port}: {exc.strerror}") from None
     recovered = fs.recover()
+    start_cleanup(config, fs)
     control = ControlServer(str(config.mountpoint), _control_handler(fs),
                             {"pid": os.getpid(), "mountpoint": str(config.mountpoint),
                              "cache_dir": str(config.cache_dir), "source": config.source},

@@ -380,6 +380,19 @@ class S3Client:
                 return
             raise err from exc
 
+    def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        """(key, upload id, initiated as epoch seconds) of every unfinished multipart upload under ``prefix``."""
+        locks.assert_no_locks_held("S3 ListMultipartUploads")
+        found = []
+        try:
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    found.append((upload["Key"], upload["UploadId"], upload["Initiated"].timestamp()))
+        except Exception as exc:
+            raise translate(exc, f"ListMultipartUploads s3://{self.bucket}/{prefix}") from exc
+        return found
+
     def list_parts(self, key: str, upload_id: str) -> list[tuple[int, int, str, str | None]]:
         """(number, size, etag, crc32c or None) of the parts an unfinished upload holds."""
         locks.assert_no_locks_held("S3 ListParts")

@@ -9,11 +9,14 @@ on its old cache dir after others wrote newer objects.
 from __future__ import annotations
 
 import json
+import shutil
+import time
 
 import pytest
 
 from conftest import run_cli, wait_for
 from faultproxy import healing_proxy, running_proxy
+from s3ckptfs import cli
 
 running_proxy = pytest.fixture(running_proxy)
 fault_proxy = pytest.fixture(healing_proxy, name="fault_proxy")
@@ -65,3 +68,68 @@ def test_a_node_back_late_keeps_the_newer_objects_and_reports_the_conflict(fault
     node_a.sync()
     assert s3.get_object(Bucket=bucket, Key="job/latest")["Body"].read() == b"step_200"
     assert s3.get_object(Bucket=bucket, Key="job/model.pt")["Body"].read() == b"B" * 7000
+
+
+MiB = 1 << 20
+
+
+def uploads_under(s3, bucket: str, prefix: str) -> list[tuple[str, str]]:
+    answer = s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return sorted((upload["Key"], upload["UploadId"]) for upload in answer.get("Uploads", []))
+
+
+def lose_node_while_writing(node, s3, name: str, size: int = 20 * MiB) -> list[tuple[str, str]]:
+    """``node`` is writing ``name`` (still open, parts uploading) when it is lost: SIGKILL, lazy
+    unmount, cache dir deleted. Returns the multipart uploads it leaves behind."""
+    key = node.key(name)
+    (node.path / name).parent.mkdir(parents=True, exist_ok=True)
+    stream = open(node.path / name, "wb")
+    stream.write(b"\1" * size)
+    stream.flush()
+    left = wait_for(lambda: [u for u in uploads_under(s3, node.bucket, key) if u[0] == key], timeout=60)
+    node.kill()
+    try:
+        stream.close()
+    except OSError:
+        pass  # the daemon is gone: ENOTCONN
+    shutil.rmtree(node.cache_dir)
+    return left
+
+
+def test_cleanup_aborts_what_a_lost_node_left_and_spares_a_live_upload(bucket, mount_factory, s3, monkeypatch,
+                                                                        capsys):
+    node_a = mount_factory(bucket, "job")
+    left = lose_node_while_writing(node_a, s3, "step_1/shard0.distcp")
+    time.sleep(6)
+    node_b = mount_factory(bucket, "job")
+    with open(node_b.path / "shard1.distcp", "wb") as live:   # a live node writing right now
+        live.write(b"\2" * 20 * MiB)
+        live.flush()
+        wait_for(lambda: [u for u in uploads_under(s3, bucket, "job/shard1") if u], timeout=60)
+        # In this process: a child process would inherit the open file and close it, which is a close.
+        for name, value in node_b.factory.server.env().items():
+            monkeypatch.setenv(name, value)
+        code = cli.main(["cleanup", f"s3://{bucket}/job", "--older-than", "5s",
+                         "--endpoint-url", node_b.factory.server.endpoint_url])
+        printed = capsys.readouterr().out
+        assert code == 0, printed
+        assert f"aborted job/step_1/shard0.distcp (upload {left[0][1]}" in printed
+        assert "1 multipart upload(s) older than 5s aborted under s3://" in printed
+        assert [key for key, _ in uploads_under(s3, bucket, "job/")] == ["job/shard1.distcp"]
+    node_b.sync()
+    assert s3.head_object(Bucket=bucket, Key="job/shard1.distcp")["ContentLength"] == 20 * MiB
+    assert uploads_under(s3, bucket, "job/") == []
+    again = run_cli(["cleanup", f"s3://{bucket}/job", "--endpoint-url", node_b.factory.server.endpoint_url],
+                    node_b.env)
+    assert again.returncode == 0 and "0 multipart upload(s) older than 1d aborted" in again.stdout
+
+
+def test_a_mount_with_cleanup_older_than_aborts_a_lost_nodes_uploads(bucket, mount_factory, s3):
+    node_a = mount_factory(bucket, "job")
+    lose_node_while_writing(node_a, s3, "shard0.distcp")
+    time.sleep(3)
+    node_c = mount_factory(bucket, "job", options={"cleanup_older_than": "2s"})
+    wait_for(lambda: uploads_under(s3, bucket, "job/") == [], timeout=30)
+    log = node_c.log_tail(300)
+    assert "cleanup: aborted multipart upload job/shard0.distcp" in log
+    assert "cleanup: 1 multipart upload(s) older than 2s aborted under job/" in log
