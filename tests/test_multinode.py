@@ -12,7 +12,10 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +208,67 @@ def test_dcp_integration_never_leaves_a_torn_checkpoint_when_a_node_is_lost(buck
     for rank in range(workers.WORLD_SIZE):
         assert torch.equal(target[f"rank{rank}"], workers.shard_state(rank, steps - 1)[f"rank{rank}"])
     assert target["step"] == steps - 1
+
+
+# -- Lightning and the Trainer: the node is lost right after every save returns --------------------
+
+def run_losing_the_node_after_each_save(kind: str, node, factory, tmp_path, saves: int) -> list[float]:
+    """Run ``kind``'s training loop in a process of its own on ``node``; after each save returns,
+    lose the node and replace it (same mountpoint, empty cache dir). Returns the waits for S3."""
+    control = tmp_path / f"control-{kind}"
+    control.mkdir()
+    worker = subprocess.Popen([sys.executable, str(Path(workers.__file__)), kind, str(node.path / "run"),
+                               str(control), str(saves)], cwd=Path(workers.__file__).parent,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for count in range(saves):
+            wait_for(lambda: (control / f"saved_{count}").exists() or worker.poll() is not None,
+                     timeout=300, interval=0.02)
+            assert (control / f"saved_{count}").exists(), worker.communicate(timeout=30)[0][-4000:]
+            lose_and_replace(node, factory)
+            (control / f"go_{count}").touch()
+        output = worker.communicate(timeout=300)[0]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, output[-4000:]
+    return json.loads((control / "waits.json").read_text())
+
+
+def test_lightning_durable_checkpoint_io_loses_no_checkpoint_with_the_node(bucket, mount_factory, s3, tmp_path):
+    """10 epochs, a 12 MiB checkpoint each through DurableCheckpointIO; the node is lost right after
+    each save returns. From a fresh mount every checkpoint is there, whole, and loads."""
+    import torch
+
+    pytest.importorskip("lightning")
+    node = mount_factory(bucket, "job")
+    waits = run_losing_the_node_after_each_save("lightning", node, mount_factory, tmp_path, 10)
+    print(f"Lightning DurableCheckpointIO waits for S3 (s): {[round(w, 2) for w in waits]}")
+    fresh = mount_factory(bucket, "job")
+    names = sorted(os.listdir(fresh.path / "run"))
+    assert len([name for name in names if name.endswith(".ckpt")]) == 10, names
+    for name in names:
+        checkpoint = torch.load(fresh.path / "run" / name, weights_only=False)
+        assert checkpoint["state_dict"]["big"].numel() == 3 * 1024 * 1024, name
+
+
+def test_trainer_complete_checkpoints_never_marks_a_checkpoint_missing_a_file(bucket, mount_factory, s3, tmp_path):
+    """10 steps, a checkpoint each with CompleteCheckpoints; the node is lost right after each on_save.
+    From a fresh mount every checkpoint is marked complete and holds every file the Trainer writes,
+    and latest_complete_checkpoint finds the newest."""
+    pytest.importorskip("transformers")
+    from s3ckptfs.integrations.transformers import COMPLETE_MARKER, latest_complete_checkpoint
+
+    node = mount_factory(bucket, "job")
+    waits = run_losing_the_node_after_each_save("transformers", node, mount_factory, tmp_path, 10)
+    print(f"Trainer CompleteCheckpoints waits for S3 (s): {[round(w, 2) for w in waits]}")
+    fresh = mount_factory(bucket, "job")
+    run = fresh.path / "run"
+    marked = sorted(name for name in os.listdir(run) if (run / name / COMPLETE_MARKER).is_file())
+    assert len(marked) == 10, sorted(os.listdir(run))
+    for name in marked:
+        files = set(os.listdir(run / name))
+        assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= files, (name, files)
+        assert (run / name / "optimizer.pt").stat().st_size > 20 * MiB
+    assert latest_complete_checkpoint(run) == str(run / "checkpoint-10")
