@@ -126,9 +126,13 @@ CONDITION_PROBE_TIMEOUT = 10.0
 
 
 def check_conditions(config: MountConfig) -> MountConfig:
-    """Conditional commits need a server that enforces them: probe it, and fall back to off, saying so."""
+    """Conditional commits need a server that enforces them: probe it, and fall back to off, saying so.
+
+    The probe writes (conditions.probe), so it runs only where a commit will carry a
+    condition: with ``all``, or with ``resumed`` when the cache dir holds uploads to resume.
+    """
     mode = config.options.conditional_commits
-    if mode == "off":
+    if mode == "off" or (mode == "resumed" and not has_pending_work(config.cache_dir)):
         return config
     answer: list[str | None] = []
     worker = threading.Thread(target=lambda: answer.append(conditions.probe(make_client(config, quick=True),

@@ -40,7 +40,6 @@ def test_a_node_back_late_keeps_the_newer_objects_and_reports_the_conflict(fault
     s3.put_object(Bucket=bucket, Key="job/latest", Body=b"step_50")
     node_a = mount_factory(bucket, "job", endpoint_url=fault_proxy.url)
     assert (node_a.path / "latest").read_text() == "step_50"
-    assert "conditional commits: resumed (the server enforces" in node_a.log_tail(200)
     fault_proxy.slowdown(1.0, match=r"^PUT ")   # every PUT answered 503: the commits wait and retry
     (node_a.path / "model.pt").write_bytes(b"A" * 5000)
     (node_a.path / "latest").write_text("step_100")
@@ -54,6 +53,7 @@ def test_a_node_back_late_keeps_the_newer_objects_and_reports_the_conflict(fault
     node_b.sync()
 
     node_a.remount()                             # back late, on its old cache dir
+    assert "conditional commits: resumed (the server enforces" in node_a.log_tail(200)
     wait_for(lambda: len([row for row in status_json(node_a)[1].get("pending", [])
                           if row["state"] == "conflict"]) == 2, timeout=60)
     code, answer = status_json(node_a)
