@@ -36,7 +36,8 @@ def _wait_file(path: Path, timeout: float = 300.0) -> None:
 def dcp_save_loop(rank: int, port: int, mounts: list[str], steps: int, control_dir: str, writer: str) -> None:
     """Save ``steps`` DCP checkpoints ``step_<n>`` (rank 0 then points ``latest`` at each).
 
-    ``writer``: ``integration`` (s3ckptfs.integrations.dcp.FileSystemWriter) or ``default``
+    ``writer``: ``integration`` (s3ckptfs.integrations.dcp.FileSystemWriter; odd steps with
+    ``dcp.async_save``, waited for before the node is lost) or ``default``
     (the stock FileSystemWriter with sync_files=False). Each rank's save times go to
     ``control_dir/times_<rank>.json``.
     """
@@ -56,7 +57,10 @@ def dcp_save_loop(rank: int, port: int, mounts: list[str], steps: int, control_d
             else:
                 storage = dcp.FileSystemWriter(path, sync_files=False)
             started = time.monotonic()
-            dcp.save(shard_state(rank, step), storage_writer=storage)
+            if writer == "integration" and step % 2:  # every other save with dcp.async_save
+                dcp.async_save(shard_state(rank, step), storage_writer=storage).result()
+            else:
+                dcp.save(shard_state(rank, step), storage_writer=storage)
             times.append(time.monotonic() - started)
             if rank == 0:
                 with open(os.path.join(mounts[0], "latest"), "w") as pointer:

@@ -168,7 +168,8 @@ def torn_checkpoints(s3, bucket: str, prefix: str, steps: int) -> list[str]:
 
 
 def test_dcp_integration_never_leaves_a_torn_checkpoint_when_a_node_is_lost(bucket, mount_factory, s3, tmp_path):
-    """2 ranks, each through its own node's mount, 10 saves with s3ckptfs.integrations.dcp;
+    """2 ranks, each through its own node's mount, 10 saves with s3ckptfs.integrations.dcp (every
+    other one with dcp.async_save);
     after each save node 1 is lost at once (SIGKILL, cache dir deleted) and replaced. From a
     fresh mount: every checkpoint with .metadata has both shards, and the newest one loads."""
     import torch
