@@ -328,7 +328,9 @@ class Uploader:
                 wrote = self._commit_once(file, commit.renames)
             except S3Error as error:
                 if is_conflict(error):
-                    raise Conflict(file.path, file.expected, error) from error
+                    with file.lock:
+                        path, expected = file.path, file.expected
+                    raise Conflict(path, expected, error) from error
                 raise
             if wrote:
                 self.metrics.upload_seconds.observe(time.monotonic() - commit.requested)
