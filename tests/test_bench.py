@@ -79,6 +79,15 @@ def test_ratios_compare_s3ckptfs_with_the_baselines_and_the_best_peer():
     assert not any("loaders" in name for name in ratios)  # not measured: no ratio
 
 
+def test_the_n_node_case_compares_each_node_with_its_local_save_and_all_with_n_uploads():
+    outcomes = outcomes_of({"s3ckptfs_8_nodes": {"local_stall": 0.2, "floor": 2.5, "stall": 0.3, "stall_max": 0.4,
+                                                 "durable": 2.0}})
+    ratios = {r.name: r.value for r in compute_ratios(outcomes)}
+    assert ratios["8 nodes: stall per node / local save per node"] == pytest.approx(1.5)
+    assert ratios["8 nodes: all durable / 8 concurrent upload_file"] == pytest.approx(0.8)
+    assert not any(name.startswith("4 nodes") for name in ratios)
+
+
 def test_the_table_shows_every_metric_a_skip_and_the_other_figures_as_notes():
     outcomes = outcomes_of({"local_save": {"seconds": 0.5}, "s3ckptfs_write": {"stall": 0.6, "durable": 4.0,
                                                                               "peak_rss_mib": 120.0}})
