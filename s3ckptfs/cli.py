@@ -1,4 +1,4 @@
-"""Command line: ``s3ckptfs mount | unmount | sync | status``.
+"""Command line: ``s3ckptfs mount | unmount | sync | status | cleanup``.
 
 Every user error is one line on stderr, ``s3ckptfs: error: ...``, and a
 non-zero exit (2 for usage, 1 for everything else); nothing is left mounted.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import control, mounts
 from .config import (LOG_LEVELS, MountConfig, default_cache_dir, environment_options, load_config_file,
-                     parse_options, parse_s3_url, split_mount_options)
+                     parse_duration, parse_options, parse_s3_url, split_mount_options)
 from .errors import ConfigError
 
 PROG = "s3ckptfs"
@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show pending and failed uploads")
     status.add_argument("mountpoint", metavar="MOUNTPOINT")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    cleanup = sub.add_parser("cleanup", help="abort multipart uploads under s3://BUCKET[/PREFIX] older than an age")
+    cleanup.add_argument("source", metavar="s3://BUCKET[/PREFIX]")
+    cleanup.add_argument("--older-than", default="1d", metavar="DURATION",
+                         help="only uploads started longer ago than this (default 1d; e.g. 90m, 12h, 2d)")
+    cleanup.add_argument("--dry-run", action="store_true", help="list what would be aborted, abort nothing")
+    cleanup.add_argument("--endpoint-url", help="S3 endpoint (default: AWS, or AWS_ENDPOINT_URL)")
+    cleanup.add_argument("--region", help="S3 region")
+    cleanup.add_argument("--profile", help="AWS profile for credentials")
     return parser
 
 
@@ -236,7 +245,36 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"{item['state']:8} {done:>20} {item['age']:>7.0f}s  {item['path']}{copied}")
             if item.get("error"):
                 print(f"{'':8} error: {item['error']}")
-    return 1 if any(item["state"] == "failed" for item in pending) else 0
+    return 1 if any(item["state"] in ("failed", "conflict") for item in pending) else 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Abort old multipart uploads under the prefix (cleanup.py); one line for each, then a summary."""
+    from .cleanup import LeftUpload, abort_older  # boto3: only what needs it
+    from .errors import S3Error
+    from .s3client import S3Client
+
+    bucket, prefix = parse_s3_url(args.source)
+    older_than = parse_duration(args.older_than, "--older-than")
+    where = f"s3://{bucket}/{prefix}"
+    now = time.time()
+
+    def report(upload: LeftUpload, error: S3Error | None) -> None:
+        if error is None:
+            print(f"{'would abort' if args.dry_run else 'aborted'} {upload.describe(now)}")
+        else:
+            print(f"{PROG}: error: cannot abort {upload.describe(now)}: {error}", file=sys.stderr)
+
+    try:
+        client = S3Client(bucket, endpoint_url=args.endpoint_url, region=args.region, profile=args.profile,
+                          retry_attempts=3, connect_timeout=5, read_timeout=30)
+        aborted, failed = abort_older(client, prefix, older_than, now=now, dry_run=args.dry_run, report=report)
+    except S3Error as err:
+        raise ConfigError(f"cannot list the multipart uploads under {where}: {err}") from None
+    print(f"{len(aborted)} multipart upload(s) older than {args.older_than} "
+          f"{'to abort' if args.dry_run else 'aborted'} under {where}"
+          + (f"; {len(failed)} could not be aborted" if failed else ""))
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sync(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "cleanup":
+            return cmd_cleanup(args)
     except ConfigError as exc:
         return _fail(str(exc))
     except control.ControlError as exc:

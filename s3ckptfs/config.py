@@ -57,6 +57,17 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, (prefix + "/" if prefix else "")
 
 
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """``'1d'`` -> 86400.0 (s, m, h, d, w; a bare number is seconds). Raises ConfigError naming ``what``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _DURATION_UNITS:
+        raise ConfigError(f"{what}: '{text}' is not a duration (examples: 90s, 30m, 12h, 1d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
+
+
 def _parse_bool(text: str, key: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -97,6 +108,9 @@ class Options:
     metrics_addr: str = "127.0.0.1"    # address the metrics server listens on
     passthrough: str = "auto"          # auto: FUSE passthrough for written and cached files; writes: written only; off
     local_sync: str = "close"          # close: close fsyncs the data; background: it is fsync'd just after
+    # Commits conditional on what this node last knew of the key (conditions.py): resumed, all, off.
+    conditional_commits: str = "resumed"
+    cleanup_older_than: str = ""       # at mount, abort multipart uploads under the prefix older than this (cleanup.py)
 
     def __post_init__(self) -> None:
         if self.write_mode not in ("async", "sync"):
@@ -133,6 +147,10 @@ class Options:
             raise ConfigError(f"option passthrough: '{self.passthrough}' must be auto, writes or off")
         if self.local_sync not in ("close", "background"):
             raise ConfigError(f"option local_sync: '{self.local_sync}' must be close or background")
+        if self.conditional_commits not in ("resumed", "all", "off"):
+            raise ConfigError(f"option conditional_commits: '{self.conditional_commits}' must be resumed, all or off")
+        if self.cleanup_older_than:
+            parse_duration(self.cleanup_older_than, "option cleanup_older_than")
         if self.retry_attempts < 1:
             raise ConfigError("option retry_attempts: must be at least 1")
 

@@ -25,8 +25,12 @@ import threading
 import time
 from pathlib import Path
 
+from dataclasses import replace
+
+from . import cleanup, conditions
 from .cache import CacheDir
-from .config import MountConfig
+from .conditions import is_conflict
+from .config import MountConfig, parse_duration
 from .control import ControlServer
 from .errors import ConfigError, S3Error
 from .listings import DB_NAME as LISTINGS_DB, knows as listings_know
@@ -116,6 +120,48 @@ def check_s3(config: MountConfig) -> None:
             raise S3Unreachable(f"cannot list {where}: {err}") from None
         raise ConfigError(f"cannot list {where}: {err}") from None
 
+
+
+# The conditional-write probe may not hold up a mount longer than this (a server away at a restart).
+CONDITION_PROBE_TIMEOUT = 10.0
+
+
+def check_conditions(config: MountConfig) -> MountConfig:
+    """Conditional commits need a server that enforces them: probe it, and fall back to off, saying so.
+
+    The probe writes (conditions.probe), so it runs only where a commit will carry a
+    condition: with ``all``, or with ``resumed`` when the cache dir holds uploads to resume.
+    """
+    mode = config.options.conditional_commits
+    if mode == "off" or (mode == "resumed" and not has_pending_work(config.cache_dir)):
+        return config
+    answer: list[str | None] = []
+    worker = threading.Thread(target=lambda: answer.append(conditions.probe(make_client(config, quick=True),
+                                                                             config.prefix)),
+                              name="s3ckptfs-condition-probe", daemon=True)
+    worker.start()
+    worker.join(CONDITION_PROBE_TIMEOUT)
+    if not answer:
+        log.warning("could not check within %.0fs whether the server enforces conditional writes; "
+                    "commits stay conditional (conditional_commits=%s)", CONDITION_PROBE_TIMEOUT, mode)
+        return config
+    if answer[0] is None:
+        log.info("conditional commits: %s (the server enforces If-None-Match and If-Match)", mode)
+        return config
+    log.warning("the server does not enforce conditional writes (%s): commits are unconditional, so a node "
+                "that comes back late can overwrite newer objects (conditional_commits=off)", answer[0])
+    return replace(config, options=replace(config.options, conditional_commits="off"))
+
+
+def start_cleanup(config: MountConfig, fs) -> None:
+    """``-o cleanup_older_than``: abort the prefix's old multipart uploads once, in the background,
+    sparing those this cache dir holds (recovery resumes them)."""
+    if not config.options.cleanup_older_than:
+        return
+    older_than = parse_duration(config.options.cleanup_older_than)
+    keep = {upload_id for _, upload_id in fs.core.registry.load_all()}
+    threading.Thread(target=cleanup.run_at_mount, args=(make_client(config), config.prefix, older_than, keep),
+                     name="s3ckptfs-cleanup", daemon=True).start()
 
 
 def has_pending_work(cache_dir: Path) -> bool:
@@ -226,7 +272,8 @@ def _status(fs) -> dict:
                 "uploaded": min(file.upload.bytes_uploaded, file.size),
                 "copied": min(file.upload.bytes_copied, file.size),
                 "age": round(now - file.created, 1),
-                "state": ("failed" if file.failure else "open" if file.writers
+                "state": ("conflict" if is_conflict(file.failure) else "failed" if file.failure
+                          else "open" if file.writers
                           else "retrying" if file.retrying else "pending"),
                 "error": str(file.failure or file.retrying) if (file.failure or file.retrying) else None,
             })
@@ -293,6 +340,7 @@ def run(config: MountConfig) -> int:
         report(f"error: {exc}")
         raise
     (config.cache_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+    config = check_conditions(config)
     metrics = Metrics()
     fs = Filesystem(config, make_client(config), cache, metrics)
     metrics.add_state(fs.state_metrics)
@@ -306,6 +354,7 @@ def run(config: MountConfig) -> int:
                    f"{exc.strerror}")
             raise ConfigError(f"cannot serve metrics on port {config.options.metrics_port}: {exc.strerror}") from None
     recovered = fs.recover()
+    start_cleanup(config, fs)
     control = ControlServer(str(config.mountpoint), _control_handler(fs),
                             {"pid": os.getpid(), "mountpoint": str(config.mountpoint),
                              "cache_dir": str(config.cache_dir), "source": config.source},
@@ -433,6 +482,7 @@ def run_watch(config: MountConfig, *, settle: float, delete: bool) -> int:
     cache = CacheDir(config.cache_dir)
     cache.prepare()
     (config.cache_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+    config = check_conditions(config)
     metrics = Metrics()
     fs = Filesystem(config, make_client(config), cache, metrics)
     metrics.add_state(fs.state_metrics)

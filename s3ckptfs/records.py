@@ -29,6 +29,8 @@ class FileRecord:
     data_synced: bool            # the staging file was fsync'd before the record was written
     boot_id: str                 # the machine's boot when it was written (see ``Journal.data_may_be_torn``)
     close_seq: int               # its place in close order: recovery commits in this order
+    expected_key: str | None = None   # what the node last knew of a key (conditions.py): the key,
+    expected_etag: str | None = None  # and the ETag it held ("" for none)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -40,7 +42,8 @@ class FileRecord:
                    mode=int(record.get("mode", DEFAULT_MODE)), mtime=float(record.get("mtime", 0)),
                    upload_id=record.get("upload_id"), upload_key=record.get("upload_key"),
                    data_synced=bool(record.get("data_synced", True)), boot_id=str(record.get("boot_id") or ""),
-                   close_seq=int(record.get("close_seq", 0)))
+                   close_seq=int(record.get("close_seq", 0)), expected_key=record.get("expected_key"),
+                   expected_etag=record.get("expected_etag"))
 
 
 def is_namespace_change(record: dict) -> bool:

@@ -54,6 +54,13 @@ def crc32c_of_file(fd: int, size: int, chunk: int = 8 << 20) -> str:
     return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
+def condition_headers(expect: str | None) -> dict[str, str]:
+    """boto3 arguments of a conditional write (conditions.py): None none, "" If-None-Match: *, else If-Match."""
+    if expect is None:
+        return {}
+    return {"IfNoneMatch": "*"} if expect == "" else {"IfMatch": expect}
+
+
 def body_digest(body: bytes | memoryview, checksum: str | None) -> dict[str, str]:
     """The request field that makes the server refuse ``body`` if it was damaged on the way.
 
@@ -300,14 +307,16 @@ class S3Client:
 
     # -- writes -----------------------------------------------------------------------
 
-    def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None, checksum: str | None = None) -> str:
+    def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None, checksum: str | None = None,
+            expect: str | None = None) -> str:
         """One PUT; the object appears whole or not at all. Returns the ETag.
 
         The server rejects a body damaged on the way (BadDigest), by ``checksum``
         (CRC32C, see ``crc32c``) or else by its MD5 (see ``body_digest``).
+        ``expect``: see ``condition_headers``.
         """
         locks.assert_no_locks_held("S3 PUT")
-        extra = body_digest(body, checksum)
+        extra = {**body_digest(body, checksum), **condition_headers(expect)}
         try:
             response = self._client.put_object(Bucket=self.bucket, Key=key, Body=body, Metadata=metadata or {},
                                                **extra)
@@ -350,9 +359,10 @@ class S3Client:
         result = response.get("CopyPartResult", {})
         return result["ETag"], result.get("ChecksumCRC32C")
 
-    def complete_multipart(self, key: str, upload_id: str,
-                           parts: list[tuple[int, str, str | None]]) -> tuple[str, str | None]:
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str, str | None]],
+                           expect: str | None = None) -> tuple[str, str | None]:
         """Make the object visible. ``parts``: (number, etag, crc32c or None), ascending.
+        ``expect``: see ``condition_headers``.
 
         Returns the ETag and the object checksum the server computed (None if it gave none).
         """
@@ -365,7 +375,8 @@ class S3Client:
             listed.append(entry)
         try:
             response = self._client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed})
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": listed},
+                **condition_headers(expect))
         except Exception as exc:
             raise translate(exc, f"CompleteMultipartUpload {key}") from exc
         return response.get("ETag", ""), response.get("ChecksumCRC32C")
@@ -380,6 +391,19 @@ class S3Client:
             if err.code in ("NoSuchUpload", "404") or err.status == 404:
                 return
             raise err from exc
+
+    def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        """(key, upload id, initiated as epoch seconds) of every unfinished multipart upload under ``prefix``."""
+        locks.assert_no_locks_held("S3 ListMultipartUploads")
+        found = []
+        try:
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for upload in page.get("Uploads", []):
+                    found.append((upload["Key"], upload["UploadId"], upload["Initiated"].timestamp()))
+        except Exception as exc:
+            raise translate(exc, f"ListMultipartUploads s3://{self.bucket}/{prefix}") from exc
+        return found
 
     def list_parts(self, key: str, upload_id: str) -> list[tuple[int, int, str, str | None]]:
         """(number, size, etag, crc32c or None) of the parts an unfinished upload holds."""

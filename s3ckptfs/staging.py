@@ -39,6 +39,7 @@ from typing import Callable
 from . import locks, partplan
 from .cache import boot_id
 from .commitstate import CommitState, check_move
+from .conditions import Expected
 from .errors import S3Error
 from .multipart import MultipartUpload
 from .records import FileRecord
@@ -149,6 +150,8 @@ class StagedFile:
         self._error: S3Error | None = None  # FAILED: what it gave up on; else the last transient error
         self._creating_upload = False     # CreateMultipartUpload in flight (sent without the lock)
         self.over_object = True           # an object may be under ``key`` already (False: known absent)
+        self.expected: Expected | None = None  # what this node last knew of a key (conditions.py)
+        self.conditional = False          # its commits carry ``expected`` as a condition
         self._last_etag = ""
         self._journaled_version = 0       # the version the journal record was last written for
         self._data_synced = True          # the staging file was fsync'd after the journaled version's writes
@@ -268,6 +271,7 @@ class StagedFile:
         if committed is not None:
             self._committed_version = committed.version
             self._last_etag = committed.etag
+            self.expected = Expected(committed.key, committed.etag)
             self._committed_digest = committed.digest
         self._move(CommitState.UPLOADING)
         self.changed.notify_all()
@@ -280,6 +284,14 @@ class StagedFile:
         """The staging file holds exactly object ``etag`` (opened over it, not yet written)."""
         self._committed_version = self.version
         self._last_etag = etag
+        self.expected = Expected(self.key, etag)
+
+    def condition_locked(self) -> str | None:
+        """What the next commit's last request expects of its key (``store.put``'s ``expect``), or None:
+        only for a conditional file, and only while what it knows is about the key it writes."""
+        if not self.conditional or self.expected is None or self.expected.key != self.key:
+            return None
+        return self.expected.etag
 
     def retry_locked(self, error: S3Error) -> None:
         """The commit failed transiently and will be tried again."""
@@ -460,7 +472,9 @@ class StagedFile:
     def journal_record_locked(self) -> FileRecord:
         return FileRecord(id=self.id, path=self.path, key=self.key, size=self.size, mode=self.mode,
                           mtime=self.mtime, upload_id=self.upload.id, upload_key=self.upload.key,
-                          data_synced=self.data_synced, boot_id=boot_id(), close_seq=self.close_seq)
+                          data_synced=self.data_synced, boot_id=boot_id(), close_seq=self.close_seq,
+                          expected_key=self.expected.key if self.expected else None,
+                          expected_etag=self.expected.etag if self.expected else None)
 
     def close_fd(self) -> None:
         """Close the staging fd once (a second close could hit a reused descriptor number)."""

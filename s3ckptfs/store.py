@@ -95,10 +95,13 @@ class ObjectStore(Protocol):
     # -- writes -----------------------------------------------------------------------
 
     def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None,
-            checksum: str | None = None) -> str:
+            checksum: str | None = None, expect: str | None = None) -> str:
         """One PUT: the object appears whole or not at all. Returns the ETag.
 
         A body that does not match ``checksum`` (CRC32C, base64) fails with BadDigest (transient).
+        ``expect`` makes it conditional (conditions.py): ``""`` (``ABSENT``) writes only where
+        no object is (If-None-Match: *), an ETag only over that object (If-Match); a key
+        that does not match fails with PreconditionFailed.
         """
         ...
 
@@ -128,9 +131,11 @@ class ObjectStore(Protocol):
         """
         ...
 
-    def complete_multipart(self, key: str, upload_id: str,
-                           parts: list[tuple[int, str, str | None]]) -> tuple[str, str | None]:
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str, str | None]],
+                           expect: str | None = None) -> tuple[str, str | None]:
         """Make the object visible from ``parts``: (number, etag, crc32c or None), ascending.
+
+        ``expect``: conditional as for ``put`` (PreconditionFailed; the upload is kept).
 
         Returns the object's ETag and the composite checksum the server computed
         (``s3client.composite_crc32c``), or None if it gave none. An ETag or checksum

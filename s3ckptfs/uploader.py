@@ -44,6 +44,7 @@ from typing import Callable, Protocol
 
 from . import locks
 from .cache import UploadRegistry
+from .conditions import Conflict, is_conflict
 from .dedup import Dedup
 from .errors import S3Error
 from .metrics import Metrics
@@ -349,9 +350,21 @@ class Uploader:
     def _commit_with_retries(self, commit: Commit) -> S3Error | None:
         file = commit.file
         assert file is not None
+        with file.lock:
+            refused = file.failure if is_conflict(file.failure) else None
+        if refused is not None:
+            return refused  # a conflict is never retried (conditions.py)
 
         def attempt() -> None:
-            if self._commit_once(file, commit.renames):
+            try:
+                wrote = self._commit_once(file, commit.renames)
+            except S3Error as error:
+                if is_conflict(error):
+                    with file.lock:
+                        path, expected = file.path, file.expected
+                    raise Conflict(path, expected, error) from error
+                raise
+            if wrote:
                 self.metrics.upload_seconds.observe(time.monotonic() - commit.requested)
             with file.lock:
                 file.finish_commit_locked()
@@ -362,8 +375,15 @@ class Uploader:
                 file.retry_locked(error)
 
         def give_up(error: S3Error) -> None:
-            log.error("upload of %s failed, data kept in the cache: %s", file.path, error)
             self.metrics.upload_failures.inc()
+            if is_conflict(error):  # never retried: the key holds what another writer put there since
+                log.error("%s", error)
+                with file.lock:
+                    self.abort_later(file.upload.forget())
+                    file.give_up_locked(error)
+                    file.over_object = False  # the object there is not ours: an unlink here must not delete it
+                return
+            log.error("upload of %s failed, data kept in the cache: %s", file.path, error)
             with file.lock:
                 file.give_up_locked(error)
 
@@ -384,7 +404,8 @@ class Uploader:
             if unchanged is not None:
                 self._listener.committed(file, *unchanged)
                 return False
-        candidate = self.whole_copy.candidate(file) if try_copy else None
+        # A conditional commit is a PUT or a completion: the whole-file copy carries no condition.
+        candidate = self.whole_copy.candidate(file) if try_copy and not file.conditional else None
         while True:
             unverified: list[tuple[int, UploadedPart]] = []
             with file.lock:
@@ -446,6 +467,7 @@ class Uploader:
     def _begin_small_put_locked(self, file: StagedFile) -> CommitCall:
         self.abort_later(file.upload.forget())
         version, key, size, mode, mtime = file.version, file.key, file.size, file.mode, file.mtime
+        expect = file.condition_locked()
         data = os.pread(file.fd, size, 0) if size else b""
         if len(data) < size:
             data += bytes(size - len(data))
@@ -453,13 +475,15 @@ class Uploader:
         file.begin_send_locked()
 
         def put() -> Committed:
-            etag = self.s3.put(key, data, object_metadata(mtime, mode), crc if self.checksums else None)
+            etag = self.s3.put(key, data, object_metadata(mtime, mode), crc if self.checksums else None,
+                               expect=expect)
             return Committed(key, etag, version, Digest(key, size, mode, mtime, (crc,)))
         return put
 
     def _begin_complete_locked(self, file: StagedFile) -> CommitCall:
         version, key, upload_id = file.version, file.key, file.upload.id
         assert upload_id is not None
+        expect = file.condition_locked()
         size, mode, mtime = file.size, file.mode, file.mtime
         count = file.part_count_locked()
         uploaded = file.upload.parts
@@ -469,7 +493,7 @@ class Uploader:
         file.begin_send_locked()
 
         def complete() -> Committed:
-            etag, server_checksum = self.s3.complete_multipart(key, upload_id, parts)
+            etag, server_checksum = self.s3.complete_multipart(key, upload_id, parts, expect=expect)
             self.registry.remove(upload_id)
             if self.checksums and server_checksum:
                 expected = composite_crc32c([checksum for _, _, checksum in parts])

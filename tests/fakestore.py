@@ -138,6 +138,7 @@ class Upload:
     metadata: dict[str, str]
     checksums: bool
     parts: dict[int, StoredPart] = field(default_factory=dict)
+    initiated: float = field(default_factory=time.time)
 
 
 def _quoted_md5(data: bytes) -> str:
@@ -254,13 +255,15 @@ class FakeClient:
 
     # -- writes -----------------------------------------------------------------------
 
-    def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None, checksum: str | None = None) -> str:
+    def put(self, key: str, body: bytes, metadata: dict[str, str] | None = None, checksum: str | None = None,
+            expect: str | None = None) -> str:
         self._store._enter("put", key, self)
         data = bytes(body)
         crc = crc32c(data)
         if checksum and checksum != crc:
             raise S3Error("BadDigest", f"PUT {key}: CRC32C {crc} != {checksum}", 400, transient=True)
         with self._store._lock:
+            self._store._check_expected_locked(key, expect, "PUT")
             obj = StoredObject(data, _quoted_md5(data), dict(metadata or {}), self._store._now_locked(), crc)
             self._store._objects[key] = obj
             return obj.etag
@@ -313,11 +316,12 @@ class FakeClient:
             self._store.copied_bytes += length
             return part.etag, part.crc if upload.checksums else None
 
-    def complete_multipart(self, key: str, upload_id: str,
-                           parts: list[tuple[int, str, str | None]]) -> tuple[str, str | None]:
+    def complete_multipart(self, key: str, upload_id: str, parts: list[tuple[int, str, str | None]],
+                           expect: str | None = None) -> tuple[str, str | None]:
         self._store._enter("complete_multipart", key, self)
         with self._store._lock:
             upload = self._store._upload_locked(key, upload_id, "CompleteMultipartUpload")
+            self._store._check_expected_locked(key, expect, "CompleteMultipartUpload")
             if not parts:
                 raise S3Error("MalformedXML", f"CompleteMultipartUpload {key}: no parts", 400)
             numbers = [number for number, _, _ in parts]
@@ -471,6 +475,13 @@ class FakeStore(FakeClient):
         with self._lock:
             return self._objects.get(key)
 
+    def list_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        """(key, upload id, initiated as epoch seconds) of the unfinished multipart uploads under ``prefix``."""
+        self._enter("list_uploads", prefix, self)
+        with self._lock:
+            return sorted((u.key, upload_id, u.initiated) for upload_id, u in self._uploads.items()
+                          if u.key.startswith(prefix))
+
     def uploads(self, prefix: str = "") -> list[tuple[str, str]]:
         """(key, upload id) of every unfinished multipart upload under ``prefix``."""
         with self._lock:
@@ -491,6 +502,17 @@ class FakeStore(FakeClient):
         # Wall-clock time, made strictly increasing so that LastModified orders writes.
         self._last_time = max(time.time(), self._last_time + 1e-6)
         return self._last_time
+
+    def _check_expected_locked(self, key: str, expect: str | None, what: str) -> None:
+        """A conditional write: "" wants no object under ``key`` (If-None-Match: *), an ETag that object."""
+        if expect is None:
+            return
+        current = self._objects.get(key)
+        if (current is None) if expect == "" else (current is not None
+                                                   and current.etag.strip('"') == expect.strip('"')):
+            return
+        raise S3Error("PreconditionFailed", f"{what} {key}: expected {expect or 'no object'}, "
+                      f"found {current.etag if current else 'none'}", 412)
 
     def _upload_locked(self, key: str, upload_id: str, what: str) -> Upload:
         upload = self._uploads.get(upload_id)

@@ -49,7 +49,7 @@ def test_measurements_are_chosen_by_name_or_by_their_earlier_letters_and_keys():
                                                             "s3ckptfs_warm_load"]
     assert [m.key for m in select_measurements("s3ckptfs_4proc,upload")] == ["upload_floor",
                                                                             "s3ckptfs_four_loaders"]
-    assert len(select_measurements(None)) == len(MEASUREMENTS) == 25
+    assert len(select_measurements(None)) == len(MEASUREMENTS) == 27
     with pytest.raises(SystemExit, match="unknown measurement"):
         select_measurements("z")
 
@@ -77,6 +77,15 @@ def test_ratios_compare_s3ckptfs_with_the_baselines_and_the_best_peer():
     assert ratios["s3ckptfs cold load / best peer (boto3 download_file + torch.load)"] == pytest.approx(0.8)
     assert ratios["s3ckptfs warm load / local load"] == pytest.approx(0.5)
     assert not any("loaders" in name for name in ratios)  # not measured: no ratio
+
+
+def test_the_n_node_case_compares_each_node_with_its_local_save_and_all_with_n_uploads():
+    outcomes = outcomes_of({"s3ckptfs_8_nodes": {"local_stall": 0.2, "floor": 2.5, "stall": 0.3, "stall_max": 0.4,
+                                                 "durable": 2.0}})
+    ratios = {r.name: r.value for r in compute_ratios(outcomes)}
+    assert ratios["8 nodes: stall per node / local save per node"] == pytest.approx(1.5)
+    assert ratios["8 nodes: all durable / 8 concurrent upload_file"] == pytest.approx(0.8)
+    assert not any(name.startswith("4 nodes") for name in ratios)
 
 
 def test_the_table_shows_every_metric_a_skip_and_the_other_figures_as_notes():

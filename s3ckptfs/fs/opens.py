@@ -20,6 +20,7 @@ import time
 import uuid
 
 from ..cache import CachedObject
+from ..conditions import ABSENT, Expected
 from ..errors import FsError
 from ..handles import Handle
 from ..metadata import MISSING, DirInfo
@@ -67,8 +68,22 @@ class Opens:
             file.over_object = ((previous is not None and previous.over_object)
                                 or (self.core.meta.get_stale(path) is not MISSING
                                     and self.table.local_dir_locked(parent_of(path)) is None))
+            file.expected = previous.expected if previous is not None else self._known_locked(file.key, path)
+            file.conditional = self.core.options.conditional_commits == "all"
             self.lifecycle.register_locked(file)
             return self._open_handle_locked(file, path, flags, writable=True)
+
+    def _known_locked(self, key: str, path: str) -> Expected | None:
+        """What this node knows of ``key`` as ``path`` is created: the object lookup or a listing saw
+        (or none, ``ABSENT``), or None if nothing is known (the commit is then unconditional)."""
+        known = self.core.meta.get(path)
+        if known is None:
+            known = self.core.meta.get_stale(path)
+        if known is MISSING or (known is None and self.table.local_dir_locked(parent_of(path)) is not None):
+            return Expected(key, ABSENT)
+        if isinstance(known, ObjectInfo) and known.etag:
+            return Expected(key, known.etag)
+        return None
 
     def _refuse_if_passed_through_locked(self, path: str) -> None:
         """The kernel would fail this open (EIO): other opens pass its inode through to another file."""
@@ -121,9 +136,12 @@ class Opens:
         if not truncate:
             entry = self.reads.hydrate(file, entry)
         with file.lock:
+            file.conditional = self.core.options.conditional_commits == "all"
             if not truncate:  # identical to the object until written
                 file.mark_identical_locked(entry.etag)
                 file.mtime = entry.mtime
+            elif entry.etag:
+                file.expected = Expected(file.key, entry.etag)
         with self.table.lock:
             existing = self.table.get(path)
             if existing is not None:  # another thread won the race: share its copy
@@ -193,6 +211,7 @@ class Opens:
         file = StagedFile(file_id, path, self.core.key_for(path), staging_path, fd, size=entry.size,
                           mode=entry.mode or FILE_MODE, mtime=entry.mtime, part_base=self.core.options.part_size)
         with file.lock:
+            file.conditional = self.core.options.conditional_commits == "all"
             file.mark_identical_locked(entry.etag)  # identical to the object until written
         return file
 

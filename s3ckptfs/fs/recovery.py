@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from ..conditions import Expected, is_conflict
 from ..records import FileRecord, is_namespace_change
 from ..staging import StagedFile
 from ..uploader import Ticket, Uploader
@@ -41,6 +42,7 @@ class Recovery:
         """Commit everything closed under ``path`` and wait; returns [(path, error)] of failures."""
         path = path if path == "/" else path.rstrip("/")
         tickets: list[tuple[StagedFile, Ticket]] = []
+        conflicts: list[tuple[str, str]] = []
         for file in self.table.files():
             if not under(path, file.path):
                 continue
@@ -48,11 +50,16 @@ class Recovery:
                 # A file whose last close requested its commit may still count a writer here:
                 # FUSE reports the release after close(2) has returned.
                 wanted = file.dirty and not file.deleted and (file.writers == 0 or file.commit_queued)
+                refused = file.failure if is_conflict(file.failure) else None
+            if refused is not None:  # another writer changed the key: trying again would be refused again
+                conflicts.append((file.path, str(refused)))
+                continue
             if wanted:
                 tickets.append((file, self.uploader.request_commit(file)))
         self.pending.retry_failed(path)
         ops = [(op.paths()[0] if op.paths() else op.key, ticket) for op, ticket in self.pending.pending(path)]
         failures = [(lost.path, lost.reason) for lost in self.table.lost_files() if under(path, lost.path)]
+        failures += conflicts
         deadline = None if timeout is None else time.monotonic() + timeout
         for name, ticket in [(file.path, ticket) for file, ticket in tickets] + ops:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -94,6 +101,9 @@ class Recovery:
                               mtime=record.mtime, part_base=core.options.part_size)
             file.restored_locked(record.data_synced)
             file.close_seq = record.close_seq
+            if record.expected_key is not None and record.expected_etag is not None:
+                file.expected = Expected(record.expected_key, record.expected_etag)
+            file.conditional = core.options.conditional_commits != "off"  # a node coming back late
             if not file.data_synced:  # the daemon died before the fsync; the page cache still holds the data
                 self.durability.sync_data_later(file, file.version)
             kept = 0

@@ -87,3 +87,18 @@ def make_durable(paths: list[str], *, timeout: float | None, why: str, raise_err
         log.info("checkpoints under %s durable in S3 after %.2fs (%s)", ", ".join(paths),
                  time.monotonic() - started, why)
     return True
+
+
+def wait_until_durable(paths: Iterable[str | os.PathLike[str]], *, timeout: float | None, why: str) -> float:
+    """Block until each of ``paths`` (files or directories on s3ckptfs mounts) is complete in S3.
+
+    The one wait per rank of the checkpoint integrations: called after the rank's files
+    are closed and before the framework lets a commit marker be written. Paths on no
+    mount are logged once and not waited for. Raises ``api.SyncError`` (or
+    ``api.S3ckptfsError``) when a file cannot be made durable: the save must fail
+    rather than publish a marker for a checkpoint with a shard missing. Returns the
+    seconds it took.
+    """
+    started = time.monotonic()
+    make_durable(checkpoint_dirs(paths), timeout=timeout, why=why, raise_errors=True)
+    return time.monotonic() - started

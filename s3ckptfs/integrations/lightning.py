@@ -19,6 +19,12 @@ lets the job's log say that the last checkpoint is safe.
 On several nodes, local rank 0 of each node waits for its node's mount (with
 sharded checkpoints every node writes part of each checkpoint).
 
+Across nodes, add ``DurableCheckpointIO`` too: each checkpoint file is in S3
+before ``save_checkpoint`` returns, so before Lightning's post-save barrier lets
+any rank go on, and before ``ModelCheckpoint`` removes the checkpoint it replaces:
+
+    trainer = L.Trainer(plugins=[DurableCheckpointIO()], callbacks=[ModelCheckpoint(...)])
+
 Works with the ``lightning`` package, or ``pytorch_lightning`` when that is
 the one installed.
 """
@@ -28,16 +34,40 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ._durable import DEFAULT_SIGTERM_TIMEOUT, checkpoint_dirs, ensure_visible_logging, log, make_durable
+from ._durable import (DEFAULT_SIGTERM_TIMEOUT, checkpoint_dirs, ensure_visible_logging, log, make_durable,
+                       wait_until_durable)
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
 except ImportError:  # the standalone package
     from pytorch_lightning import Callback, LightningModule, Trainer  # type: ignore[no-redef]
     from pytorch_lightning.callbacks import ModelCheckpoint  # type: ignore[no-redef]
+    from pytorch_lightning.plugins.io import TorchCheckpointIO  # type: ignore[no-redef]
 
-__all__ = ["DurableCheckpoints"]
+__all__ = ["DurableCheckpoints", "DurableCheckpointIO"]
+
+
+class DurableCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose ``save_checkpoint`` returns once the file is complete in S3.
+
+    Lightning calls it on every rank that saves (rank 0 with DDP, every rank with
+    sharded strategies) and passes its barrier afterwards; ``ModelCheckpoint``
+    removes the previous checkpoint only after the save returned. ``timeout``:
+    seconds to wait (None: as long as it takes); a file that cannot be made durable
+    fails the save (``s3ckptfs.SyncError``). ``last_wait``: seconds the last save waited.
+    """
+
+    def __init__(self, timeout: float | None = None) -> None:
+        super().__init__()
+        self.timeout = timeout
+        self.last_wait = 0.0
+        ensure_visible_logging()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        self.last_wait = wait_until_durable([path], timeout=self.timeout, why="Lightning checkpoint")
 
 
 class DurableCheckpoints(Callback):

@@ -20,21 +20,89 @@ uploading after the process exits; the wait is what lets the job's log say
 the last checkpoint is safe.
 
 On several nodes, the local main process of each node waits for its node's mount.
+
+Across nodes, use ``CompleteCheckpoints`` as well (or instead): at every save, each
+rank waits for the checkpoint directory on its node's mount to be in S3, all ranks
+meet at a barrier (when ``torch.distributed`` is up), and the main process writes
+``COMPLETE_MARKER`` into it. ``latest_complete_checkpoint(output_dir)`` returns the
+newest checkpoint so marked, for ``resume_from_checkpoint``; one without the
+marker may have lost a shard with a node. Keep ``save_total_limit`` at 2 or more:
+the Trainer rotates old checkpoints before its ``on_save`` callbacks run.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ._durable import DEFAULT_SIGTERM_TIMEOUT, checkpoint_dirs, ensure_visible_logging, log, make_durable
+from ._durable import (DEFAULT_SIGTERM_TIMEOUT, checkpoint_dirs, ensure_visible_logging, log, make_durable,
+                       wait_until_durable)
 
-__all__ = ["DurableCheckpoints"]
+__all__ = ["DurableCheckpoints", "CompleteCheckpoints", "latest_complete_checkpoint", "COMPLETE_MARKER"]
+
+COMPLETE_MARKER = "s3ckptfs-complete.json"
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike[str]) -> str | None:
+    """The newest ``checkpoint-N`` under ``output_dir`` that ``CompleteCheckpoints`` marked complete, or None."""
+    try:
+        names = os.listdir(output_dir)
+    except FileNotFoundError:
+        return None
+    steps = sorted((int(match.group(1)), name) for name in names if (match := _CHECKPOINT_DIR.match(name)))
+    for _, name in reversed(steps):
+        if os.path.isfile(os.path.join(output_dir, name, COMPLETE_MARKER)):
+            return os.path.join(os.fspath(output_dir), name)
+    return None
+
+
+class CompleteCheckpoints(TrainerCallback):
+    """Mark a checkpoint complete once every rank's files of it are in S3.
+
+    At ``on_save`` every process waits for ``checkpoint-<step>`` on its node's mount
+    (``timeout`` seconds at most, None: as long as it takes; a failure raises
+    ``s3ckptfs.SyncError`` and the checkpoint stays unmarked), then all meet at a
+    ``torch.distributed`` barrier when one is initialized, then the world's main
+    process writes ``COMPLETE_MARKER`` (and waits for it too). ``last_wait``: seconds
+    this process last waited for S3.
+    """
+
+    def __init__(self, timeout: float | None = None) -> None:
+        self.timeout = timeout
+        self.last_wait = 0.0
+        ensure_visible_logging()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(directory):
+            log.warning("%s not found after a save: not marked complete", directory)
+            return
+        self.last_wait = wait_until_durable([directory], timeout=self.timeout, why="Trainer checkpoint")
+        _barrier()
+        if state.is_world_process_zero:
+            marker = os.path.join(directory, COMPLETE_MARKER)
+            with open(marker, "w", encoding="utf-8") as stream:
+                json.dump({"step": state.global_step, "time": time.time()}, stream)
+            wait_until_durable([marker], timeout=self.timeout, why="Trainer checkpoint marker")
+        _barrier()
+
+
+def _barrier() -> None:
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 class DurableCheckpoints(TrainerCallback):

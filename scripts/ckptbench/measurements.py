@@ -28,11 +28,13 @@ import torch
 from .common import MeasurementError, log
 from .context import Bench, durable_timeout
 from .incremental import copy_floor, incremental, part_copy_floor, second_name, second_name_without_dedup
+from .multinode import multinode
 from .peers import peak_rss_mib, rclone_mount, s3ckptfs_mount, s3fs_mount, s3torchconnector_checkpoint
 from .workload import (CHECKPOINT_NAME, CONCURRENT_LOADERS, check_loaded, copy_in_pieces, loader_processes,
                        read_whole_file, run_loaders, timed_load, timed_save)
 
-TIME_METRICS = ("seconds", "stall", "durable", "first_stall", "first_durable", "after_first")
+TIME_METRICS = ("seconds", "stall", "durable", "first_stall", "first_durable", "after_first", "local_stall",
+                "floor", "stall_max")
 
 LISTING_OBJECTS = 10_000
 LISTING_DIR = "many"
@@ -320,6 +322,8 @@ MEASUREMENTS = [
                 second_name),
     Measurement("s3ckptfs_second_name_off", "s3ckptfs same state, second name [dedup=off]", "write", "s3ckptfs",
                 second_name_without_dedup),
+    Measurement("s3ckptfs_4_nodes", "4 nodes, one shard each, at once", "write", "s3ckptfs", multinode(4)),
+    Measurement("s3ckptfs_8_nodes", "8 nodes, one shard each, at once", "write", "s3ckptfs", multinode(8)),
     Measurement("local_load", "torch.load from local disk", "read", None, local_load, ("h",)),
     Measurement("download_then_load", "boto3 download_file + torch.load", "read", None, download_then_load,
                 ("i", "download_load")),

@@ -107,6 +107,14 @@ def compute_ratios(outcomes: dict[str, Outcome]) -> list[Ratio]:
         for metric in ("stall", "after_first"):
             add(f"second name, dedup on / off: {metric}", on.median(metric), off.median(metric), "report")
 
+    for count in (4, 8):
+        nodes = outcomes.get(f"s3ckptfs_{count}_nodes")
+        if nodes is not None:
+            add(f"{count} nodes: stall per node / local save per node", nodes.median("stall"),
+                nodes.median("local_stall"), "report")
+            add(f"{count} nodes: all durable / {count} concurrent upload_file", nodes.median("durable"),
+                nodes.median("floor"), "report")
+
     cold = _median(outcomes, "s3ckptfs_cold_load", "seconds")
     peers = {key: _median(outcomes, key, "seconds")
              for key in ("rclone_cold_load", "s3fs_cold_load", "download_then_load", "s3torchconnector_read")}

@@ -1,0 +1,171 @@
+"""Conditional commits, in process: a node that comes back late never overwrites a newer object.
+
+Two ``InProcessMount``s of one prefix over one ``FakeStore`` stand for two nodes, each
+with its own cache dir. A node "dies" with a journaled upload (``crash`` during an
+outage), another writes the same keys, the first restarts on its old cache dir.
+"""
+
+from __future__ import annotations
+
+import os
+
+import fakestore
+from inproc import Vfs
+from s3ckptfs import conditions
+from s3ckptfs.daemon import _status
+from s3ckptfs.errors import S3Error
+
+KiB = 1 << 10
+BIG = 18 * KiB + 123   # several parts with the in-process part size: a multipart upload
+
+
+def outage(store) -> fakestore.Rule:
+    """The store refuses every upload (as a server away would) until the rule is removed."""
+    return store.inject(fakestore.REFUSE, fakestore.UPLOAD_OPERATIONS, where=lambda op, key: not key.endswith("/"))
+
+
+def data_of(size: int, seed: int = 0) -> bytes:
+    return bytes((i * 7 + seed) % 251 for i in range(size))
+
+
+def node_dies_with(mount, fake_store, files: dict[str, bytes]) -> None:
+    """``files`` are closed (journaled) on ``mount`` while S3 refuses uploads; then the node dies."""
+    down = outage(fake_store)
+    vfs = Vfs(mount.fs)
+    for name, body in files.items():
+        vfs.write_file(name, body)
+    mount.crash()
+    down.remove()
+
+
+def test_a_node_back_late_leaves_the_newer_objects_and_reports_conflicts(inproc, fake_store):
+    node_a, node_b = inproc(), inproc()
+    Vfs(node_a.fs).write_file("latest", b"step_50")
+    assert node_a.fs.sync() == []
+    node_dies_with(node_a, fake_store, {"latest": b"step_100", "model.pt": b"A's model",
+                                        "big.pt": data_of(BIG, 1)})
+    vfs_b = Vfs(node_b.fs)
+    for name, body in {"latest": b"step_200", "model.pt": b"B's model", "big.pt": data_of(BIG, 2)}.items():
+        vfs_b.write_file(name, body)
+    assert node_b.fs.sync() == []
+
+    node_a.start()   # back late, on its old cache dir
+    assert node_a.recovered == 3
+    failures = dict(node_a.fs.sync())
+    assert sorted(failures) == ["/big.pt", "/latest", "/model.pt"]
+    assert all(error.startswith("conflict:") for error in failures.values()), failures
+    assert fake_store.objects(node_a.prefix) == {
+        "mnt/latest": b"step_200", "mnt/model.pt": b"B's model", "mnt/big.pt": data_of(BIG, 2)}
+    states = {row["path"]: row["state"] for row in _status(node_a.fs)["pending"]}
+    assert states == {"/latest": "conflict", "/model.pt": "conflict", "/big.pt": "conflict"}
+    # The bytes stay in the cache, readable on the mount; the refused multipart upload is gone.
+    assert Vfs(node_a.fs).read_bytes("latest") == b"step_100"
+    assert fake_store.uploads(node_a.prefix) == []
+
+
+def test_a_conflict_is_never_retried(inproc, fake_store):
+    node_a, node_b = inproc(), inproc()
+    node_dies_with(node_a, fake_store, {"latest": b"old"})
+    Vfs(node_b.fs).write_file("latest", b"new")
+    assert node_b.fs.sync() == []
+    node_a.start()
+    assert [path for path, _ in node_a.fs.sync()] == ["/latest"]
+    puts = fake_store.count("put", "mnt/latest")
+    assert [path for path, _ in node_a.fs.sync()] == ["/latest"]   # reported again, not sent again
+    assert fake_store.count("put", "mnt/latest") == puts
+    Vfs(node_a.fs).unlink("latest")       # the user drops this node's version
+    assert node_a.fs.sync() == []
+    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"new"}
+
+
+def test_a_node_back_late_commits_what_nobody_changed(inproc, fake_store):
+    node_a = inproc()
+    Vfs(node_a.fs).write_file("latest", b"step_50")
+    assert node_a.fs.sync() == []
+    node_dies_with(node_a, fake_store, {"latest": b"step_100", "new.pt": b"x", "big.pt": data_of(BIG)})
+    node_a.start()
+    assert node_a.fs.sync() == []
+    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"step_100", "mnt/new.pt": b"x",
+                                                 "mnt/big.pt": data_of(BIG)}
+    assert fake_store.uploads(node_a.prefix) == []
+
+
+def test_conditional_commits_off_is_the_old_behaviour(inproc, fake_store):
+    node_a, node_b = inproc(conditional_commits="off"), inproc()
+    node_dies_with(node_a, fake_store, {"latest": b"step_100"})
+    Vfs(node_b.fs).write_file("latest", b"step_200")
+    assert node_b.fs.sync() == []
+    node_a.start()
+    assert node_a.fs.sync() == []
+    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"step_100"}
+
+
+def test_live_commits_are_unconditional_by_default_and_conditional_with_all(inproc, fake_store):
+    node_a, node_b = inproc(), inproc(conditional_commits="all")
+    vfs_a, vfs_b = Vfs(node_a.fs), Vfs(node_b.fs)
+    assert not vfs_b.exists("latest")           # B sees no object there
+    vfs_a.write_file("latest", b"from A")
+    assert node_a.fs.sync() == []
+    fh = node_b.fs.create("/latest", 0o644, os.O_WRONLY)  # created where B believed nothing was
+    node_b.fs.write(fh, b"from B", 0)
+    node_b.fs.flush(fh)
+    node_b.fs.release(fh)
+    failures = node_b.fs.sync()
+    assert [path for path, _ in failures] == ["/latest"] and "conflict" in failures[0][1]
+    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"from A"}
+    # A's own overwrite (default mode) is unconditional, as before.
+    vfs_a.write_file("latest", b"from A again")
+    assert node_a.fs.sync() == []
+
+
+def test_a_node_rewriting_its_own_object_is_not_a_conflict(inproc, fake_store):
+    node = inproc(conditional_commits="all")
+    vfs = Vfs(node.fs)
+    for step in range(3):
+        vfs.write_file("latest", f"step_{step}".encode())
+        vfs.write_file("big.pt", data_of(BIG, step))
+        assert node.fs.sync() == []
+    assert fake_store.objects(node.prefix)["mnt/latest"] == b"step_2"
+
+
+def test_a_record_of_an_older_version_commits_unconditionally(inproc, fake_store):
+    node_a, node_b = inproc(), inproc()
+    node_dies_with(node_a, fake_store, {"latest": b"old"})
+    import json
+    for record_path in (node_a.cache_root / "journal").glob("*.json"):
+        record = json.loads(record_path.read_text())
+        record.pop("expected_key", None)
+        record.pop("expected_etag", None)
+        record_path.write_text(json.dumps(record))
+    Vfs(node_b.fs).write_file("latest", b"new")
+    assert node_b.fs.sync() == []
+    node_a.start()
+    assert node_a.fs.sync() == []
+    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"old"}
+
+
+class _Ignoring:
+    """A store that accepts the condition and ignores it, as a server without conditional writes."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def put(self, key, body, metadata=None, checksum=None, expect=None):
+        return self.store.put(key, body, metadata, checksum)
+
+    def delete(self, key):
+        self.store.delete(key)
+
+
+class _Rejecting(_Ignoring):
+    def put(self, key, body, metadata=None, checksum=None, expect=None):
+        if expect is not None:
+            raise S3Error("NotImplemented", "conditional writes", 501)
+        return super().put(key, body, metadata, checksum)
+
+
+def test_the_probe_tells_a_server_that_enforces_conditions_from_one_that_does_not(fake_store):
+    assert conditions.probe(fake_store, "p/") is None
+    assert "accepted" in conditions.probe(_Ignoring(fake_store), "p/")
+    assert "NotImplemented" in conditions.probe(_Rejecting(fake_store), "p/")
+    assert fake_store.objects("p/") == {}, "the probe object is deleted"

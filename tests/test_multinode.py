@@ -1,0 +1,275 @@
+"""Several nodes, one prefix, through real mounts: a node that comes back late, what a lost node leaves.
+
+Each mount has its own mountpoint and cache dir and stands for a node (docs/design.md,
+"Several nodes"). Losing a node: SIGKILL of its daemon, lazy unmount, and (for a
+preempted node) its cache dir deleted; a node coming back late: its daemon restarted
+on its old cache dir after others wrote newer objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import multinode_workers as workers
+from conftest import list_keys, run_cli, wait_for
+from faultproxy import healing_proxy, running_proxy
+from s3ckptfs import cli
+
+running_proxy = pytest.fixture(running_proxy)
+fault_proxy = pytest.fixture(healing_proxy, name="fault_proxy")
+
+
+def status_json(mount) -> tuple[int, dict]:
+    result = run_cli(["status", str(mount.path), "--json"], mount.env)
+    return result.returncode, json.loads(result.stdout or "{}")
+
+
+def test_a_node_back_late_keeps_the_newer_objects_and_reports_the_conflict(fault_proxy, bucket, mount_factory, s3):
+    """Node A writes ``latest`` and ``model.pt`` while S3 refuses its PUTs and dies with them journaled;
+    node B writes newer ones and syncs; A's daemon restarts on its old cache dir: S3 keeps B's
+    objects, A's status and sync report both files as conflicts (exit 1), and its log says so."""
+    s3.put_object(Bucket=bucket, Key="job/latest", Body=b"step_50")
+    node_a = mount_factory(bucket, "job", endpoint_url=fault_proxy.url)
+    assert (node_a.path / "latest").read_text() == "step_50"
+    fault_proxy.slowdown(1.0, match=r"^PUT ")   # every PUT answered 503: the commits wait and retry
+    (node_a.path / "model.pt").write_bytes(b"A" * 5000)
+    (node_a.path / "latest").write_text("step_100")
+    wait_for(lambda: fault_proxy.stats["errors"] >= 2, timeout=30)
+    node_a.kill()                                # journaled, not in S3; the cache dir is kept
+    fault_proxy.passthrough()
+
+    node_b = mount_factory(bucket, "job")
+    (node_b.path / "model.pt").write_bytes(b"B" * 7000)
+    (node_b.path / "latest").write_text("step_200")
+    node_b.sync()
+
+    node_a.remount()                             # back late, on its old cache dir
+    assert "conditional commits: resumed (the server enforces" in node_a.log_tail(200)
+    wait_for(lambda: len([row for row in status_json(node_a)[1].get("pending", [])
+                          if row["state"] == "conflict"]) == 2, timeout=60)
+    code, answer = status_json(node_a)
+    assert {row["path"]: row["state"] for row in answer["pending"]} == {"/latest": "conflict",
+                                                                        "/model.pt": "conflict"}
+    assert run_cli(["status", str(node_a.path)], node_a.env).returncode == 1
+    synced = node_a.sync(check=False)
+    assert synced.returncode == 1 and synced.stderr.count("conflict:") == 2, synced.describe()
+    assert s3.get_object(Bucket=bucket, Key="job/latest")["Body"].read() == b"step_200"
+    assert s3.get_object(Bucket=bucket, Key="job/model.pt")["Body"].read() == b"B" * 7000
+    log = node_a.log_tail(400)
+    assert "conflict: /latest was changed in S3 by another writer" in log
+    assert "conflict: /model.pt was changed in S3 by another writer" in log
+    # This node's bytes stay readable here until the file is deleted, which leaves B's object alone.
+    assert (node_a.path / "latest").read_text() == "step_100"
+    (node_a.path / "latest").unlink()
+    (node_a.path / "model.pt").unlink()
+    node_a.sync()
+    assert s3.get_object(Bucket=bucket, Key="job/latest")["Body"].read() == b"step_200"
+    assert s3.get_object(Bucket=bucket, Key="job/model.pt")["Body"].read() == b"B" * 7000
+
+
+MiB = 1 << 20
+
+
+def uploads_under(s3, bucket: str, prefix: str) -> list[tuple[str, str]]:
+    answer = s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix)
+    return sorted((upload["Key"], upload["UploadId"]) for upload in answer.get("Uploads", []))
+
+
+def lose_node_while_writing(node, s3, name: str, size: int = 20 * MiB) -> list[tuple[str, str]]:
+    """``node`` is writing ``name`` (still open, parts uploading) when it is lost: SIGKILL, lazy
+    unmount, cache dir deleted. Returns the multipart uploads it leaves behind."""
+    key = node.key(name)
+    (node.path / name).parent.mkdir(parents=True, exist_ok=True)
+    stream = open(node.path / name, "wb")
+    stream.write(b"\1" * size)
+    stream.flush()
+    left = wait_for(lambda: [u for u in uploads_under(s3, node.bucket, key) if u[0] == key], timeout=60)
+    node.kill()
+    try:
+        stream.close()
+    except OSError:
+        pass  # the daemon is gone: ENOTCONN
+    shutil.rmtree(node.cache_dir)
+    return left
+
+
+def test_cleanup_aborts_what_a_lost_node_left_and_spares_a_live_upload(bucket, mount_factory, s3, monkeypatch,
+                                                                        capsys):
+    node_a = mount_factory(bucket, "job")
+    left = lose_node_while_writing(node_a, s3, "step_1/shard0.distcp")
+    time.sleep(6)
+    node_b = mount_factory(bucket, "job")
+    with open(node_b.path / "shard1.distcp", "wb") as live:   # a live node writing right now
+        live.write(b"\2" * 20 * MiB)
+        live.flush()
+        wait_for(lambda: [u for u in uploads_under(s3, bucket, "job/shard1") if u], timeout=60)
+        # In this process: a child process would inherit the open file and close it, which is a close.
+        for name, value in node_b.factory.server.env().items():
+            monkeypatch.setenv(name, value)
+        code = cli.main(["cleanup", f"s3://{bucket}/job", "--older-than", "5s",
+                         "--endpoint-url", node_b.factory.server.endpoint_url])
+        printed = capsys.readouterr().out
+        assert code == 0, printed
+        assert f"aborted job/step_1/shard0.distcp (upload {left[0][1]}" in printed
+        assert "1 multipart upload(s) older than 5s aborted under s3://" in printed
+        assert [key for key, _ in uploads_under(s3, bucket, "job/")] == ["job/shard1.distcp"]
+    node_b.sync()
+    assert s3.head_object(Bucket=bucket, Key="job/shard1.distcp")["ContentLength"] == 20 * MiB
+    assert uploads_under(s3, bucket, "job/") == []
+    again = run_cli(["cleanup", f"s3://{bucket}/job", "--endpoint-url", node_b.factory.server.endpoint_url],
+                    node_b.env)
+    assert again.returncode == 0 and "0 multipart upload(s) older than 1d aborted" in again.stdout
+
+
+def test_a_mount_with_cleanup_older_than_aborts_a_lost_nodes_uploads(bucket, mount_factory, s3):
+    node_a = mount_factory(bucket, "job")
+    lose_node_while_writing(node_a, s3, "shard0.distcp")
+    time.sleep(3)
+    node_c = mount_factory(bucket, "job", options={"cleanup_older_than": "2s"})
+    wait_for(lambda: uploads_under(s3, bucket, "job/") == [], timeout=30)
+    log = node_c.log_tail(300)
+    assert "cleanup: aborted multipart upload job/shard0.distcp" in log
+    assert "cleanup: 1 multipart upload(s) older than 2s aborted under job/" in log
+
+
+# -- durable before the commit marker: DCP, two nodes, a node lost after every save ----------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def lose_and_replace(node, factory) -> None:
+    """A preempted node: daemon killed, mount gone, local disk gone; a replacement mounts the prefix."""
+    node.kill()
+    shutil.rmtree(node.cache_dir)
+    node.remount(cache_dir=factory.fresh_dir("cache"))
+
+
+def torn_checkpoints(s3, bucket: str, prefix: str, steps: int) -> list[str]:
+    """Checkpoints whose commit marker (.metadata) is in S3 while a shard it names is not."""
+    keys = set(list_keys(s3, bucket, prefix))
+    torn = []
+    for step in range(steps):
+        base = f"{prefix}step_{step}/"
+        if base + ".metadata" in keys and not {base + "__0_0.distcp", base + "__1_0.distcp"} <= keys:
+            torn.append(f"step_{step}")
+    return torn
+
+
+def test_dcp_integration_never_leaves_a_torn_checkpoint_when_a_node_is_lost(bucket, mount_factory, s3, tmp_path):
+    """2 ranks, each through its own node's mount, 10 saves with s3ckptfs.integrations.dcp (every
+    other one with dcp.async_save);
+    after each save node 1 is lost at once (SIGKILL, cache dir deleted) and replaced. From a
+    fresh mount: every checkpoint with .metadata has both shards, and the newest one loads."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    import torch.multiprocessing as tmp
+
+    steps = 10
+    nodes = [mount_factory(bucket, "job"), mount_factory(bucket, "job")]
+    control = tmp_path / "control"
+    control.mkdir()
+    writer = os.environ.get("S3CKPTFS_TEST_DCP_WRITER", "integration")  # "default": to measure the stock writer
+    context = tmp.spawn(workers.dcp_save_loop,
+                        args=(free_port(), [str(node.path) for node in nodes], steps, str(control), writer),
+                        nprocs=workers.WORLD_SIZE, join=False)
+    for step in range(steps):
+        wait_for(lambda: (control / f"saved_{step}").exists() or not all(p.is_alive() for p in context.processes),
+                 timeout=300, interval=0.02)
+        assert (control / f"saved_{step}").exists(), "a rank failed"
+        lose_and_replace(nodes[1], mount_factory)
+        (control / f"go_{step}").touch()
+    context.join()
+    times = [json.loads((control / f"times_{rank}.json").read_text()) for rank in range(workers.WORLD_SIZE)]
+    print(f"dcp.save ({writer} writer), seconds per save: rank 0 {times[0]}, rank 1 {times[1]}")
+
+    nodes[0].sync()
+    torn = torn_checkpoints(s3, bucket, "job/", steps)
+    print(f"torn checkpoints ({writer} writer): {len(torn)} of {steps}: {torn}")
+    assert torn == []
+    fresh = mount_factory(bucket, "job")
+    latest = (fresh.path / "latest").read_text()
+    assert latest == f"step_{steps - 1}"
+    for step in range(steps):
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(fresh.path / f"step_{step}"))
+    target = {"model": torch.zeros(64 * 1024), "rank0": torch.zeros(6 * 1024 * 1024), "rank1": torch.zeros(6 * 1024 * 1024),
+              "step": -1}
+    dcp.load(target, checkpoint_id=str(fresh.path / latest), no_dist=True)
+    for rank in range(workers.WORLD_SIZE):
+        assert torch.equal(target[f"rank{rank}"], workers.shard_state(rank, steps - 1)[f"rank{rank}"])
+    assert target["step"] == steps - 1
+
+
+# -- Lightning and the Trainer: the node is lost right after every save returns --------------------
+
+def run_losing_the_node_after_each_save(kind: str, node, factory, tmp_path, saves: int) -> list[float]:
+    """Run ``kind``'s training loop in a process of its own on ``node``; after each save returns,
+    lose the node and replace it (same mountpoint, empty cache dir). Returns the waits for S3."""
+    control = tmp_path / f"control-{kind}"
+    control.mkdir()
+    worker = subprocess.Popen([sys.executable, str(Path(workers.__file__)), kind, str(node.path / "run"),
+                               str(control), str(saves)], cwd=Path(workers.__file__).parent,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for count in range(saves):
+            wait_for(lambda: (control / f"saved_{count}").exists() or worker.poll() is not None,
+                     timeout=300, interval=0.02)
+            assert (control / f"saved_{count}").exists(), worker.communicate(timeout=30)[0][-4000:]
+            lose_and_replace(node, factory)
+            (control / f"go_{count}").touch()
+        output = worker.communicate(timeout=300)[0]
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, output[-4000:]
+    return json.loads((control / "waits.json").read_text())
+
+
+def test_lightning_durable_checkpoint_io_loses_no_checkpoint_with_the_node(bucket, mount_factory, s3, tmp_path):
+    """10 epochs, a 12 MiB checkpoint each through DurableCheckpointIO; the node is lost right after
+    each save returns. From a fresh mount every checkpoint is there, whole, and loads."""
+    import torch
+
+    pytest.importorskip("lightning")
+    node = mount_factory(bucket, "job")
+    waits = run_losing_the_node_after_each_save("lightning", node, mount_factory, tmp_path, 10)
+    print(f"Lightning DurableCheckpointIO waits for S3 (s): {[round(w, 2) for w in waits]}")
+    fresh = mount_factory(bucket, "job")
+    names = sorted(os.listdir(fresh.path / "run"))
+    assert len([name for name in names if name.endswith(".ckpt")]) == 10, names
+    for name in names:
+        checkpoint = torch.load(fresh.path / "run" / name, weights_only=False)
+        assert checkpoint["state_dict"]["big"].numel() == 3 * 1024 * 1024, name
+
+
+def test_trainer_complete_checkpoints_never_marks_a_checkpoint_missing_a_file(bucket, mount_factory, s3, tmp_path):
+    """10 steps, a checkpoint each with CompleteCheckpoints; the node is lost right after each on_save.
+    From a fresh mount every checkpoint is marked complete and holds every file the Trainer writes,
+    and latest_complete_checkpoint finds the newest."""
+    pytest.importorskip("transformers")
+    from s3ckptfs.integrations.transformers import COMPLETE_MARKER, latest_complete_checkpoint
+
+    node = mount_factory(bucket, "job")
+    waits = run_losing_the_node_after_each_save("transformers", node, mount_factory, tmp_path, 10)
+    print(f"Trainer CompleteCheckpoints waits for S3 (s): {[round(w, 2) for w in waits]}")
+    fresh = mount_factory(bucket, "job")
+    run = fresh.path / "run"
+    marked = sorted(name for name in os.listdir(run) if (run / name / COMPLETE_MARKER).is_file())
+    assert len(marked) == 10, sorted(os.listdir(run))
+    for name in marked:
+        files = set(os.listdir(run / name))
+        assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= files, (name, files)
+        assert (run / name / "optimizer.pt").stat().st_size > 20 * MiB
+    assert latest_complete_checkpoint(run) == str(run / "checkpoint-10")
