@@ -145,7 +145,7 @@ class PartUploads:
                     continue
                 self.abort_later(file.upload.forget())
                 file.begin_creating_upload_locked()
-                key, metadata = file.key, object_metadata(file.mtime, file.mode)
+                key, metadata = file.key, object_metadata(file.mtime, file.mode, file.id)
             upload_id = None
             try:
                 upload_id = self.s3.create_multipart(key, metadata, checksums=self.checksums)

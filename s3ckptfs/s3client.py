@@ -79,9 +79,13 @@ def composite_crc32c(part_checksums: list[str]) -> str:
     return f"{crc32c(joined)}-{len(part_checksums)}"
 
 
-def object_metadata(mtime: float, mode: int) -> dict[str, str]:
-    """User metadata that s3ckptfs stores with each object it writes."""
-    return {"mtime": f"{mtime:.9f}", "mode": f"{mode:o}"}
+def object_metadata(mtime: float, mode: int, writer: str = "") -> dict[str, str]:
+    """User metadata that s3ckptfs stores with each object it writes; ``writer``: the id of the
+    staged file it was written from (a node recognises its own earlier commit by it)."""
+    meta = {"mtime": f"{mtime:.9f}", "mode": f"{mode:o}"}
+    if writer:
+        meta["writer"] = writer
+    return meta
 
 
 def _info_from_head(key: str, response: dict) -> ObjectInfo:
@@ -96,7 +100,7 @@ def _info_from_head(key: str, response: dict) -> ObjectInfo:
     except ValueError:
         log.warning("ignoring malformed s3ckptfs metadata on %s: %r", key, meta)
     return ObjectInfo(key=key, size=response["ContentLength"], etag=response.get("ETag", ""), mtime=mtime,
-                      mode=mode if mode is not None else stat.S_IFREG | 0o644)
+                      mode=mode if mode is not None else stat.S_IFREG | 0o644, writer=meta.get("writer", ""))
 
 
 def translate(exc: Exception, what: str) -> S3Error:

@@ -286,6 +286,10 @@ class StagedFile:
         self._last_etag = etag
         self.expected = Expected(self.key, etag)
 
+    def saw_own_version_locked(self, etag: str) -> None:
+        """The object under its key is an earlier version of this very file (conditions.py)."""
+        self.expected = Expected(self.key, etag)
+
     def condition_locked(self) -> str | None:
         """What the next commit's last request expects of its key (``store.put``'s ``expect``), or None:
         only for a conditional file, and only while what it knows is about the key it writes."""

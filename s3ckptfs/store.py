@@ -37,6 +37,7 @@ class ObjectInfo:
     # From a listing: LastModified (whole seconds on many servers) stands for the mtime, and the
     # mode is unknown. A HEAD, when S3 answers, gives the file's own (x-amz-meta-mtime, -mode).
     listed: bool = field(default=False, compare=False)
+    writer: str = field(default="", compare=False)  # the staged file it was written from (x-amz-meta-writer)
 
     @property
     def is_symlink(self) -> bool:

@@ -347,6 +347,26 @@ class Uploader:
 
         return self._with_retries(commit, op.label, attempt, lambda error: None, give_up)
 
+    def _own_earlier_version(self, file: StagedFile) -> bool:
+        """A refused conditional commit: is the object there this file's own earlier version?
+
+        A commit that landed just before the daemon died (its record not yet rewritten) leaves
+        the journal expecting what was there before it. The object then names this file as its
+        writer: the file now expects it, and the commit is tried again."""
+        with file.lock:
+            key, file_id = file.key, file.id
+        try:
+            info = self.s3.head(key)
+        except S3Error:
+            return False
+        if info is None or info.writer != file_id:
+            return False
+        with file.lock:
+            if file.key == key:
+                file.saw_own_version_locked(info.etag)
+        log.info("%s: S3 holds its own earlier version (%s); committing over it", file.path, info.etag)
+        return True
+
     def _commit_with_retries(self, commit: Commit) -> S3Error | None:
         file = commit.file
         assert file is not None
@@ -360,6 +380,10 @@ class Uploader:
                 wrote = self._commit_once(file, commit.renames)
             except S3Error as error:
                 if is_conflict(error):
+                    if self._own_earlier_version(file):
+                        raise S3Error("PreconditionFailed", f"{file.path}: S3 holds this file's own earlier "
+                                      "version (committed before a restart): committing again over it",
+                                      transient=True) from error
                     with file.lock:
                         path, expected = file.path, file.expected
                     raise Conflict(path, expected, error) from error
@@ -467,6 +491,7 @@ class Uploader:
     def _begin_small_put_locked(self, file: StagedFile) -> CommitCall:
         self.abort_later(file.upload.forget())
         version, key, size, mode, mtime = file.version, file.key, file.size, file.mode, file.mtime
+        file_id = file.id
         expect = file.condition_locked()
         data = os.pread(file.fd, size, 0) if size else b""
         if len(data) < size:
@@ -475,7 +500,7 @@ class Uploader:
         file.begin_send_locked()
 
         def put() -> Committed:
-            etag = self.s3.put(key, data, object_metadata(mtime, mode), crc if self.checksums else None,
+            etag = self.s3.put(key, data, object_metadata(mtime, mode, file_id), crc if self.checksums else None,
                                expect=expect)
             return Committed(key, etag, version, Digest(key, size, mode, mtime, (crc,)))
         return put

@@ -96,7 +96,7 @@ class WholeCopy:
 
         def copy() -> Committed:
             try:
-                etag, checksum = self.s3.copy_if_unchanged(match.key, key, match.etag, object_metadata(mtime, mode))
+                etag, checksum = self.s3.copy_if_unchanged(match.key, key, match.etag, object_metadata(mtime, mode, file_id))
             except S3Error as err:
                 if err.transient:
                     raise

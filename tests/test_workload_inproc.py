@@ -84,6 +84,14 @@ KEPT: list[list[tuple]] = [
     # a file moved away and back, truncated while its bytes are under the other name
     [("options", 5.0, "async", True, 0.003), ("write", "f1", 1000, 87), ("sync",), ("rename", "f1", "f0"),
      ("rename", "f0", "f1"), ("truncate", "f1", 0.5, 11)],
+    # a crash just after a commit landed: the journal expected what was there before it (a false conflict)
+    [("options", 0.0, "async", False, 0.003), ("append", "f3", 500, 197), ("write", "f3", 6145, 189), ("crash",)],
+    # a file created where a pending move had just taken the old object away (a false conflict)
+    [("options", 0.0, "async", True, 0.003), ("symlink", "last", "f2"), ("mkdir", "d"), ("rename", "last", "d/y"),
+     ("symlink", "f3", "missing"), ("fd_open", "last", "trunc"), ("crash",)],
+    # a name moved onto twice, the first copy still open for reading
+    [("options", 5.0, "async", False, 0.0), ("patch", "f3", 8192, 2006, 128), ("write", "f1", 1, 137),
+     ("rename", "f1", "f0"), ("fd_open", "f0", "ro"), ("fd_read", 0, 1, 58), ("rename", "f3", "f0")],
     # a directory renamed twice, its first moves still pending
     [("options", 0.0, "async", True, 0.003), ("mkdir", "d"), ("write", "d/x", 12289, 1), ("write", "d/y", 8192, 2),
      ("sync",), ("rename_dir", "d", "e"), ("rename_dir", "e", "g")],

@@ -75,7 +75,13 @@ class Opens:
 
     def _known_locked(self, key: str, path: str) -> Expected | None:
         """What this node knows of ``key`` as ``path`` is created: the object lookup or a listing saw
-        (or none, ``ABSENT``), or None if nothing is known (the commit is then unconditional)."""
+        (or none, ``ABSENT``), or None if nothing is known (the commit is then unconditional).
+        Pending changes come first: the commit runs after them, so a path they remove is absent
+        then, and one a move brings an object to holds a copy whose ETag is not known yet."""
+        if path in self.table.moved:
+            return None
+        if self.table.hidden_locked(path):
+            return Expected(key, ABSENT)
         known = self.core.meta.get(path)
         if known is None:
             known = self.core.meta.get_stale(path)
