@@ -191,7 +191,13 @@ class Lifecycle:
         with file.lock:
             if not file.dirty and not file.deleted:
                 self.core.journal.remove(file.id)
-        self.core.meta.put(file.path, self._entry(file, etag))
+        with self.table.lock:
+            # Only while the file still stands for its path under that key: a file replaced or
+            # renamed while its request was in flight wrote an object the path no longer names,
+            # and its ETag recorded there sent the path's next reader to a version S3 no longer
+            # has (ESTALE on a `latest` read right after it was replaced).
+            if self.table.holds(file) and file.key == key:
+                self.core.meta.put(file.path, self._entry(file, etag))
         self.retire_if_clean(file)
 
     @staticmethod
