@@ -27,14 +27,12 @@ every part read while a writer may still have changed it is compared (CRC32C)
 with the staging file's bytes, and uploaded again if they differ. A commit of
 such a file whose bytes equal what its last commit put in S3 does nothing.
 
-The last request of a commit (PUT or CompleteMultipartUpload) is prepared under
-the file's lock and sent without it; the outcome is recorded under it again.
+The last request of a commit (PUT or CompleteMultipartUpload) is lastrequest.py's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -47,18 +45,16 @@ from .cache import UploadRegistry
 from .conditions import Conflict, is_conflict
 from .dedup import Dedup
 from .errors import S3Error
+from .lastrequest import LastRequests
 from .metrics import Metrics
-from .parts import PartUploads
-from .remoteops import RemoteOp
-from .ptcheck import passthrough_unchanged, unverified_parts_locked, verify_parts
-from .s3client import composite_crc32c, crc32c, object_metadata
 from .multipart import UploadedPart
-from .staging import Committed, Digest, StagedFile
+from .parts import PartUploads
+from .ptcheck import passthrough_unchanged, unverified_parts_locked, verify_parts
+from .remoteops import RemoteOp
+from .staging import StagedFile
 from .store import ObjectStore
 from .wholecopy import CopyRefused, WholeCopy
 
-# The last request of a commit, prepared under file.lock and run without it; it says what it wrote.
-CommitCall = Callable[[], Committed]
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +137,7 @@ class Uploader:
                                  eager_uploads=eager_uploads, registry=registry, checksums=checksums,
                                  upload_nice=upload_nice, backoff=self._backoff, dedup=dedup)
         self.whole_copy = WholeCopy(s3, self.parts.dedup, single_put_limit)
+        self.last = LastRequests(s3, registry, self.parts.dedup, checksums, self.parts.abort_later)
         # The part side, as the core calls it.
         self.part_filled = self.parts.part_filled
         self.resume_upload = self.parts.resume_upload
@@ -442,7 +439,7 @@ class Uploader:
                 if not file.dirty:
                     return False
                 if file.size <= self.single_put_limit:
-                    call = self._begin_small_put_locked(file)
+                    call = self.last.small_put_locked(file)
                     break
                 if file.upload.id is not None and file.upload.for_key(file.key) is None:
                     self.abort_later(file.upload.forget())  # renamed: restart under the new key
@@ -457,7 +454,7 @@ class Uploader:
                     unverified = unverified_parts_locked(file)
                     if not unverified:
                         file.upload.take_error()  # every part is in S3 now: an earlier failure is moot
-                        call = self._begin_complete_locked(file)
+                        call = self.last.complete_locked(file)
                         break
                 else:
                     # Check early parts while the last ones upload, not after: it is CPU and
@@ -471,7 +468,7 @@ class Uploader:
             if unverified:
                 verify_parts(file, unverified)
         try:
-            result = self._finish_commit_call(file, call)
+            result = self.last.finish(file, call)
         except CopyRefused as refused:
             log.info("%s: %s; uploading it", file.path, refused)
             return self._commit_once(file, renames, try_copy=False)
@@ -481,73 +478,6 @@ class Uploader:
         self.metrics.uploaded_bytes.inc(file.size)
         self._listener.committed(file, result.key, result.etag, result.version)
         return True
-
-    # The last request of a commit (the PUT of a small file, or CompleteMultipartUpload) runs
-    # without file.lock: a slow or retried request must not stall other operations on the
-    # file, nor (through the mount's lock, taken before file.lock) the whole mount. While it
-    # runs, file.committing is set: an unlink or rename meanwhile queues a delete of the old
-    # key behind it (the request writes under the key the file had when it began).
-
-    def _begin_small_put_locked(self, file: StagedFile) -> CommitCall:
-        self.abort_later(file.upload.forget())
-        version, key, size, mode, mtime = file.version, file.key, file.size, file.mode, file.mtime
-        file_id = file.id
-        expect = file.condition_locked()
-        data = os.pread(file.fd, size, 0) if size else b""
-        if len(data) < size:
-            data += bytes(size - len(data))
-        crc = crc32c(data)
-        file.begin_send_locked()
-
-        def put() -> Committed:
-            etag = self.s3.put(key, data, object_metadata(mtime, mode, file_id), crc if self.checksums else None,
-                               expect=expect)
-            return Committed(key, etag, version, Digest(key, size, mode, mtime, (crc,)))
-        return put
-
-    def _begin_complete_locked(self, file: StagedFile) -> CommitCall:
-        version, key, upload_id = file.version, file.key, file.upload.id
-        assert upload_id is not None
-        expect = file.condition_locked()
-        size, mode, mtime = file.size, file.mode, file.mtime
-        count = file.part_count_locked()
-        uploaded = file.upload.parts
-        parts = [(n, uploaded[n].etag, uploaded[n].checksum) for n in range(1, count + 1)]
-        crcs = tuple(uploaded[n].crc or "" for n in range(1, count + 1))
-        ranges = self.parts.dedup.ranges_locked(file, count)
-        file.begin_send_locked()
-
-        def complete() -> Committed:
-            etag, server_checksum = self.s3.complete_multipart(key, upload_id, parts, expect=expect)
-            self.registry.remove(upload_id)
-            if self.checksums and server_checksum:
-                expected = composite_crc32c([checksum for _, _, checksum in parts])
-                if server_checksum != expected:
-                    # Never seen in practice; if it happens, S3 holds something other than our bytes.
-                    log.error("checksum of %s in S3 is %s, expected %s: uploading it again",
-                              file.path, server_checksum, expected)
-                    with file.lock:
-                        if file.upload.id == upload_id:
-                            file.upload.forget()
-                    raise S3Error("ChecksumMismatch", f"{key}: {server_checksum} != {expected}", transient=True)
-            self.parts.dedup.committed(key, etag, size, ranges, upload_id)
-
-            return Committed(key, etag, version, Digest(key, size, mode, mtime, crcs) if all(crcs) else None,
-                             upload_id)
-        return complete
-
-    @staticmethod
-    def _finish_commit_call(file: StagedFile, request: CommitCall) -> Committed:
-        """Run the request ``_begin_*_locked`` prepared; record its result and end SENDING at once."""
-        outcome: Committed | None = None
-        try:
-            outcome = request()
-        finally:
-            with file.lock:
-                file.end_send_locked(outcome)
-                if outcome is not None and outcome.completed_upload is not None:
-                    file.upload.completed(outcome.completed_upload)
-        return outcome
 
     # -- lifecycle -------------------------------------------------------------------
 

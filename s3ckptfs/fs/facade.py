@@ -34,6 +34,7 @@ from ..passthrough import PassthroughBackend, PassthroughFiles
 from ..staging import StagedFile
 from ..store import ObjectStore
 from ..uploader import Uploader
+from .attributes import Attributes
 from .core import Core, Stat
 from .durability import Durability
 from .lifecycle import Lifecycle
@@ -85,6 +86,7 @@ class Filesystem:
         self.lifecycle.pending = self.pending
         self.namespace = Namespace(core, self.lookup, self.opens, self.reads, self.lifecycle, self.durability,
                                    self.pending, self.uploader)
+        self.attributes = Attributes(core, self.lookup)
         self.recovery = Recovery(core, self.durability, self.pending, self.uploader)
         # Kept listings outlive the process: a restart during an outage answers from them.
         self.kept_listings = KeptListings(cache_dir.root / LISTINGS_DB if opts.stale_if_error > 0 else None,
@@ -170,13 +172,13 @@ class Filesystem:
         raise FsError(errno.EPERM, "hard links are not possible on S3")
 
     def chmod(self, path: str, mode: int) -> None:
-        self.namespace.chmod(path, mode)
+        self.attributes.chmod(path, mode)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
-        self.namespace.chown(path, uid, gid)
+        self.attributes.chown(path, uid, gid)
 
     def utimens(self, path: str, mtime: float | None) -> None:
-        self.namespace.utimens(path, mtime)
+        self.attributes.utimens(path, mtime)
 
     def statfs(self) -> dict[str, int]:
         block = 4096

@@ -15,11 +15,10 @@ from __future__ import annotations
 import errno
 import logging
 import stat
-import time
 
 from ..errors import FsError, S3Error
 from ..metadata import MISSING, DirInfo
-from ..remoteops import DELETE, MARKER, MOVE, RemoteOp
+from ..remoteops import DELETE, MARKER, MOVE, MOVE_TREE, RemoteOp
 from ..store import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Uploader
@@ -30,7 +29,7 @@ from .lookup import Lookup
 from .opens import Opens
 from .pending import PendingOps
 from .reads import Reads
-from .treemove import known_subtree, rename_tree_later
+from .treemove import kept_entries, known_subtree
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +315,7 @@ class Namespace:
             return
         entries = known_subtree(self.lookup, old)
         if entries is None:  # not all known now: moved in S3 as listed when its turn comes
-            rename_tree_later(self, old, new, source)
+            self._rename_tree_later(old, new, source)
             return
         key_for = self.core.key_for
         for path, _ in entries:  # ENAMETOOLONG before any change
@@ -352,6 +351,38 @@ class Namespace:
         for op in ops:
             self.pending.submit(op)
 
+    def _rename_tree_later(self, old: str, new: str, source: DirInfo) -> None:
+        """Rename directory ``old`` to ``new`` here now; in S3 with one ordered MOVE_TREE operation."""
+        key_for = self.core.key_for
+        known = kept_entries(self.lookup, old)
+        for path, _ in known:  # ENAMETOOLONG before any change
+            key_for(new + path[len(old):])
+        listings = self.meta.listings_below(old)
+        rewrite: list[StagedFile] = []
+        table = self.table
+        with table.lock:
+            staged = {f.path for f in table.staged_below_locked(old) if not f.is_dir_marker}
+            op = RemoteOp(MOVE_TREE, key_for(old) + "/", key_for(new) + "/", hides=(old,))
+            shows: dict[str, object] = {new: source}
+            # What the mount shows of the old tree: its kept listings, and what earlier changes still
+            # pending show there (a tree renamed again before its first move ran).
+            for path, entry in [*known, *table.moved_below_locked(old)]:
+                if path not in staged and not table.hidden_locked(path):
+                    shows[new + path[len(old):]] = entry
+            file_ops = self._move_staged_locked(old, new, rewrite)
+            self._note_rename(old, new, "", source)
+            self.meta.put_moved_listings(old, new, listings)
+            self.pending.show_locked(op, shows)
+            for file_op, shown in file_ops:
+                self.pending.show_locked(file_op, shown)
+            # The moved files commit under their new names after the move: they replace what it brings.
+            self._requeue_locked(rewrite)
+        self._rewrite_records(rewrite)
+        log.debug("rename %s -> %s: %d known entries shown, the rest moved in S3 as listed then", old, new, len(known))
+        self.pending.submit(op)
+        for file_op, _ in file_ops:
+            self.pending.submit(file_op)
+
     # -- symlinks --------------------------------------------------------------------------
 
     def symlink(self, path: str, target: str) -> None:
@@ -386,36 +417,3 @@ class Namespace:
             return body.decode("utf-8", "surrogateescape")
         except S3Error as err:
             raise s3_errno(err, f"readlink {path}") from err
-
-    # -- attributes ------------------------------------------------------------------------
-
-    def chmod(self, path: str, mode: int) -> None:
-        """Kept for files not yet uploaded; accepted (not stored) for objects already in S3."""
-        with self.table.lock:
-            file = self.table.get(path)
-            if file is not None:
-                with file.lock:
-                    file.mode = stat.S_IFMT(file.mode) | (mode & 0o7777)
-                return
-        if self.lookup.lookup(path) is None:
-            raise FsError(errno.ENOENT, path)
-
-    def chown(self, path: str, uid: int, gid: int) -> None:
-        if self.lookup.lookup(path) is None:
-            raise FsError(errno.ENOENT, path)
-
-    def utimens(self, path: str, mtime: float | None) -> None:
-        """Set the mtime: stored with the object if it is not yet uploaded, else kept for this mount."""
-        mtime = time.time() if mtime is None else mtime
-        with self.table.lock:
-            file = self.table.get(path)
-            if file is not None:
-                with file.lock:
-                    file.set_mtime_locked(mtime)
-                return
-        entry = self.lookup.lookup(path)
-        if entry is None:
-            raise FsError(errno.ENOENT, path)
-        if isinstance(entry, ObjectInfo):
-            with self.table.lock:
-                self.table.mtime_overrides[path] = mtime

@@ -1,4 +1,4 @@
-"""Directory renames that need no S3 request at the moment of the call.
+"""What the mount knows of a directory tree without a request: for directory renames that need none.
 
 A directory rename moves every object under the old prefix. When this mount
 knows all of them (fresh, complete listings of the directory and everything
@@ -19,18 +19,12 @@ as in any rename; their commits go after the tree move.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from ..metadata import DirInfo
-from ..remoteops import MOVE_TREE, RemoteOp
-from ..staging import StagedFile
 
 if TYPE_CHECKING:
     from .lookup import Lookup
-    from .namespace import Namespace
-
-log = logging.getLogger(__name__)
 
 
 def known_subtree(lookup: Lookup, path: str, fresh: bool = True) -> list[tuple[str, object]] | None:
@@ -61,36 +55,3 @@ def kept_entries(lookup: Lookup, path: str) -> list[tuple[str, object]]:
         if isinstance(entry, DirInfo):
             found.extend(kept_entries(lookup, child))
     return found
-
-
-def rename_tree_later(ns: Namespace, old: str, new: str, source: DirInfo) -> None:
-    """Rename directory ``old`` to ``new`` here now; in S3 with one ordered MOVE_TREE operation."""
-    key_for = ns.core.key_for
-    known = kept_entries(ns.lookup, old)
-    for path, _ in known:  # ENAMETOOLONG before any change
-        key_for(new + path[len(old):])
-    listings = ns.meta.listings_below(old)
-    rewrite: list[StagedFile] = []
-    table = ns.table
-    with table.lock:
-        staged = {f.path for f in table.staged_below_locked(old) if not f.is_dir_marker}
-        op = RemoteOp(MOVE_TREE, key_for(old) + "/", key_for(new) + "/", hides=(old,))
-        shows: dict[str, object] = {new: source}
-        # What the mount shows of the old tree: its kept listings, and what earlier changes still
-        # pending show there (a tree renamed again before its first move ran).
-        for path, entry in [*known, *table.moved_below_locked(old)]:
-            if path not in staged and not table.hidden_locked(path):
-                shows[new + path[len(old):]] = entry
-        file_ops = ns._move_staged_locked(old, new, rewrite)
-        ns._note_rename(old, new, "", source)
-        ns.meta.put_moved_listings(old, new, listings)
-        ns.pending.show_locked(op, shows)
-        for file_op, shown in file_ops:
-            ns.pending.show_locked(file_op, shown)
-        # The moved files commit under their new names after the move: they replace what it brings.
-        ns._requeue_locked(rewrite)
-    ns._rewrite_records(rewrite)
-    log.debug("rename %s -> %s: %d known entries shown, the rest moved in S3 as listed then", old, new, len(known))
-    ns.pending.submit(op)
-    for file_op, _ in file_ops:
-        ns.pending.submit(file_op)
