@@ -280,11 +280,13 @@ class StagedFile:
         """The commit found S3 already holding ``version``'s bytes (a passthrough file closed unchanged)."""
         self._committed_version = version
 
-    def mark_identical_locked(self, etag: str) -> None:
-        """The staging file holds exactly object ``etag`` (opened over it, not yet written)."""
+    def mark_identical_locked(self, etag: str, key: str | None = None) -> None:
+        """The staging file holds exactly object ``etag`` (opened over it, not yet written), read
+        from ``key`` (default: its own). Read from another key (its path shows a move not yet
+        made), nothing is known of the object its own key will hold: no expectation."""
         self._committed_version = self.version
         self._last_etag = etag
-        self.expected = Expected(self.key, etag)
+        self.expected = Expected(self.key, etag) if key in (None, self.key) else None
 
     def saw_own_version_locked(self, etag: str) -> None:
         """The object under its key is an earlier version of this very file (conditions.py)."""

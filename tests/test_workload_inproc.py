@@ -86,6 +86,9 @@ KEPT: list[list[tuple]] = [
      ("rename", "f0", "f1"), ("truncate", "f1", 0.5, 11)],
     # a crash just after a commit landed: the journal expected what was there before it (a false conflict)
     [("options", 0.0, "async", False, 0.003), ("append", "f3", 500, 197), ("write", "f3", 6145, 189), ("crash",)],
+    # a file rewritten over an object a pending move brings: its ETag is not the copy's (a false conflict)
+    [("options", 5.0, "async", False, 0.0), ("write", "f2", 8192, 19), ("sync",), ("rename", "f2", "f1"),
+     ("write", "f1", 30000, 38), ("crash",)],
     # a file created where a pending move had just taken the old object away (a false conflict)
     [("options", 0.0, "async", True, 0.003), ("symlink", "last", "f2"), ("mkdir", "d"), ("rename", "last", "d/y"),
      ("symlink", "f3", "missing"), ("fd_open", "last", "trunc"), ("crash",)],

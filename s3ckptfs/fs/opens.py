@@ -144,9 +144,9 @@ class Opens:
         with file.lock:
             file.conditional = self.core.options.conditional_commits == "all"
             if not truncate:  # identical to the object until written
-                file.mark_identical_locked(entry.etag)
+                file.mark_identical_locked(entry.etag, entry.key)
                 file.mtime = entry.mtime
-            elif entry.etag:
+            elif entry.etag and entry.key == file.key:  # (another key: a move not yet made shows it)
                 file.expected = Expected(file.key, entry.etag)
         with self.table.lock:
             existing = self.table.get(path)
@@ -218,7 +218,7 @@ class Opens:
                           mode=entry.mode or FILE_MODE, mtime=entry.mtime, part_base=self.core.options.part_size)
         with file.lock:
             file.conditional = self.core.options.conditional_commits == "all"
-            file.mark_identical_locked(entry.etag)  # identical to the object until written
+            file.mark_identical_locked(entry.etag, entry.key)  # identical to the object until written
         return file
 
     def stage_existing_locked(self, file: StagedFile) -> None:
