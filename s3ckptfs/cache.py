@@ -86,6 +86,17 @@ class CacheDir:
         self.uploads = self.root / "uploads"
         self._lock_fd: int | None = None
 
+    def node_id(self) -> str:
+        """This cache dir's own id, made once: the node that writes through it (conditions.py: a
+        node never takes its own earlier objects for another writer's)."""
+        path = self.root / "node-id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            node = uuid.uuid4().hex[:16]
+            path.write_text(node + "\n")
+            return node
+
     def prepare(self) -> None:
         """Create the layout and take the lock. Raises ConfigError if unusable or taken."""
         try:

@@ -345,19 +345,21 @@ class Uploader:
         return self._with_retries(commit, op.label, attempt, lambda error: None, give_up)
 
     def _own_earlier_version(self, file: StagedFile) -> bool:
-        """A refused conditional commit: is the object there this file's own earlier version?
+        """A refused conditional commit: is the object there this node's own earlier write?
 
-        A commit that landed just before the daemon died (its record not yet rewritten) leaves
-        the journal expecting what was there before it. The object then names this file as its
-        writer: the file now expects it, and the commit is tried again."""
+        A commit that landed just before the daemon died (its record not yet rewritten), or a
+        move this node made, leaves the journal expecting what was there before. Such an object
+        names a file of this node as its writer (file ids start with the node's id, the cache
+        dir's): the file now expects it, and the commit is tried again. Conditions guard
+        against other nodes' writes; this node's own are in its order already."""
         with file.lock:
             key, file_id = file.key, file.id
         try:
             info = self.s3.head(key)
         except S3Error:
             return False
-        if info is None or info.writer != file_id:
-            return False
+        if info is None or not (info.writer == file_id or info.writer.split("-", 1)[0] == file_id.split("-", 1)[0]):
+            return False  # (file ids start with the node's id: a node's own objects are never a conflict)
         with file.lock:
             if file.key == key:
                 file.saw_own_version_locked(info.etag)

@@ -89,6 +89,10 @@ KEPT: list[list[tuple]] = [
     # a file rewritten over an object a pending move brings: its ETag is not the copy's (a false conflict)
     [("options", 5.0, "async", False, 0.0), ("write", "f2", 8192, 19), ("sync",), ("rename", "f2", "f1"),
      ("write", "f1", 30000, 38), ("crash",)],
+    # a rewrite of a renamed file, a crash: the object there is this node's own (a false conflict)
+    [("options", 5.0, "async", True, 0.0), ("write", "f0", 8192, 178), ("rename", "f0", "f1"),
+     ("write", "e/z", 6145, 79), ("patch", "f3", 6144, 1746, 150), ("write", "f1", 12289, 128), ("crash",),
+     ("append", "f1", 1, 71)],
     # a file created where a pending move had just taken the old object away (a false conflict)
     [("options", 0.0, "async", True, 0.003), ("symlink", "last", "f2"), ("mkdir", "d"), ("rename", "last", "d/y"),
      ("symlink", "f3", "missing"), ("fd_open", "last", "trunc"), ("crash",)],

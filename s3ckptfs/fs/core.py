@@ -14,6 +14,7 @@ import errno
 import logging
 import stat
 import time
+import uuid
 from dataclasses import dataclass
 
 from .. import locks
@@ -78,6 +79,11 @@ class Core:
         self.mount_time = time.time()
         self.room = locks.new_condition(locks.new_lock("room"))  # notified when staged data leaves the cache
         self.passthrough: PassthroughFiles  # set by the facade
+        # Staged files' ids start with it; objects carry their file's id (x-amz-meta-writer).
+        self.node_id = cache_dir.node_id()
+
+    def new_file_id(self) -> str:
+        return f"{self.node_id}-{uuid.uuid4().hex}"
 
     def room_freed(self) -> None:
         with self.room:

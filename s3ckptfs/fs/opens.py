@@ -17,7 +17,6 @@ import logging
 import os
 import stat
 import time
-import uuid
 
 from ..cache import CachedObject
 from ..conditions import ABSENT, Expected
@@ -46,7 +45,7 @@ class Opens:
 
     def new_staged(self, path: str, mode: int, size: int = 0) -> StagedFile:
         """A new, empty (or ``size`` bytes of zeros) staging file for ``path``; not yet registered."""
-        file_id = uuid.uuid4().hex
+        file_id = self.core.new_file_id()
         staging_path = self.core.cache_dir.staging_path(file_id)
         try:
             fd = os.open(staging_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -207,7 +206,7 @@ class Opens:
         cached = self.core.objects.take(entry.key, entry.etag, idle_or_passed_through) if entry.etag else None
         if cached is None:
             return None
-        file_id = uuid.uuid4().hex
+        file_id = self.core.new_file_id()
         staging_path = self.core.cache_dir.staging_path(file_id)
         try:
             os.rename(cached.path, staging_path)
