@@ -177,8 +177,7 @@ class Uploader:
                 may_be_unchanged = bool(file.pt_epoch) and file.committed_digest is not None
                 if file.size > self.single_put_limit and not may_be_unchanged:
                     self.parts.schedule_stale_locked(file, defer=True)  # the remaining parts, in parallel
-                renames = file.renames
-            commit = Commit(file, renames=renames)
+                commit = Commit(file, renames=file.renames)
             self._queue.append(commit)
             self._queue_changed.notify_all()
             return commit.ticket
@@ -196,20 +195,20 @@ class Uploader:
         queued.
         """
         with self._lock:
+            head = self._queue[0] if self._queue else None
             with file.lock:
                 renames = file.renames
+                running = head is not None and head.file is file and head.renames != renames
+                if running:
+                    file.queue_commit_locked()  # the running commit ends QUEUED: one follows it
             waiting = [commit for i, commit in enumerate(self._queue) if i > 0 and commit.file is file]
             for commit in waiting:
                 self._queue.remove(commit)
                 commit.renames = renames
                 self._queue.append(commit)
-            head = self._queue[0] if self._queue else None
-            if head is not None and head.file is file and head.renames != renames:
-                follow = Commit(file, renames=renames, ticket=head.ticket)
+            if running and head is not None:
+                self._queue.append(Commit(file, renames=renames, ticket=head.ticket))
                 head.ticket = Ticket()  # its waiters now wait for the commit under the new key
-                with file.lock:
-                    file.queue_commit_locked()
-                self._queue.append(follow)
             self._queue_changed.notify_all()
 
     def request_op(self, op: RemoteOp, ticket: Ticket | None = None, journaled: threading.Event | None = None,
@@ -347,19 +346,18 @@ class Uploader:
     def _own_earlier_version(self, file: StagedFile) -> bool:
         """A refused conditional commit: is the object there this node's own earlier write?
 
-        A commit that landed just before the daemon died (its record not yet rewritten), or a
-        move this node made, leaves the journal expecting what was there before. Such an object
-        names a file of this node as its writer (file ids start with the node's id, the cache
-        dir's): the file now expects it, and the commit is tried again. Conditions guard
-        against other nodes' writes; this node's own are in its order already."""
+        A commit that landed just before the daemon died, or a move this node made, leaves the
+        journal expecting what was there before. Such an object names a file of this node as its
+        writer (file ids start with the cache dir's node id): the file now expects it, and the
+        commit goes again. Conditions guard against other nodes; this node's writes are in order."""
         with file.lock:
             key, file_id = file.key, file.id
         try:
             info = self.s3.head(key)
         except S3Error:
             return False
-        if info is None or not (info.writer == file_id or info.writer.split("-", 1)[0] == file_id.split("-", 1)[0]):
-            return False  # (file ids start with the node's id: a node's own objects are never a conflict)
+        if info is None or info.writer.split("-", 1)[0] != file_id.split("-", 1)[0]:  # another node's
+            return False
         with file.lock:
             if file.key == key:
                 file.saw_own_version_locked(info.etag)
