@@ -472,8 +472,10 @@ class StagedFile:
         self.pt_filled = min(self.pt_filled, partplan.part_number(length, self.part_base) - 1)
         self.reserved_end = min(self.reserved_end, length)  # a shrink frees blocks reserved past the end
         low, high = min(old, length), max(old, length)
-        # The part holding the new end changes; parts past it fall out of the object.
-        self.touch_locked(max(0, low - 1), max(low, min(high, low + 1)))
+        # The part holding the new end changes, and so does every part up to the old end: after a
+        # shrink they fall out of the object, but a later write past them brings them back as zeros,
+        # so parts already sent with the old bytes must not count as sent.
+        self.touch_locked(max(0, low - 1), max(low, high))
 
     def journal_record_locked(self) -> FileRecord:
         return FileRecord(id=self.id, path=self.path, key=self.key, size=self.size, mode=self.mode,

@@ -555,3 +555,21 @@ def test_listing_merges_the_store_and_pending_files(inproc, fake_store):
     vfs.write_file("d/pending", b"p")
     assert vfs.listdir("d") == ["pending", "remote", "sub"]
     assert vfs.tree() == {"d": None, "d/pending": b"", "d/remote": b"", "d/sub": None, "d/sub/deep": b""}
+
+
+def test_parts_sent_before_a_shrink_are_not_reused_when_the_file_grows_again(inproc, fake_store):
+    """write 18 KiB (parts go out), truncate to 4 KiB, write past 12 KiB: the gap reads as zeros."""
+    mount = inproc()
+    fs = mount.fs
+    vfs = Vfs(fs)
+    fh = vfs.open("x", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    for at in range(0, BIG, 4 * KiB):  # a writer moving on: the parts behind it go out at once
+        fs.write(fh, data_of(BIG)[at:at + 4 * KiB], at)
+    wait_for(lambda: fake_store.count("upload_part", "mnt/x") >= 3)  # sent while the file is open
+    fs.truncate(vfs.path("x"), 4 * KiB, fh)
+    fs.write(fh, b"\x07" * 3000, 14 * KiB)
+    vfs.close(fh)
+    assert fs.sync() == []
+    expected = data_of(BIG)[:4 * KiB] + bytes(10 * KiB) + b"\x07" * 3000
+    assert vfs.read_bytes("x") == expected
+    assert fake_store.objects(mount.prefix) == {"mnt/x": expected}
