@@ -69,10 +69,11 @@ class RemoteOp:
         """What the change does to the mount's paths, for the log."""
         return [*(f"{path} removed" for path in self.hides), *(f"{path} shown" for path in self.shows)]
 
-    def run(self, store: ObjectStore, copied: Callable[[], None] | None = None) -> None:
-        """Make the change in S3 (raises S3Error). A move calls ``copied()`` once the destination
-        holds the object, before the source is deleted: the mount then shows the destination,
-        so that no reader is sent to a key about to go."""
+    def run(self, store: ObjectStore, copied: Callable[[str], None] | None = None) -> None:
+        """Make the change in S3 (raises S3Error). A move calls ``copied(etag)`` once the destination
+        holds the object, before the source is deleted: the mount then shows the destination, with
+        the copy's ETag ("" if not known), so that no reader is sent to a key about to go and a
+        read names the version it reads."""
         if self.kind == MOVE_TREE:
             move_tree(store, self.key, self.dst)
             return
@@ -84,13 +85,15 @@ class RemoteOp:
             return
         if self.kind == MOVE:
             try:
-                store.copy(self.key, self.dst, self.size)
+                etag = store.copy(self.key, self.dst, self.size)
             except S3Error as err:
-                if err.code not in _GONE_CODES or store.head(self.dst) is None:
+                present = store.head(self.dst) if err.code in _GONE_CODES else None
+                if present is None:
                     raise
+                etag = present.etag
                 log.info("%s: source already gone and destination present (moved before a restart)", self.label)
             if copied is not None:
-                copied()
+                copied(etag)
         store.delete(self.key)
 
     def record(self) -> dict:

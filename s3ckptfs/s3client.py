@@ -422,19 +422,22 @@ class S3Client:
             raise translate(exc, f"ListParts {key}") from exc
         return found
 
-    def copy(self, src_key: str, dst_key: str, size: int) -> None:
-        """Server-side copy, keeping metadata. Multipart copy above 5 GiB."""
+    def copy(self, src_key: str, dst_key: str, size: int) -> str:
+        """Server-side copy, keeping metadata; the copy's ETag. Multipart copy above 5 GiB (then "":
+        the transfer manager does not return it)."""
         locks.assert_no_locks_held("S3 COPY")
         source = {"Bucket": self.bucket, "Key": src_key}
         try:
             if size < MULTIPART_COPY_THRESHOLD:
-                self._client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source,
-                                         MetadataDirective="COPY")
+                response = self._client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source,
+                                                    MetadataDirective="COPY")
+                return str(response.get("CopyObjectResult", {}).get("ETag", ""))
             else:
                 from boto3.s3.transfer import TransferConfig
                 self._client.copy(source, self.bucket, dst_key,
                                   Config=TransferConfig(multipart_threshold=MULTIPART_COPY_THRESHOLD,
                                                         multipart_chunksize=1 << 30))
+                return ""
         except Exception as exc:
             raise translate(exc, f"COPY {src_key} -> {dst_key}") from exc
 

@@ -153,10 +153,11 @@ class ObjectStore(Protocol):
         """(number, size, etag, crc32c or None) of the parts an unfinished upload holds, ascending."""
         ...
 
-    def copy(self, src_key: str, dst_key: str, size: int) -> None:
+    def copy(self, src_key: str, dst_key: str, size: int) -> str:
         """Server-side copy keeping the metadata (``size``: the source's, to choose the method).
 
-        A missing source fails with NoSuchKey.
+        Returns the copy's ETag ("" when the server does not say). A missing source fails
+        with NoSuchKey.
         """
         ...
 

@@ -106,8 +106,9 @@ class CommitListener(Protocol):
     def settled(self, file: StagedFile) -> None:
         """A commit of ``file`` succeeded, whether or not it wrote anything: commit again or retire."""
 
-    def op_copied(self, op: RemoteOp) -> None:
-        """A move's destination holds the object; its source is deleted next."""
+    def op_copied(self, op: RemoteOp, etag: str) -> None:
+        """A move's destination holds the object (``etag``: the copy's, "" if not known); its
+        source is deleted next."""
 
     def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
         """A namespace change has been made in S3 (``error`` None), or given up."""
@@ -330,7 +331,7 @@ class Uploader:
                 return S3Error("ShuttingDown", "the daemon is stopping")
 
         def attempt() -> None:
-            op.run(self.s3, copied=lambda: self._listener.op_copied(op))
+            op.run(self.s3, copied=lambda etag: self._listener.op_copied(op, etag))
             # One line per namespace change made in S3, in close order: a user missing a file
             # can see when and why its key went.
             log.info("%s (%s) made in S3", op.label, ", ".join(op.describe()) or "no path shown")

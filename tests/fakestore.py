@@ -359,15 +359,16 @@ class FakeClient:
             return [(number, len(part.data), part.etag, part.crc if upload.checksums else None)
                     for number, part in sorted(upload.parts.items())]
 
-    def copy(self, src_key: str, dst_key: str, size: int) -> None:
+    def copy(self, src_key: str, dst_key: str, size: int) -> str:
         self._store._enter("copy", dst_key, self)
         with self._store._lock:
             source = self._store._objects.get(src_key)
             if source is None:
                 raise S3Error("NoSuchKey", f"COPY {src_key} -> {dst_key}", 404)
-            self._store._objects[dst_key] = StoredObject(source.data, _quoted_md5(source.data),
-                                                         dict(source.metadata), self._store._now_locked(),
-                                                         crc32c(source.data))
+            copied = StoredObject(source.data, _quoted_md5(source.data), dict(source.metadata),
+                                  self._store._now_locked(), crc32c(source.data))
+            self._store._objects[dst_key] = copied
+            return copied.etag
 
     def copy_if_unchanged(self, src_key: str, dst_key: str, if_match: str,
                           metadata: dict[str, str]) -> tuple[str, str | None]:

@@ -139,6 +139,27 @@ def test_truncate_of_a_file_whose_move_lands_while_it_is_read_follows_it(inproc,
     assert fake_store.objects(mount.prefix) == {"mnt/b.pt": body[:4]}
 
 
+def test_a_file_moved_twice_is_read_in_its_version_not_as_the_newer_file_under_its_old_name(inproc, fake_store):
+    # rename a -> b, made in S3; rename b -> c (queued), then a new b is written (queued after).
+    # truncate c looks c up (the object, still under b's key) and reads it slowly: meanwhile the
+    # move lands and the new b commits under b's key. The read must name the version it reads
+    # (the copy's ETag, kept when the first move was made), not take the new b's bytes.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    body = data_of(10_000)
+    fake_store.put_object("mnt/a.pt", body)  # written by another node: not in this one's cache
+    vfs.rename("a.pt", "b.pt")
+    assert mount.fs.sync() == []
+    fake_store.inject(fakestore.latency(0.05), "copy", key="mnt/c.pt")
+    fake_store.inject(fakestore.latency(0.5), "get_range_into", key="mnt/b.pt")
+    vfs.rename("b.pt", "c.pt")
+    vfs.write_file("b.pt", b"new b")
+    vfs.truncate("c.pt", 4)
+    assert vfs.read_bytes("c.pt") == body[:4]
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/b.pt": b"new b", "mnt/c.pt": body[:4]}
+
+
 def test_open_for_append_of_a_file_whose_move_lands_while_it_is_read_follows_it(inproc, fake_store):
     mount = inproc()
     vfs = Vfs(mount.fs)

@@ -102,6 +102,9 @@ KEPT: list[list[tuple]] = [
     # a file shrunk while its parts were on their way, then written past them: the gap took the old parts
     [("options", 5.0, "async", False, 0.0), ("mkdir", "d"), ("write", "d/x", 30000, 92), ("write", "d/x", 4096, 179),
      ("patch", "d/x", 12289, 4813, 72)],
+    # a file moved twice, truncated as its second move landed and a new file took its first new name
+    [("options", 5.0, "async", True, 0.0), ("write", "f0", 4097, 20), ("sync",), ("rename", "f0", "f1"),
+     ("rename", "f1", "f3"), ("patch", "f1", 1000, 4925, 157), ("truncate", "f3", 0.8398970781653602, 1)],
     # a directory renamed twice, its first moves still pending
     [("options", 0.0, "async", True, 0.003), ("mkdir", "d"), ("write", "d/x", 12289, 1), ("write", "d/y", 8192, 2),
      ("sync",), ("rename_dir", "d", "e"), ("rename_dir", "e", "g")],

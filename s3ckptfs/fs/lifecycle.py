@@ -207,9 +207,9 @@ class Lifecycle:
             return DirInfo(file.mtime)
         return ObjectInfo(key=file.key, size=file.size, etag=etag, mtime=file.mtime, mode=file.mode)
 
-    def op_copied(self, op: RemoteOp) -> None:
-        """A move's destination holds the object; its source is deleted next."""
-        self.pending.op_copied(op)
+    def op_copied(self, op: RemoteOp, etag: str) -> None:
+        """A move's destination holds the object (with ``etag``); its source is deleted next."""
+        self.pending.op_copied(op, etag)
 
     def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
         """A namespace change has been made in S3, or given up."""

@@ -185,12 +185,16 @@ class Lookup:
         with self.table.lock:
             shown = self.table.moved.get(path)
         if shown is not None:
-            op = shown[1]
+            moved, op = shown
             key = self.core.key_for(path)  # where the move puts it
             source = op.key + key[len(op.dst):] if op.kind == MOVE_TREE and key.startswith(op.dst) else op.key
-            for place in (source, key):
+            # The source holds the object shown, in its version; what the copy's ETag will be is
+            # not known. (Unconditional at the source, a read could take a newer file committed
+            # there after the move.)
+            at_source = moved.etag if isinstance(moved, ObjectInfo) and moved.key == source else ""
+            for place, etag in ((source, at_source), (key, "")):
                 if place not in (entry.key, *(f.key for f in found)):
-                    found.append(dataclasses.replace(entry, key=place, etag=""))
+                    found.append(dataclasses.replace(entry, key=place, etag=etag))
         return found
 
     def _kept(self, path: str) -> object | None:

@@ -17,7 +17,7 @@ import time
 
 from ..errors import S3Error
 from ..metadata import MISSING, DirInfo
-from ..remoteops import DELETE, RemoteOp
+from ..remoteops import DELETE, MOVE, RemoteOp
 from ..store import ObjectInfo
 from ..staging import next_close_seq
 from ..uploader import Ticket, Uploader
@@ -116,7 +116,7 @@ class PendingOps:
         self.core.journal.remove(op.id)
         return True
 
-    def op_copied(self, op: RemoteOp) -> None:
+    def op_copied(self, op: RemoteOp, etag: str = "") -> None:
         """Uploader listener: a move's destination holds the object, and its source is deleted next.
 
         S3 answers for the paths it shows from now on (with the copy's ETag): a reader opening
@@ -125,10 +125,14 @@ class PendingOps:
         """
         with self.table.lock:
             self.core.objects.invalidate(op.dst)
-            self._stop_showing_locked(op)
+            self._stop_showing_locked(op, etag)
 
-    def _stop_showing_locked(self, op: RemoteOp) -> None:
-        """S3 answers for the paths ``op`` shows: the table stops showing them (mount's lock held)."""
+    def _stop_showing_locked(self, op: RemoteOp, etag: str = "") -> None:
+        """S3 answers for the paths ``op`` shows: the table stops showing them (mount's lock held).
+
+        A moved object is shown with the copy's ``etag``: without it, a read of the path would
+        take whatever its key holds when the read arrives, e.g. a newer file committed there
+        after a second rename moved this one on."""
         table = self.table
         for path, record in op.shows.items():
             shown = table.moved.get(path)
@@ -136,8 +140,9 @@ class PendingOps:
                 del table.moved[path]
                 entry = entry_from_record(record)
                 if isinstance(entry, ObjectInfo) and op.dst:
-                    entry = dataclasses.replace(entry, key=op.moved_key(entry.key), etag="")
-                # S3 answers for it now (its ETag is the copy's); the kept listing stays whole.
+                    copied = etag if op.kind == MOVE else ""  # a tree move copies many objects
+                    entry = dataclasses.replace(entry, key=op.moved_key(entry.key), etag=copied)
+                # S3 answers for it now; the kept listing stays whole.
                 self.core.meta.settle(path, entry)
 
     def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
