@@ -435,7 +435,7 @@ class StagedFile:
         """Renamed: from now on the file is ``path``, committed as ``key``.
 
         A commit requested before counts for nothing (``renames`` changed): the file's
-        commit goes behind the changes queued before the rename (Uploader.requeue_commit).
+        commit goes behind the changes queued before the rename (Uploader.requeue_commits).
         A commit request in flight lands under the old key, so the file becomes dirty, to be
         committed again under the new one. Returns (the old key, the multipart upload to abort).
         """

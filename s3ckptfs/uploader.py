@@ -85,7 +85,7 @@ class Commit:
     """One item of the ordered queue: a file's commit, or a namespace change (``op``) to make in S3.
 
     A file's commit is bound to the file's place in the order of changes when it was
-    requested: a rename since then queues it again (``Uploader.requeue_commit``)."""
+    requested: a rename since then queues it again (``Uploader.requeue_commits``)."""
     file: StagedFile | None
     op: RemoteOp | None = None
     renames: int = 0  # the file's rename count when the commit was requested
@@ -183,33 +183,32 @@ class Uploader:
             self._queue_changed.notify_all()
             return commit.ticket
 
-    def requeue_commit(self, file: StagedFile) -> None:
-        """``file`` was renamed: its commit now writes another key, so it goes to the back of the queue.
+    def requeue_commits(self, files: list[StagedFile]) -> None:
+        """``files`` were renamed: their commits now write other keys, so they go to the back of the queue,
+        in the order they had (a directory's marker ahead of what it holds).
 
         A commit is bound to the file's place in the order of the changes made on the mount
-        (``Commit.renames``): changes queued since then may still concern the
-        new key's earlier occupant (a move of it elsewhere, a delete), or the file's own
-        object (moved to the new key), and must reach S3 first. Every commit of the file not
-        yet started moves behind them, bound to the new key; the one at the head gives up at
-        its next step (``_commit_once`` sees the rename) and hands its waiters to a commit
-        queued behind them. Call without the file's lock, once the rename's own changes are
-        queued.
-        """
+        (``Commit.renames``): changes queued since then may still concern the new key's earlier
+        occupant (a move of it elsewhere, a delete), or the file's own object (moved to the new
+        key), and must reach S3 first. Every commit of the files not yet started moves behind
+        them, bound to the new key; one at the head gives up at its next step (``_commit_once``
+        sees the rename) and hands its waiters to a commit queued behind them. Call without the
+        files' locks, once the rename's own changes are queued."""
+        moving = {id(file) for file in files}
         with self._lock:
             head = self._queue[0] if self._queue else None
-            with file.lock:
-                renames = file.renames
-                running = head is not None and head.file is file and head.renames != renames
-                if running:
-                    file.queue_commit_locked()  # the running commit ends QUEUED: one follows it
-            waiting = [commit for i, commit in enumerate(self._queue) if i > 0 and commit.file is file]
-            for commit in waiting:
+            behind: list[Commit] = []
+            if head is not None and head.file is not None and id(head.file) in moving:
+                with head.file.lock:
+                    if head.renames != head.file.renames:  # it ends QUEUED: one follows it
+                        head.file.queue_commit_locked()
+                        behind.append(Commit(head.file, renames=head.file.renames, ticket=head.ticket))
+                        head.ticket = Ticket()  # its waiters now wait for the commit under the new key
+            for commit in [c for c in list(self._queue)[1:] if c.file is not None and id(c.file) in moving]:
                 self._queue.remove(commit)
-                commit.renames = renames
-                self._queue.append(commit)
-            if running and head is not None:
-                self._queue.append(Commit(file, renames=renames, ticket=head.ticket))
-                head.ticket = Ticket()  # its waiters now wait for the commit under the new key
+                commit.renames = commit.file.renames  # set at renames, under the mount's lock the caller holds
+                behind.append(commit)
+            self._queue.extend(behind)
             self._queue_changed.notify_all()
 
     def request_op(self, op: RemoteOp, ticket: Ticket | None = None, journaled: threading.Event | None = None,

@@ -448,3 +448,21 @@ def test_a_directory_renamed_as_its_marker_put_starts_leaves_no_marker_under_the
     assert fs.sync() == []
     assert vfs.listdir("") == ["ckpt"]
     assert sorted(fake_store.objects(mount.prefix)) == ["mnt/ckpt/"]
+
+
+def test_a_directory_made_here_and_renamed_keeps_its_marker_ahead_of_what_it_holds(inproc, fake_store):
+    # mkdir e; mkdir e/q; rename e d, all while the queue is held: the markers commit under
+    # their new keys, d's first. d/q committed and retired before d, the mount took d for a
+    # directory not yet in S3 (all it holds still staged) and listed it without q until d's
+    # marker landed.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    with blocked_queue(fake_store, vfs):
+        vfs.mkdir("e")
+        vfs.mkdir("e/q")
+        vfs.rename("e", "d")
+        assert vfs.listdir("d") == ["q"]
+    assert mount.fs.sync() == []
+    puts = [key for op, key in fake_store.calls if op == "put" and key.startswith("mnt/d")]
+    assert puts == ["mnt/d/", "mnt/d/q/"]
+    assert vfs.listdir("d") == ["q"]

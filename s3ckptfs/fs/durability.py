@@ -90,7 +90,7 @@ class Durability:
         """The file's path or key changed (rename): its record, if it has one, says so.
 
         It takes a new place in close order too, as its commit did in the uploader's queue
-        (``Uploader.requeue_commit``): after a restart it commits behind the changes made
+        (``Uploader.requeue_commits``): after a restart it commits behind the changes made
         before the rename, as it would have without the restart.
         """
         with file.lock:

@@ -240,12 +240,14 @@ class Namespace:
         else:
             self.meta.settle(new, ObjectInfo(key=new_key, size=source.size, etag="", mtime=source.mtime,
                                              mode=source.mode), tree=True)
+
     def _requeue_locked(self, files: list[StagedFile]) -> None:
         """Renamed files commit behind every change made so far, the rename's own included
         (mount's lock held): a move of the object the file replaced, or of its own committed
-        bytes, must reach S3 before a newer version of the file."""
-        for file in files:
-            self.uploader.requeue_commit(file)
+        bytes, must reach S3 before a newer version of the file. They keep their order among
+        themselves: a directory's marker commits before what is in it, which a directory still
+        uncommitted counts on (``PathTable.contents_known_locked``)."""
+        self.uploader.requeue_commits(files)
 
     def _rewrite_records(self, files: list[StagedFile]) -> None:
         for file in files:
