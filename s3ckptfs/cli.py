@@ -135,7 +135,10 @@ def cmd_mount(args: argparse.Namespace, argv: list[str]) -> int:
     if args.foreground:
         configure_logging(config.log_level, to_file=daemon.READY_FD_ENV in os.environ)
         return daemon.run(config)
-    daemon.preflight(config)
+    # The local checks here, for a message before anything starts; S3 is checked once, by the
+    # daemon (its answer comes back through the ready pipe): twice would double a restart's wait
+    # for an S3 that does not answer.
+    daemon.preflight(config, s3=False)
     daemon.start_background([a for a in argv if a not in ("--foreground", "-f")], config)
     return 0
 

@@ -152,7 +152,9 @@ def run(config: MountConfig) -> int:
         report(f"error: {exc}")
         raise
     (config.cache_dir / PID_FILE).write_text(f"{os.getpid()}\n")
-    config = check_conditions(config)
+    # S3 did not answer the start-up check: the conditional-write probe would only wait for it
+    # too (seconds before the mount, during an outage); commits stay as conditional as configured.
+    config = config if unreachable else check_conditions(config)
     metrics = Metrics()
     fs = Filesystem(config, make_client(config), cache, metrics)
     metrics.add_state(fs.state_metrics)

@@ -82,6 +82,7 @@ class KeptListings:
         self._db = self._open() if path is not None else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._flush: Callable[[], None] = lambda: None
 
     def _open(self) -> sqlite3.Connection | None:
         assert self._path is not None
@@ -159,9 +160,13 @@ class KeptListings:
             while not self._stop.wait(interval):
                 self.save(meta.take_changes())
 
-        self._flush: Callable[[], None] = lambda: self.save(meta.take_changes())
+        self._flush = lambda: self.save(meta.take_changes())
         self._thread = threading.Thread(target=run, name="s3ckptfs-listings", daemon=True)
         self._thread.start()
+
+    def save_now(self) -> None:
+        """Save what changed since the last save now (the background thread does so every interval)."""
+        self._flush()
 
     def stop(self, flush: bool = True) -> None:
         """Stop saving; with ``flush``, save what changed last."""

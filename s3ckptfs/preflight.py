@@ -178,9 +178,9 @@ def check_s3_within(config: MountConfig, limit: float) -> None:
         raise outcome[0]
 
 
-def preflight(config: MountConfig) -> str | None:
-    """Every check that can be made before mounting. Raises ConfigError; returns why S3 is
-    taken to be unreachable if the mount goes ahead without it, else None.
+def preflight(config: MountConfig, s3: bool = True) -> str | None:
+    """Every check that can be made before mounting (without ``s3``, the local ones only). Raises
+    ConfigError; returns why S3 is taken to be unreachable if the mount goes ahead without it, else None.
 
     S3 unreachable is fatal for a fresh mount, but not for a cache dir that knows this
     prefix (pending work, or kept listings of it): that mount comes up at once (the
@@ -190,6 +190,8 @@ def preflight(config: MountConfig) -> str | None:
     """
     check_mountpoint(config.mountpoint)
     check_cache_dir(config.cache_dir, config.mountpoint)
+    if not s3:
+        return None
     known = cache_knows_prefix(config)
     try:
         if known:

@@ -17,12 +17,18 @@ and the eight names must exist alike with the same sizes. At the end: ``s3ckptfs
 sync``, then the whole tree read through a fresh mount of the same prefix with its
 own empty cache must equal the local directory, names and bytes.
 
+With ``--processes N``, N processes run such sequences at the same time on one
+mount, each in a directory of its own (``w0/`` ...) with its own local copy: the
+daemon serves their requests concurrently (its queue, locks and commits are
+shared), while each process's outcome stays comparable with a local directory.
+
 It starts its own SeaweedFS (free loopback ports) and mounts with default options
 (FUSE passthrough where the machine has it) plus any ``-o``; everything it starts
 is unmounted and stopped at the end. Run it with the test environment's Python:
 
     .venv/bin/python scripts/workload.py --seeds 1-20 --steps 300
     .venv/bin/python scripts/workload.py --seconds 3600          # random seeds until the time is up
+    .venv/bin/python scripts/workload.py --seeds 1-5 --processes 4
 
 Exit status 1 if any sequence diverged; each divergence is printed with its seed,
 the step and the operations before it, and the daemon log is kept.
@@ -31,6 +37,7 @@ the step and the operations before it, and the daemon log is kept.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import errno
 import os
 import random
@@ -187,29 +194,48 @@ def operation(rng: random.Random, local: Path):
     return f"read {name} @{offset}", lambda root: read_at(root / name, offset)
 
 
-def run_sequence(server: devserver.SeaweedServer, base: Path, seed: int, steps: int,
-                 options: list[str]) -> str | None:
-    """One sequence; returns None, or what diverged (the daemon log is kept then)."""
+def run_worker(seed: str, mounted: Path, local: Path, steps: int) -> str | None:
+    """One process's sequence in its own directories; None, or what diverged and the steps before."""
     rng = random.Random(seed)
-    bucket = f"workload-{uuid.uuid4().hex[:10]}"
-    server.client().create_bucket(Bucket=bucket)
-    url = f"s3://{bucket}/run"
-    mount = Mount(server, base, url, options)
-    local = base / f"local-{uuid.uuid4().hex[:8]}"
     history: list[str] = []
-    diverged = None
     try:
-        for root in (mount.path, local):
+        for root in (mounted, local):
             os.makedirs(root / "d", exist_ok=True)
         for step in range(steps):
             what, action = operation(rng, local)
             history.append(what)
             expected = outcome(lambda: action(local))
-            actual = outcome(lambda: action(mount.path))
+            actual = outcome(lambda: action(mounted))
             if actual != expected:
                 raise Divergence(f"step {step}, {what}: mount {shown(actual)}, local {shown(expected)}")
-            if sizes(mount.path) != sizes(local):
-                raise Divergence(f"step {step}, after {what}: mount {sizes(mount.path)}, local {sizes(local)}")
+            if sizes(mounted) != sizes(local):
+                raise Divergence(f"step {step}, after {what}: mount {sizes(mounted)}, local {sizes(local)}")
+    except Divergence as exc:
+        return f"{mounted.name or 'root'}: {exc}\n  operations before it:\n    " + "\n    ".join(history[-30:])
+    return None
+
+
+def run_sequence(server: devserver.SeaweedServer, base: Path, seed: int, steps: int,
+                 options: list[str], processes: int = 1) -> str | None:
+    """One sequence (or ``processes`` at once); returns None, or what diverged (the daemon log is kept then)."""
+    bucket = f"workload-{uuid.uuid4().hex[:10]}"
+    server.client().create_bucket(Bucket=bucket)
+    url = f"s3://{bucket}/run"
+    mount = Mount(server, base, url, options)
+    local = base / f"local-{uuid.uuid4().hex[:8]}"
+    local.mkdir()
+    diverged = None
+    try:
+        if processes == 1:
+            found = [run_worker(str(seed), mount.path, local, steps)]
+        else:
+            with concurrent.futures.ProcessPoolExecutor(processes) as pool:
+                found = list(pool.map(run_worker, [f"{seed}/{i}" for i in range(processes)],
+                                      [mount.path / f"w{i}" for i in range(processes)],
+                                      [local / f"w{i}" for i in range(processes)], [steps] * processes))
+        problems = [problem for problem in found if problem is not None]
+        if problems:
+            raise Divergence("\n".join(problems))
         mount.sync()
         fresh = Mount(server, base, url, ["metadata_ttl=0", "negative_ttl=0"])
         try:
@@ -222,8 +248,7 @@ def run_sequence(server: devserver.SeaweedServer, base: Path, seed: int, steps: 
         finally:
             fresh.close()
     except Divergence as exc:
-        diverged = (f"{exc}\n  daemon log: {mount.cache / 's3ckptfs.log'}\n  operations before it:\n    "
-                    + "\n    ".join(history[-30:]))
+        diverged = f"{exc}\n  daemon log: {mount.cache / 's3ckptfs.log'}"
     finally:
         mount.close()
         shutil.rmtree(local, ignore_errors=True)
@@ -259,6 +284,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="operations per sequence (default 300)")
     parser.add_argument("-o", dest="options", action="append", default=[], help="mount option(s), key=value")
     parser.add_argument("--dir", help="scratch directory (default: a new one under /tmp)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="processes running sequences at once, each in its own directory (default 1)")
     args = parser.parse_args()
     base = Path(args.dir or tempfile.mkdtemp(prefix="s3ckptfs-workload-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -276,7 +303,7 @@ def main() -> int:
                 break
             else:
                 seed = random.randrange(1 << 32)
-            diverged = run_sequence(server, base, seed, args.steps, args.options)
+            diverged = run_sequence(server, base, seed, args.steps, args.options, args.processes)
             runs += 1
             failures += diverged is not None
             print(f"seed {seed}: " + ("ok" if diverged is None else f"DIVERGED {diverged}"), flush=True)

@@ -9,7 +9,11 @@ lets a sequence see it only in sync, and outages during which every upload is
 refused, so that a crash finds files still pending, and outages during which S3
 is unreachable: every request refused or hanging, lookups and listings answered
 from kept listings, namespace changes queued; a call that needs bytes only S3
-has may then fail with EIO, and changes nothing). Each sequence runs a fresh
+has may then fail with EIO, and changes nothing). Outages also begin before the
+first listing of anything, and the daemon is killed and restarted while they
+last: until S3 answers, a restarted daemon knows only the listings it saved
+before the kill, so any call may then fail with EIO, and changes nothing; what
+succeeds must be what a local directory does. Each sequence runs a fresh
 ``Filesystem`` over a fresh ``FakeStore`` with KiB-sized parts, so the multipart
 paths run on small data; its options are drawn too (metadata caching on or off,
 write mode, local sync, checksums, eager uploads, dedup). Files are also copied
@@ -151,10 +155,14 @@ def vfs_write_fsync_write(vfs: Vfs, rel: str, first: tuple[int, bytes], second: 
 
 
 @pytest.mark.timeout(900)
-def test_core_behaves_like_a_local_directory(tmp_path, caplog):
+def test_core_behaves_like_a_local_directory(tmp_path, caplog, monkeypatch):
     # Thousands of sequences with faults log tens of thousands of retries: keep only what
     # a failure needs, the sequence's steps (in the assertion message).
     caplog.set_level(logging.CRITICAL, logger="s3ckptfs")
+    # A lookup with nothing to fall back on waits 15 deadlines; while S3 hangs before anything
+    # was listed, every call would (0.75 s each here). Two are enough to tell the outcomes apart.
+    from s3ckptfs.fs import lookup
+    monkeypatch.setattr(lookup, "NO_FALLBACK_DEADLINES", 2)
     counts: Counter[str] = Counter()
     numbers = itertools.count()
 
@@ -165,9 +173,10 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                         local_sync=st.sampled_from(["close", "background"]), checksums=st.booleans(),
                         eager=st.sampled_from([0, 1]), outage=st.booleans(),
                         premade=st.sampled_from([(), ("x", "x/y", "z"), ("x", "x/y", "z")]),
-                        final_crash=st.booleans(), dedup=st.booleans())
+                        final_crash=st.booleans(), dedup=st.booleans(),
+                        unreachable_first=st.sampled_from([None] * 7 + ["refuse", "refuse", "hang"]))
             def start(self, ttl, write_mode, local_sync, checksums, eager, outage, premade, final_crash,
-                      dedup) -> None:
+                      dedup, unreachable_first) -> None:
                 number = next(numbers)
                 self.store = FakeStore()
                 self.model_root = base / f"model{number}"
@@ -181,12 +190,18 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                 self.write_mode = write_mode
                 self.outage: fakestore.Rule | None = None
                 self.full_outage: fakestore.Rule | None = None   # every request fails: S3 unreachable
+                # S3 unreachable since before the mount listed what it uses (from the start, or
+                # since a restart during the outage): any call may fail with EIO until it answers.
+                self.blind = False
                 self.restarts = 0
                 self.final_crash = final_crash
                 self.denied: list[fakestore.Rule] = []
                 self.denials_seen = 0   # AccessDenied hits that a failed sync has already accounted for
                 self.steps = [f"options: ttl={ttl} write_mode={write_mode} local_sync={local_sync} "
                               f"checksums={checksums} eager_uploads={eager} dedup={dedup}"]
+                if unreachable_first and write_mode == "async":  # before anything is listed
+                    self.full_outage_begins(unreachable_first)
+                    self.blind = True
                 for directory in premade:  # most sequences start with every directory there
                     self.both(lambda fs: fs.mkdir(directory), f"mkdir {directory}")
                 if outage and write_mode == "async":
@@ -201,13 +216,15 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                 """The same call on the model and the core: the same result or the same errno.
 
                 While S3 is unreachable, a call that ``needs_data`` (the bytes of an object
-                not in the cache) may fail with EIO on the core alone; it then changes nothing.
+                not in the cache), or any call while the mount is ``blind``, may fail with EIO
+                on the core alone; it then changes nothing.
                 """
                 self.steps.append(what)
-                if needs_data and self.full_outage is not None:
+                if (needs_data or self.blind) and self.full_outage is not None:
                     actual = outcome(lambda: action(self.vfs))
                     if actual == ("err", errno.EIO):
-                        self.steps.append("  (EIO: its data is in S3 only)")
+                        self.steps.append("  (EIO: its data is in S3 only)" if needs_data else
+                                          "  (EIO: not listed before S3 became unreachable)")
                         return
                     expected = outcome(lambda: action(self.local))
                     assert actual == expected, (f"core gave {actual}, a local directory {expected}\n"
@@ -296,17 +313,23 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                 self.sync_all()
 
             @precondition(lambda self: self.restarts < MAX_RESTARTS)
-            @rule(crash=st.booleans())
-            def restart(self, crash):
+            @rule(crash=st.booleans(), saved=st.booleans())
+            def restart(self, crash, saved):
                 # Closed files are journaled: neither a clean stop nor a crash may lose them.
                 self.restarts += 1
                 self.steps.append("crash+restart" if crash else "stop+start")
                 # During an outage a clean stop gives up draining at once (the data is journaled).
                 if not crash:
                     self.end_full_outage()  # a clean stop waits for requests in flight: let them end
+                elif saved:  # killed more than a moment after the last change: its listings are saved
+                    self.mount.fs.kept_listings.save_now()
                 self.mount.restart(crash=crash, drain_timeout=0.05 if self.outage else SYNC_TIMEOUT)
-                # A fresh start knows no listing: S3 must answer again before the next lookups.
-                self.end_full_outage()
+                # Killed while S3 is unreachable, and started again: what the restarted daemon knows
+                # is what the cache dir kept. Without the last changes' listings, any call may fail.
+                if self.full_outage is not None and not saved:
+                    self.blind = True
+                if self.full_outage is not None:
+                    self.steps[-1] += " while S3 is unreachable" + (", listings saved" if saved else "")
 
             @rule(kind=st.sampled_from(sorted(FAULTS)), times=st.integers(1, 3),
                   op=st.sampled_from([None, *UPLOAD_OPERATIONS]))
@@ -349,12 +372,14 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
 
             @invariant()
             def same_names(self):
-                if hasattr(self, "mount"):
+                # Not while blind: the root itself may not be listed yet (EIO, after the deadlines).
+                if hasattr(self, "mount") and not self.blind:
                     assert sorted(self.vfs.tree()) == sorted(local_tree(self.model_root)), "\n".join(self.steps)
 
             # -- helpers ---------------------------------------------------------------
 
             def end_full_outage(self) -> None:
+                self.blind = False
                 if self.full_outage is not None:
                     self.full_outage.remove()
                     self.store.release()
@@ -413,6 +438,7 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
                     counts["faults"] += sum(step.startswith("fault") for step in self.steps)
                     counts["unreachable"] += sum(step.startswith("S3 unreachable") for step in self.steps)
                     counts["eio"] += sum(step.startswith("  (EIO") for step in self.steps)
+                    counts["blind"] += sum(step.startswith("  (EIO: not listed") for step in self.steps)
                     counts["copied"] += self.store.count("upload_part_copy")
                 finally:
                     self.store.clear_faults()
@@ -427,6 +453,7 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog):
 
     print(f"\nin-process reference model: {counts['sequences']} sequences checked, {counts['operations']} "
           f"operations, {counts['restarts']} restarts or crashes, {counts['faults']} store faults, "
-          f"{counts['unreachable']} times S3 unreachable ({counts['eio']} calls needing its data failed), "
+          f"{counts['unreachable']} times S3 unreachable ({counts['eio']} calls failed with EIO, "
+          f"{counts['blind']} of them on names not listed before), "
           f"{counts['copied']} parts copied in the store (dedup)")
     assert counts["sequences"] >= min(EXAMPLES, 100)
