@@ -115,8 +115,7 @@ class Committed:
 
 
 def read_padded(fd: int, start: int, length: int) -> bytes:
-    """``length`` bytes of a staging file from ``start``; a hole at the end of a sparse file reads short,
-    and is zeros."""
+    """``length`` bytes of a staging file from ``start`` (a hole at the end reads short: zeros)."""
     data = os.pread(fd, length, start)
     return data if len(data) == length else data.ljust(length, b"\0")
 
@@ -153,6 +152,7 @@ class StagedFile:
         self.expected: Expected | None = None  # what this node last knew of a key (conditions.py)
         self.conditional = False          # its commits carry ``expected`` as a condition
         self._last_etag = ""
+        self._last_key = ""               # the key the last commit wrote (``last_etag`` is its object's)
         self._journaled_version = 0       # the version the journal record was last written for
         self._data_synced = True          # the staging file was fsync'd after the journaled version's writes
         self.close_seq = 0                # when it was last journaled at a close: recovery commits in this order
@@ -215,6 +215,10 @@ class StagedFile:
     def last_etag(self) -> str:
         return self._last_etag
 
+    def etag_under(self, key: str) -> str:
+        """The ETag of ``key``'s object from this file's last commit; "" if it wrote another key (a copy has its own)."""
+        return self._last_etag if key == self._last_key else ""
+
     @property
     def committed_digest(self) -> Digest | None:
         return self._committed_digest
@@ -271,6 +275,7 @@ class StagedFile:
         if committed is not None:
             self._committed_version = committed.version
             self._last_etag = committed.etag
+            self._last_key = committed.key
             self.expected = Expected(committed.key, committed.etag)
             self._committed_digest = committed.digest
         self._move(CommitState.UPLOADING)
@@ -286,6 +291,7 @@ class StagedFile:
         made), nothing is known of the object its own key will hold: no expectation."""
         self._committed_version = self.version
         self._last_etag = etag
+        self._last_key = key or self.key
         self.expected = Expected(self.key, etag) if key in (None, self.key) else None
 
     def saw_own_version_locked(self, etag: str) -> None:

@@ -382,6 +382,8 @@ class Checker:
             return {"operations": len(ops) - 1, "crashes": state["crashes"]}
         except Divergence as exc:
             raise Divergence(f"{exc}\nsteps:\n  " + "\n  ".join(steps)) from None
+        except OSError as exc:  # a call outside the compared ones (the final reads) failed
+            raise Divergence(f"{exc!r}\nsteps:\n  " + "\n  ".join(steps)) from None
         finally:
             for fd in local.fds.values():
                 os.close(fd)

@@ -240,16 +240,22 @@ class Lifecycle:
                 # A clean file holds no upload; one left by a request that returned late is aborted.
                 self.uploader.abort_later(file.upload.forget())
                 self.table.drop_locked(file)
-                info = self._entry(file, file.last_etag)
+                # Renamed since its last commit, the file's object reaches its key by a move, as a
+                # copy with an ETag of its own: the move records it once made (the path shows the
+                # move until then). The old object's ETag recorded here would send readers to a
+                # version S3 does not hold (ESTALE).
+                etag = file.etag_under(file.key)
+                info = self._entry(file, etag)
                 file.close_fd()
             self.core.room_freed()
             kept = False
-            if file.last_etag and not file.is_dir_marker:
+            if etag and not file.is_dir_marker:
                 try:
-                    kept = self.core.objects.adopt(file.key, file.last_etag, file.staging_path, file.size)
+                    kept = self.core.objects.adopt(file.key, etag, file.staging_path, file.size)
                 except OSError as exc:
                     log.warning("could not keep %s in the cache: %s", file.path, exc)
-            self.core.meta.put(file.path, info)
+            if etag or file.is_dir_marker:
+                self.core.meta.put(file.path, info)
         if not kept:
             free_staging(file)
 

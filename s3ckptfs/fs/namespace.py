@@ -181,7 +181,7 @@ class Namespace:
             old_may_hold = bool(file.committed_version or file.committing or file.over_object)
             old_key, upload = file.retarget_locked(new, new_key)
             self.uploader.abort_later(upload)
-            moved = None if file.dirty else ObjectInfo(key=old_key, size=file.size, etag=file.last_etag,
+            moved = None if file.dirty else ObjectInfo(key=old_key, size=file.size, etag=file.etag_under(old_key),
                                                        mtime=file.mtime, mode=file.mode)
         rewrite.append(file)
         self.core.objects.invalidate(old_key)
