@@ -40,14 +40,18 @@ class Durability:
 
         Raises FsError (and marks the file's write failed) if the disk refuses.
         """
-        with file.lock:
-            if file.deleted or not file.dirty or file.journaled_version == file.version:
-                return
-            version = file.version
+        fd = -1
         started = time.monotonic()
         try:
+            with file.lock:
+                if file.deleted or not file.dirty or file.journaled_version == file.version:
+                    return
+                version = file.version
+                # The commit thread may commit this very version and retire the file (closing
+                # file.fd) while it is fsync'd here, without the lock: sync a descriptor of our own.
+                fd = -1 if self.background else os.dup(file.fd)
             if not self.background:
-                locks.fsync(file.fd)
+                locks.fsync(fd)
                 fsync_dir(self.core.cache_dir.staging)  # the file's name must survive a power loss too
             if not self._write_record(file, version, synced=not self.background, closing=True):
                 return  # unlinked meanwhile: its record is gone and must stay gone
@@ -56,6 +60,9 @@ class Durability:
             with file.lock:
                 file.fail_writes_locked(exc.errno or errno.EIO)
             raise FsError(exc.errno or errno.EIO, f"cannot journal {file.path}: {exc}") from exc
+        finally:
+            if fd >= 0:
+                os.close(fd)
         if self.background:
             self.sync_data_later(file, version)
 
