@@ -487,3 +487,21 @@ def test_a_file_renamed_after_its_commit_and_retired_after_the_move_names_the_co
     assert fs.lookup.lookup("/b.pt").etag in ("", in_s3.etag)
     fs.core.objects.evict(0)  # no copy kept here: the read goes to S3
     assert vfs.read_bytes("b.pt") == body
+
+
+def test_a_directory_made_here_and_renamed_moves_on_an_object_a_pending_move_brings_into_it(inproc, fake_store):
+    # mkdir d (its marker queued); rename last -> d/x (an object in S3: a queued move); rename d -> g.
+    # d is not "all here": the move puts x under d/ in S3, and from there it must go on to g/.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    vfs.write_file("last", data_of(10_000))
+    assert mount.fs.sync() == []
+    with blocked_queue(fake_store, vfs):
+        vfs.mkdir("d")
+        vfs.rename("last", "d/x")
+        vfs.rename("d", "g")
+        assert vfs.listdir("") == ["blocker", "g"]
+        assert vfs.read_bytes("g/x") == data_of(10_000)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/blocker": b"x", "mnt/g/": b"", "mnt/g/x": data_of(10_000)}
+    assert vfs.listdir("") == ["blocker", "g"]

@@ -296,7 +296,9 @@ class Namespace:
         """
         rewrite: list[StagedFile] = []
         with self.table.lock:
-            if self.table.local_dir_locked(old) is not None:  # all of it is here: no S3 request
+            # All of it is here: no S3 request. (Not if a pending move brings an object into it:
+            # that object reaches S3 under the old name, and must be moved on from there.)
+            if self.table.local_dir_locked(old) is not None and not self.table.moved_below_locked(old):
                 # ... unless a commit began sending since that check (the commit thread does
                 # not take the mount's lock): what it writes under an old key is deleted after it.
                 late = self._move_staged_locked(old, new, rewrite, markers=True)
