@@ -172,8 +172,61 @@ def transformers_loop(output_dir: str, control_dir: str, steps: int) -> None:
     (Path(control_dir) / "waits.json").write_text(json.dumps(waits))
 
 
+def trainer_ranks_loop(rank: int, port: int, mounts: list[str], steps: int, control_dir: str, mode: str) -> None:
+    """Rank ``rank`` of a 2-rank Trainer (DDP over gloo), its ``output_dir`` on its own node's mount.
+
+    Every rank writes ``rng_state_<rank>.pth`` into each checkpoint (rank 0 the rest), so a
+    checkpoint needs a file from each node. ``mode``: ``complete`` (with CompleteCheckpoints)
+    or ``stock`` (no s3ckptfs callback). After each save the ranks meet, rank 0 says so in
+    ``control_dir`` and every rank waits for the test to lose and replace node 1.
+    """
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from s3ckptfs.integrations.transformers import CompleteCheckpoints
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK="0",
+                      WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE="1")  # one rank per node
+
+    class LoseNodeAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            torch.distributed.barrier()
+            if rank == 0:
+                (Path(control_dir) / f"saved_{state.global_step - 1}").touch()
+            _wait_file(Path(control_dir) / f"go_{state.global_step - 1}")
+            torch.distributed.barrier()
+
+    callbacks = ([CompleteCheckpoints()] if mode == "complete" else []) + [LoseNodeAfterSave()]
+    torch.manual_seed(0)
+    args = TrainingArguments(output_dir=os.path.join(mounts[rank], "run"), max_steps=steps, save_steps=1,
+                             save_strategy="steps", per_device_train_batch_size=8, report_to=[], use_cpu=True,
+                             ddp_backend="gloo", logging_strategy="no", disable_tqdm=True)
+    Trainer(model=_Regressor(), args=args, train_dataset=_Pairs(), callbacks=callbacks).train()
+
+
+def resume_trainer(output_dir: str, checkpoint: str, steps: int) -> int:
+    """Resume a one-process Trainer from ``checkpoint`` up to ``steps``; return how many steps it trained."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    trained = []
+
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trained.append(state.global_step)
+
+    args = TrainingArguments(output_dir=output_dir, max_steps=steps, save_strategy="no",
+                             per_device_train_batch_size=8, report_to=[], use_cpu=True, logging_strategy="no",
+                             disable_tqdm=True)
+    trainer = Trainer(model=_Regressor(), args=args, train_dataset=_Pairs(), callbacks=[CountSteps()])
+    trainer.train(resume_from_checkpoint=checkpoint)
+    assert trainer.state.global_step == steps, trainer.state.global_step
+    return len(trained)
+
+
 if __name__ == "__main__":
     import sys
 
+    if sys.argv[1] == "resume":
+        print(json.dumps({"trained": resume_trainer(sys.argv[2], sys.argv[3], int(sys.argv[4]))}))
+        sys.exit(0)
     kind, target, control, count = sys.argv[1:]
     {"lightning": lightning_loop, "transformers": transformers_loop}[kind](target, control, int(count))

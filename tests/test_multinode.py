@@ -167,20 +167,28 @@ def torn_checkpoints(s3, bucket: str, prefix: str, steps: int) -> list[str]:
     return torn
 
 
-def test_dcp_integration_never_leaves_a_torn_checkpoint_when_a_node_is_lost(bucket, mount_factory, s3, tmp_path):
-    """2 ranks, each through its own node's mount, 10 saves with s3ckptfs.integrations.dcp (every
-    other one with dcp.async_save);
-    after each save node 1 is lost at once (SIGKILL, cache dir deleted) and replaced. From a
-    fresh mount: every checkpoint with .metadata has both shards, and the newest one loads."""
+# The stock writer on write-back mounts tears checkpoints (the README's table): to see it, run
+# S3CKPTFS_TEST_DCP_WRITER=default with S3CKPTFS_TEST_DCP_MOUNT=writeback.
+@pytest.mark.parametrize("writer, options", [("integration", {}), ("default", {"write_mode": "sync"})],
+                         ids=["integration-writer", "stock-writer-on-sync-mounts"])
+def test_dcp_never_leaves_a_torn_checkpoint_when_a_node_is_lost(bucket, mount_factory, s3, tmp_path, writer,
+                                                                options):
+    """2 ranks, each through its own node's mount, 10 saves, either with s3ckptfs.integrations.dcp
+    (every other one with dcp.async_save) on write-back mounts, or with the stock FileSystemWriter
+    and sync_files=False on mounts with write_mode=sync; after each save node 1 is lost at once
+    (SIGKILL, cache dir deleted) and replaced. From a fresh mount: every checkpoint with .metadata
+    has both shards, and the newest one loads."""
     import torch
     import torch.distributed.checkpoint as dcp
     import torch.multiprocessing as tmp
 
     steps = 10
-    nodes = [mount_factory(bucket, "job"), mount_factory(bucket, "job")]
+    writer = os.environ.get("S3CKPTFS_TEST_DCP_WRITER", writer)
+    if os.environ.get("S3CKPTFS_TEST_DCP_MOUNT") == "writeback":
+        options = {}
+    nodes = [mount_factory(bucket, "job", options=options), mount_factory(bucket, "job", options=options)]
     control = tmp_path / "control"
     control.mkdir()
-    writer = os.environ.get("S3CKPTFS_TEST_DCP_WRITER", "integration")  # "default": to measure the stock writer
     context = tmp.spawn(workers.dcp_save_loop,
                         args=(free_port(), [str(node.path) for node in nodes], steps, str(control), writer),
                         nprocs=workers.WORLD_SIZE, join=False)
@@ -273,3 +281,53 @@ def test_trainer_complete_checkpoints_never_marks_a_checkpoint_missing_a_file(bu
         assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= files, (name, files)
         assert (run / name / "optimizer.pt").stat().st_size > 20 * MiB
     assert latest_complete_checkpoint(run) == str(run / "checkpoint-10")
+
+
+def trainer_checkpoints_missing_a_rank(run: Path) -> list[str]:
+    """Checkpoints whose trainer_state.json is in S3 while a rank's rng_state_<r>.pth is not."""
+    torn = []
+    for name in sorted(os.listdir(run)):
+        files = set(os.listdir(run / name))
+        if "trainer_state.json" in files and not {"rng_state_0.pth", "rng_state_1.pth"} <= files:
+            torn.append(name)
+    return torn
+
+
+def test_trainer_on_two_nodes_marks_only_checkpoints_every_rank_finished_and_resumes_from_the_newest(
+        bucket, mount_factory, s3, tmp_path):
+    """A 2-rank Trainer (DDP over gloo), each rank's output_dir on its own node's mount, 10 steps with
+    a checkpoint each and CompleteCheckpoints; node 1 (rank 1 writes rng_state_1.pth into every
+    checkpoint) is lost right after each save. From a fresh mount: every checkpoint is marked
+    complete and holds both ranks' files; a real Trainer resumes from latest_complete_checkpoint."""
+    pytest.importorskip("transformers")
+    import torch.multiprocessing as tmp
+
+    from s3ckptfs.integrations.transformers import COMPLETE_MARKER, latest_complete_checkpoint
+
+    steps = 10
+    nodes = [mount_factory(bucket, "job"), mount_factory(bucket, "job")]
+    control = tmp_path / "control"
+    control.mkdir()
+    context = tmp.spawn(workers.trainer_ranks_loop,
+                        args=(free_port(), [str(node.path) for node in nodes], steps, str(control), os.environ.get("S3CKPTFS_TEST_TRAINER_MODE", "complete")),
+                        nprocs=workers.WORLD_SIZE, join=False)
+    for step in range(steps):
+        wait_for(lambda: (control / f"saved_{step}").exists() or not all(p.is_alive() for p in context.processes),
+                 timeout=300, interval=0.02)
+        assert (control / f"saved_{step}").exists(), "a rank failed"
+        lose_and_replace(nodes[1], mount_factory)
+        (control / f"go_{step}").touch()
+    context.join()
+
+    fresh = mount_factory(bucket, "job")
+    run = fresh.path / "run"
+    assert trainer_checkpoints_missing_a_rank(run) == []
+    marked = sorted(name for name in os.listdir(run) if (run / name / COMPLETE_MARKER).is_file())
+    assert len(marked) == steps, sorted(os.listdir(run))
+    newest = latest_complete_checkpoint(run)
+    assert newest == str(run / f"checkpoint-{steps}")
+    resumed = subprocess.run([sys.executable, str(Path(workers.__file__)), "resume", str(tmp_path / "resumed"),
+                              newest, str(steps + 2)], cwd=Path(workers.__file__).parent,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1]) == {"trained": 2}  # steps 11 and 12 only
