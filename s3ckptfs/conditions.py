@@ -69,11 +69,12 @@ class Conflict(S3Error):
     """A commit refused because its key changed since this node last saw it; ``str`` is the line
     logged and shown by ``status`` and ``sync``."""
 
-    def __init__(self, path: str, expected: Expected | None, cause: S3Error) -> None:
+    def __init__(self, path: str, expected: Expected | None, cause: S3Error,
+                 kept: str = "this node's bytes stay in the cache") -> None:
         super().__init__(cause.code, "", cause.status)
         known = f"this node expected {expected.describe()} there" if expected is not None else "the key changed"
         self.message = (f"conflict: {path} was changed in S3 by another writer since this node last saw it "
-                        f"({known}); the newer object is kept, this node's bytes stay in the cache")
+                        f"({known}); the newer object is kept, {kept}")
 
     def __str__(self) -> str:
         return self.message

@@ -62,11 +62,14 @@ def _notify_loop(fs, source: str, stop: threading.Event) -> None:
     while not stop.wait(interval):
         pending = list(fs.iter_pending())
         failed = sum(1 for f in pending if f.failure is not None)
-        lost = len(fs.lost_files())
+        lost = len([kept for kept in fs.lost_files() if kept.state != "conflict"])
+        conflicts = len(fs.lost_files()) - lost
         status = (f"{len(pending)} upload(s) pending ({sum(f.size for f in pending) / 2**20:.0f} MiB)"
                   + (f", {failed} failed" if failed else "") if pending else f"serving {source}, all in S3")
         if lost:
             status = f"{status}; {lost} file(s) lost in a restart of the machine"
+        if conflicts:
+            status = f"{status}; {conflicts} conflict(s) with other writers"
         if not fs.s3_status()["answering"]:
             status = f"{status}; S3 not answering"
         sd_notify(f"STATUS={status}" + ("\nWATCHDOG=1" if watchdog_usec else ""))
@@ -92,7 +95,7 @@ def _status(fs) -> dict:
     files.extend(fs.pending.status())  # deletes and moves not yet made in S3
     for lost in fs.lost_files():
         files.append({"path": lost.path, "key": lost.key, "size": lost.size, "uploaded": 0,
-                      "age": round(now - lost.mtime, 1), "state": "failed", "error": lost.reason})
+                      "age": round(now - lost.mtime, 1), "state": lost.state, "error": lost.reason})
     return {"ok": True, "pending": files, "s3": fs.s3_status(), "objects_committed": fs.uploader.objects_committed,
             "bytes_committed": fs.uploader.bytes_committed, "clean_cache_bytes": fs.objects.used_bytes(),
             "dedup": fs.dedup.enabled, "part_bytes_sent": fs.dedup.bytes_sent,

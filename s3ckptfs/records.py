@@ -31,6 +31,7 @@ class FileRecord:
     close_seq: int               # its place in close order: recovery commits in this order
     expected_key: str | None = None   # what the node last knew of a key (conditions.py): the key,
     expected_etag: str | None = None  # and the ETag it held ("" for none)
+    conflict: str | None = None       # S3 refused its commit: kept and reported, never sent (fs/conflicts.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -43,7 +44,7 @@ class FileRecord:
                    upload_id=record.get("upload_id"), upload_key=record.get("upload_key"),
                    data_synced=bool(record.get("data_synced", True)), boot_id=str(record.get("boot_id") or ""),
                    close_seq=int(record.get("close_seq", 0)), expected_key=record.get("expected_key"),
-                   expected_etag=record.get("expected_etag"))
+                   expected_etag=record.get("expected_etag"), conflict=record.get("conflict"))
 
 
 def is_namespace_change(record: dict) -> bool:

@@ -13,6 +13,14 @@ under a new name, with what a lookup answers for them).
 
 Each operation is safe to run again after a crash: a delete of a missing key
 succeeds; a move whose source is gone but whose destination exists is done.
+
+A move or a delete of one object carries what this node knew of the key it
+replaces or removes (``expect``, as a commit does: conditions.py), sent as a
+condition when the operation is ``conditional`` (resumed after a restart, or
+every one with ``conditional_commits=all``). Refused because another node wrote
+the key since, it is a conflict: the newer object stays, the operation is not
+retried. An object this node wrote itself (a copy that landed before a crash)
+is no conflict: the operation goes on without the condition.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .conditions import ABSENT, Conflict, Expected, is_conflict
 from .errors import S3Error
 from .s3client import object_metadata
-from .store import ObjectStore
+from .store import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,10 @@ class RemoteOp:
     shows: dict[str, dict] = field(default_factory=dict)  # mount path -> entry record, until this has run
     close_seq: int = 0
     id: str = field(default_factory=lambda: "op-" + uuid.uuid4().hex)
+    expect: str | None = None   # MOVE: what dst held as this node last saw it; DELETE: key's ETag
+    source_etag: str | None = None  # MOVE: the source's ETag as this node saw it
+    conditional: bool = False   # send ``expect`` (set when queued or resumed; not journaled)
+    node_id: str = ""           # objects written by this node are no conflict
 
     @property
     def label(self) -> str:
@@ -61,6 +74,11 @@ class RemoteOp:
         if self.kind == MOVE_TREE and key.startswith(self.key):
             return self.dst + key[len(self.key):]
         return self.dst
+
+    @property
+    def path(self) -> str:
+        """The mount path it is about, for reports: what it shows, else what it removes, else its key."""
+        return next(iter(self.shows), None) or (self.hides[0] if self.hides else self.key)
 
     def paths(self) -> list[str]:
         return [*self.hides, *self.shows]
@@ -85,7 +103,7 @@ class RemoteOp:
             return
         if self.kind == MOVE:
             try:
-                etag = store.copy(self.key, self.dst, self.size)
+                etag = self._copy(store)
             except S3Error as err:
                 present = store.head(self.dst) if err.code in _GONE_CODES else None
                 if present is None:
@@ -94,18 +112,87 @@ class RemoteOp:
                 log.info("%s: source already gone and destination present (moved before a restart)", self.label)
             if copied is not None:
                 copied(etag)
-        store.delete(self.key)
+            self._delete(store, self.key, self.source_etag, source=True)
+            return
+        self._delete(store, self.key, self.expect)
+
+    def _copy(self, store: ObjectStore) -> str:
+        """The move's copy, conditional on the source and destination this node saw, if it is
+        conditional; refused, a ``Conflict`` unless what is there is this node's own write (a copy
+        that landed before a crash): then again without the conditions."""
+        expect, source = (self.expect, self.source_etag) if self.conditional else (None, None)
+        if expect is None and source is None:
+            return store.copy(self.key, self.dst, self.size)
+        try:
+            return store.copy(self.key, self.dst, self.size, expect=expect, source_etag=source)
+        except S3Error as err:
+            if not is_conflict(err):
+                raise
+            at_source = store.head(self.key)
+            if not self._as_known(store.head(self.dst), expect) or not (
+                    at_source is None or self._as_known(at_source, source)):  # a source gone: moved already
+                raise Conflict(self.path, Expected(self.dst, expect) if expect is not None else None, err,
+                               f"this node's object stays under {self.key}") from err
+            log.info("%s: what is there is this node's own; going on without conditions", self.label)
+            return store.copy(self.key, self.dst, self.size)
+
+    def _delete(self, store: ObjectStore, key: str, etag: str | None, source: bool = False) -> None:
+        """Delete ``key`` if it still holds ``etag`` (when conditional) or this node's own write.
+        Refused: a move's source written again by another node meanwhile is left alone (the
+        move is made); a delete is a ``Conflict``."""
+        if self.conditional and etag == ABSENT and not source:
+            # Nothing was there but what a move of this node brings: only its own write may go.
+            there = store.head(key)
+            if there is None:
+                return
+            if not self._as_known(there, None, own_only=True):
+                raise Conflict(self.path, Expected(key, ABSENT), S3Error("PreconditionFailed", key, 412),
+                               "this node's delete is not made")
+            store.delete(key)
+            return
+        etag = etag if self.conditional and etag else None
+        try:
+            store.delete(key, expect=etag)
+            return
+        except S3Error as err:
+            if err.code in _GONE_CODES:
+                return
+            if not is_conflict(err):
+                raise
+            there = store.head(key)
+            if there is None:
+                return
+            if not self._as_known(there, None, own_only=True):
+                if source:
+                    log.warning("%s: %s was written again by another writer meanwhile; left in place", self.label, key)
+                    return
+                raise Conflict(self.path, Expected(key, etag or ""), err, "this node's delete is not made") from err
+        store.delete(key)
+
+    def _as_known(self, there: ObjectInfo | None, known: str | None, own_only: bool = False) -> bool:
+        """Whether ``there`` (None: no object) is what this node knew of its key (``known``: an
+        ETag, ``ABSENT``, None for nothing known), or an object this node wrote."""
+        if not own_only:
+            if known is None:
+                return True
+            if there is None:
+                return known == ABSENT
+            if known != ABSENT and there.etag.strip('"') == known.strip('"'):
+                return True
+        return there is not None and bool(self.node_id) and there.writer.split("-", 1)[0] == self.node_id
 
     def record(self) -> dict:
         return {"op": self.kind, "id": self.id, "key": self.key, "dst": self.dst, "size": self.size,
-                "hides": list(self.hides), "shows": self.shows, "close_seq": self.close_seq}
+                "hides": list(self.hides), "shows": self.shows, "close_seq": self.close_seq,
+                **({"expect": self.expect} if self.expect is not None else {}),
+                **({"source_etag": self.source_etag} if self.source_etag else {})}
 
     @classmethod
     def from_record(cls, record: dict) -> RemoteOp:
         return cls(kind=str(record["op"]), key=str(record["key"]), dst=str(record.get("dst", "")),
                    size=int(record.get("size", 0)), hides=tuple(record.get("hides", ())),
                    shows=dict(record.get("shows", {})), close_seq=int(record.get("close_seq", 0)),
-                   id=str(record["id"]))
+                   id=str(record["id"]), expect=record.get("expect"), source_etag=record.get("source_etag"))
 
 
 def move_tree(store: ObjectStore, src: str, dst: str) -> None:

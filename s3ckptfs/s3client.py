@@ -422,17 +422,24 @@ class S3Client:
             raise translate(exc, f"ListParts {key}") from exc
         return found
 
-    def copy(self, src_key: str, dst_key: str, size: int) -> str:
+    def copy(self, src_key: str, dst_key: str, size: int, expect: str | None = None,
+             source_etag: str | None = None) -> str:
         """Server-side copy, keeping metadata; the copy's ETag. Multipart copy above 5 GiB (then "":
-        the transfer manager does not return it)."""
+        the transfer manager does not return it; ``expect`` is then checked by a HEAD just before,
+        as the transfer manager sends no condition)."""
         locks.assert_no_locks_held("S3 COPY")
         source = {"Bucket": self.bucket, "Key": src_key}
         try:
             if size < MULTIPART_COPY_THRESHOLD:
-                response = self._client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source,
-                                                    MetadataDirective="COPY")
+                response = self._client.copy_object(
+                    Bucket=self.bucket, Key=dst_key, CopySource=source, MetadataDirective="COPY",
+                    **condition_headers(expect), **({"CopySourceIfMatch": source_etag} if source_etag else {}))
                 return str(response.get("CopyObjectResult", {}).get("ETag", ""))
             else:
+                if expect is not None:
+                    self._check_before_copy(dst_key, expect)
+                if source_etag:
+                    self._check_before_copy(src_key, source_etag)
                 from boto3.s3.transfer import TransferConfig
                 self._client.copy(source, self.bucket, dst_key,
                                   Config=TransferConfig(multipart_threshold=MULTIPART_COPY_THRESHOLD,
@@ -455,10 +462,16 @@ class S3Client:
         result = response.get("CopyObjectResult", {})
         return result.get("ETag", ""), result.get("ChecksumCRC32C")
 
-    def delete(self, key: str) -> None:
+    def _check_before_copy(self, key: str, expect: str) -> None:
+        there = self.head(key)
+        if (there is not None) if expect == "" else (there is None or there.etag.strip('"') != expect.strip('"')):
+            raise S3Error("PreconditionFailed", f"COPY: {key} holds "
+                          f"{there.etag if there else 'no object'}, expected {expect or 'no object'}", 412)
+
+    def delete(self, key: str, expect: str | None = None) -> None:
         locks.assert_no_locks_held("S3 DELETE")
         try:
-            self._client.delete_object(Bucket=self.bucket, Key=key)
+            self._client.delete_object(Bucket=self.bucket, Key=key, **({"IfMatch": expect} if expect else {}))
         except Exception as exc:
             raise translate(exc, f"DELETE {key}") from exc
 

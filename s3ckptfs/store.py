@@ -153,11 +153,13 @@ class ObjectStore(Protocol):
         """(number, size, etag, crc32c or None) of the parts an unfinished upload holds, ascending."""
         ...
 
-    def copy(self, src_key: str, dst_key: str, size: int) -> str:
+    def copy(self, src_key: str, dst_key: str, size: int, expect: str | None = None,
+             source_etag: str | None = None) -> str:
         """Server-side copy keeping the metadata (``size``: the source's, to choose the method).
 
         Returns the copy's ETag ("" when the server does not say). A missing source fails
-        with NoSuchKey.
+        with NoSuchKey. ``expect``: conditional on the destination, as for ``put``;
+        ``source_etag``: only if the source still is that object (PreconditionFailed).
         """
         ...
 
@@ -171,6 +173,7 @@ class ObjectStore(Protocol):
         """
         ...
 
-    def delete(self, key: str) -> None:
-        """Delete one object; a missing one is not an error."""
+    def delete(self, key: str, expect: str | None = None) -> None:
+        """Delete one object; a missing one is not an error. ``expect``: only if its ETag still is that
+        (PreconditionFailed otherwise)."""
         ...

@@ -38,7 +38,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable
 
 from . import locks
 from .cache import UploadRegistry
@@ -46,6 +46,7 @@ from .conditions import Conflict, is_conflict
 from .dedup import Dedup
 from .errors import S3Error
 from .lastrequest import LastRequests
+from .listener import CommitListener
 from .metrics import Metrics
 from .multipart import UploadedPart
 from .parts import PartUploads
@@ -95,23 +96,6 @@ class Commit:
     requested: float = field(default_factory=time.monotonic)
     not_before: float = 0.0   # (monotonic) the commit thread does not start it earlier
     started: bool = False     # the commit thread has begun it
-
-
-class CommitListener(Protocol):
-    """How the uploader reports back to the filesystem core (never by importing it)."""
-
-    def committed(self, file: StagedFile, key: str, etag: str, version: int) -> None:
-        """``file`` at ``version`` is now object ``key`` with ``etag``."""
-
-    def settled(self, file: StagedFile) -> None:
-        """A commit of ``file`` succeeded, whether or not it wrote anything: commit again or retire."""
-
-    def op_copied(self, op: RemoteOp, etag: str) -> None:
-        """A move's destination holds the object (``etag``: the copy's, "" if not known); its
-        source is deleted next."""
-
-    def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
-        """A namespace change has been made in S3 (``error`` None), or given up."""
 
 
 def default_backoff(attempt: int) -> float:
@@ -403,6 +387,7 @@ class Uploader:
                     self.abort_later(file.upload.forget())
                     file.give_up_locked(error)
                     file.over_object = False  # the object there is not ours: an unlink here must not delete it
+                self._listener.conflicted(file)
                 return
             log.error("upload of %s failed, data kept in the cache: %s", file.path, error)
             with file.lock:

@@ -359,12 +359,16 @@ class FakeClient:
             return [(number, len(part.data), part.etag, part.crc if upload.checksums else None)
                     for number, part in sorted(upload.parts.items())]
 
-    def copy(self, src_key: str, dst_key: str, size: int) -> str:
+    def copy(self, src_key: str, dst_key: str, size: int, expect: str | None = None,
+             source_etag: str | None = None) -> str:
         self._store._enter("copy", dst_key, self)
         with self._store._lock:
+            self._store._check_expected_locked(dst_key, expect, "COPY")
             source = self._store._objects.get(src_key)
             if source is None:
                 raise S3Error("NoSuchKey", f"COPY {src_key} -> {dst_key}", 404)
+            if source_etag:
+                self._store._check_expected_locked(src_key, source_etag, "COPY (source)")
             copied = StoredObject(source.data, _quoted_md5(source.data), dict(source.metadata),
                                   self._store._now_locked(), crc32c(source.data))
             self._store._objects[dst_key] = copied
@@ -381,9 +385,11 @@ class FakeClient:
             self._store.copied_bytes += len(source.data)
             return source.etag, source.checksum
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, expect: str | None = None) -> None:
         self._store._enter("delete", key, self)
         with self._store._lock:
+            if expect and key in self._store._objects:
+                self._store._check_expected_locked(key, expect, "DELETE")
             self._store._objects.pop(key, None)
 
 

@@ -58,9 +58,43 @@ def test_a_node_back_late_leaves_the_newer_objects_and_reports_conflicts(inproc,
         "mnt/latest": b"step_200", "mnt/model.pt": b"B's model", "mnt/big.pt": data_of(BIG, 2)}
     states = {row["path"]: row["state"] for row in _status(node_a.fs)["pending"]}
     assert states == {"/latest": "conflict", "/model.pt": "conflict", "/big.pt": "conflict"}
-    # The bytes stay in the cache, readable on the mount; the refused multipart upload is gone.
-    assert Vfs(node_a.fs).read_bytes("latest") == b"step_100"
+    # The mount shows the newer objects, as every node does (a job resumed here reads B's latest);
+    # A's bytes are set aside in the cache dir, named by the report; the refused upload is gone.
+    assert Vfs(node_a.fs).read_bytes("latest") == b"step_200"
+    assert Vfs(node_a.fs).read_bytes("big.pt") == data_of(BIG, 2)
+    assert kept_bytes(failures["/big.pt"]) == data_of(BIG, 1)
+    assert kept_bytes(failures["/latest"]) == b"step_100"
     assert fake_store.uploads(node_a.prefix) == []
+
+
+def kept_bytes(report: str) -> bytes:
+    """The bytes a conflict report says it kept: ``... (<staging file>); the mount shows ...``."""
+    start = report.index("(/") + 1
+    with open(report[start:report.index(")", start)], "rb") as kept:
+        return kept.read()
+
+
+def test_a_conflict_set_aside_is_reported_after_a_restart_and_cleared_by_a_new_write(inproc, fake_store):
+    node_a, node_b = inproc(), inproc()
+    node_dies_with(node_a, fake_store, {"latest": b"step_100", "big.pt": data_of(BIG, 1)})
+    Vfs(node_b.fs).write_file("latest", b"step_200")
+    Vfs(node_b.fs).write_file("big.pt", data_of(BIG, 2))
+    assert node_b.fs.sync() == []
+    node_a.start()
+    assert sorted(dict(node_a.fs.sync())) == ["/big.pt", "/latest"]
+    node_a.crash()
+    node_a.start()                                   # reported again, not sent again
+    puts = fake_store.count("put") + fake_store.count("upload_part")
+    failures = dict(node_a.fs.sync())
+    assert sorted(failures) == ["/big.pt", "/latest"]
+    assert kept_bytes(failures["/big.pt"]) == data_of(BIG, 1)
+    assert fake_store.count("put") + fake_store.count("upload_part") == puts
+    vfs = Vfs(node_a.fs)
+    assert vfs.read_bytes("latest") == b"step_200"
+    vfs.write_file("latest", b"step_300")            # the job on this node saves again
+    failures = dict(node_a.fs.sync())
+    assert sorted(failures) == ["/big.pt"]
+    assert fake_store.objects(node_a.prefix)["mnt/latest"] == b"step_300"
 
 
 def test_a_conflict_is_never_retried(inproc, fake_store):
@@ -73,9 +107,10 @@ def test_a_conflict_is_never_retried(inproc, fake_store):
     puts = fake_store.count("put", "mnt/latest")
     assert [path for path, _ in node_a.fs.sync()] == ["/latest"]   # reported again, not sent again
     assert fake_store.count("put", "mnt/latest") == puts
-    Vfs(node_a.fs).unlink("latest")       # the user drops this node's version
+    assert Vfs(node_a.fs).read_bytes("latest") == b"new"
+    Vfs(node_a.fs).write_file("latest", b"newer")   # written again here: this node's old version is dropped
     assert node_a.fs.sync() == []
-    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"new"}
+    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"newer"}
 
 
 def test_a_node_back_late_commits_what_nobody_changed(inproc, fake_store):
@@ -88,6 +123,97 @@ def test_a_node_back_late_commits_what_nobody_changed(inproc, fake_store):
     assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"step_100", "mnt/new.pt": b"x",
                                                  "mnt/big.pt": data_of(BIG)}
     assert fake_store.uploads(node_a.prefix) == []
+
+
+def node_dies_replacing(mount, fake_store, files: dict[str, bytes]) -> None:
+    """Each of ``files`` is written as ``<name>.tmp`` and renamed onto ``name`` (the atomic-replace
+    pattern of ``latest`` pointers and DCP's ``.metadata``) while S3 refuses uploads; the node dies."""
+    down = outage(fake_store)
+    vfs = Vfs(mount.fs)
+    for name, body in files.items():
+        vfs.write_file(name + ".tmp", body)
+        vfs.rename(name + ".tmp", name)
+    mount.crash()
+    down.remove()
+
+
+def test_a_node_back_late_does_not_replace_a_newer_object_through_a_rename(inproc, fake_store):
+    node_a, node_b = inproc(), inproc()
+    Vfs(node_a.fs).write_file("latest", b"step_50")
+    assert node_a.fs.sync() == []
+    node_dies_replacing(node_a, fake_store, {"latest": b"step_100", "fresh": b"A's", "big.pt": data_of(BIG, 1)})
+    vfs_b = Vfs(node_b.fs)
+    for name, body in {"latest": b"step_200", "fresh": b"B's", "big.pt": data_of(BIG, 2)}.items():
+        vfs_b.write_file(name, body)
+    assert node_b.fs.sync() == []
+
+    node_a.start()
+    failures = dict(node_a.fs.sync())
+    assert sorted(failures) == ["/big.pt", "/fresh", "/latest"], failures
+    assert all(error.startswith("conflict:") for error in failures.values()), failures
+    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"step_200", "mnt/fresh": b"B's",
+                                                 "mnt/big.pt": data_of(BIG, 2)}
+
+
+def test_a_node_back_late_replaces_through_a_rename_what_nobody_changed(inproc, fake_store):
+    node_a = inproc()
+    Vfs(node_a.fs).write_file("latest", b"step_50")
+    assert node_a.fs.sync() == []
+    node_dies_replacing(node_a, fake_store, {"latest": b"step_100", "fresh": b"x", "big.pt": data_of(BIG)})
+    node_a.start()
+    assert node_a.fs.sync() == []
+    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"step_100", "mnt/fresh": b"x",
+                                                 "mnt/big.pt": data_of(BIG)}
+
+
+def test_a_node_back_late_neither_moves_nor_deletes_over_a_newer_object(inproc, fake_store):
+    """Namespace changes journaled while S3 was away run with conditions when resumed: a move onto
+    ``latest`` (its source committed before) and a delete of ``old.pt``; another node rewrote both
+    keys meanwhile: both are conflicts, the newer objects stay, and nothing is retried."""
+    node_a, node_b = inproc(), inproc()
+    vfs = Vfs(node_a.fs)
+    vfs.write_file("latest", b"step_50")
+    vfs.write_file("old.pt", b"A's old")
+    vfs.write_file("latest.tmp", b"step_100")
+    assert node_a.fs.sync() == []
+    down = fake_store.inject(fakestore.REFUSE, ("copy", "delete"))
+    vfs.rename("latest.tmp", "latest")
+    vfs.unlink("old.pt")
+    node_a.crash()
+    down.remove()
+    vfs_b = Vfs(node_b.fs)
+    vfs_b.write_file("latest", b"step_200")
+    vfs_b.write_file("old.pt", b"B's new")
+    assert node_b.fs.sync() == []
+
+    node_a.start()
+    failures = dict(node_a.fs.sync())
+    assert sorted(failures) == ["/latest", "/old.pt"], failures
+    assert all(error.startswith("conflict:") for error in failures.values()), failures
+    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"step_200", "mnt/old.pt": b"B's new",
+                                                 "mnt/latest.tmp": b"step_100"}
+    states = {row["path"]: row["state"] for row in _status(node_a.fs)["pending"]}
+    assert states == {"/latest": "conflict", "/old.pt": "conflict"}, states
+    copies = fake_store.count("copy", "mnt/latest")
+    assert sorted(dict(node_a.fs.sync())) == ["/latest", "/old.pt"]   # reported again, not tried again
+    assert fake_store.count("copy", "mnt/latest") == copies
+
+
+def test_a_node_back_late_makes_the_moves_and_deletes_nobody_overtook(inproc, fake_store):
+    node_a = inproc()
+    vfs = Vfs(node_a.fs)
+    vfs.write_file("latest", b"step_50")
+    vfs.write_file("old.pt", b"A's old")
+    vfs.write_file("latest.tmp", b"step_100")
+    assert node_a.fs.sync() == []
+    down = fake_store.inject(fakestore.REFUSE, ("copy", "delete"))
+    vfs.rename("latest.tmp", "latest")
+    vfs.unlink("old.pt")
+    node_a.crash()
+    down.remove()
+    node_a.start()
+    assert node_a.fs.sync() == []
+    assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"step_100"}
 
 
 def test_conditional_commits_off_is_the_old_behaviour(inproc, fake_store):
@@ -153,7 +279,7 @@ class _Ignoring:
     def put(self, key, body, metadata=None, checksum=None, expect=None):
         return self.store.put(key, body, metadata, checksum)
 
-    def delete(self, key):
+    def delete(self, key, expect=None):
         self.store.delete(key)
 
 

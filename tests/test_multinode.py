@@ -67,13 +67,55 @@ def test_a_node_back_late_keeps_the_newer_objects_and_reports_the_conflict(fault
     log = node_a.log_tail(400)
     assert "conflict: /latest was changed in S3 by another writer" in log
     assert "conflict: /model.pt was changed in S3 by another writer" in log
-    # This node's bytes stay readable here until the file is deleted, which leaves B's object alone.
-    assert (node_a.path / "latest").read_text() == "step_100"
-    (node_a.path / "latest").unlink()
-    (node_a.path / "model.pt").unlink()
-    node_a.sync()
-    assert s3.get_object(Bucket=bucket, Key="job/latest")["Body"].read() == b"step_200"
+    # A's mount shows B's objects (a job resumed here reads the newest latest); A's bytes are
+    # set aside in its cache dir, where the report says.
+    assert (node_a.path / "latest").read_text() == "step_200"
+    assert (node_a.path / "model.pt").read_bytes() == b"B" * 7000
+    kept = {row["path"]: row["error"] for row in status_json(node_a)[1]["pending"]}
+    assert "the mount shows the newer object" in kept["/model.pt"]
+    staging = kept["/model.pt"].split(" (", 2)[-1].split(")")[0]
+    assert Path(staging).read_bytes() == b"A" * 5000
+    # The job on A saves again: a normal write over what the mount shows, which clears latest's report.
+    (node_a.path / "latest").write_text("step_300")
+    synced = node_a.sync(check=False)
+    assert synced.returncode == 1 and synced.stderr.count("conflict:") == 1, synced.describe()
+    assert s3.get_object(Bucket=bucket, Key="job/latest")["Body"].read() == b"step_300"
     assert s3.get_object(Bucket=bucket, Key="job/model.pt")["Body"].read() == b"B" * 7000
+
+
+def test_a_node_back_late_neither_renames_nor_deletes_over_newer_objects(fault_proxy, bucket, mount_factory, s3):
+    """While S3 refuses node A's writes and deletes, A replaces ``latest`` by a rename from
+    ``latest.tmp`` (not in S3 yet), ``pointer`` by a rename from ``pointer.tmp`` (in S3 already: a
+    move), and deletes ``old.pt``; A dies with all that journaled. Node B rewrites the three keys.
+    A's daemon restarts on its old cache dir: B's objects stay, A reports three conflicts."""
+    for key, body in {"latest": b"step_50", "pointer": b"step_50", "old.pt": b"old"}.items():
+        s3.put_object(Bucket=bucket, Key=f"job/{key}", Body=body)
+    node_a = mount_factory(bucket, "job", endpoint_url=fault_proxy.url)
+    assert sorted(os.listdir(node_a.path)) == ["latest", "old.pt", "pointer"]
+    (node_a.path / "pointer.tmp").write_text("step_100")
+    node_a.sync()
+    fault_proxy.slowdown(1.0, match=r"^(PUT|DELETE) ")   # answered 503: the changes wait and retry
+    (node_a.path / "latest.tmp").write_text("step_100")
+    os.replace(node_a.path / "latest.tmp", node_a.path / "latest")
+    os.replace(node_a.path / "pointer.tmp", node_a.path / "pointer")
+    (node_a.path / "old.pt").unlink()
+    wait_for(lambda: fault_proxy.stats["errors"] >= 2, timeout=30)
+    node_a.kill()
+    fault_proxy.passthrough()
+
+    node_b = mount_factory(bucket, "job")
+    for name in ("latest", "pointer", "old.pt"):
+        (node_b.path / name).write_text("step_200")
+    node_b.sync()
+
+    node_a.remount()
+    wait_for(lambda: len([row for row in status_json(node_a)[1].get("pending", [])
+                          if row["state"] == "conflict"]) == 3, timeout=60)
+    synced = node_a.sync(check=False)
+    assert synced.returncode == 1 and synced.stderr.count("conflict:") == 3, synced.describe()
+    for name in ("latest", "pointer", "old.pt"):
+        assert s3.get_object(Bucket=bucket, Key=f"job/{name}")["Body"].read() == b"step_200", name
+    assert s3.get_object(Bucket=bucket, Key="job/pointer.tmp")["Body"].read() == b"step_100"
 
 
 MiB = 1 << 20

@@ -82,7 +82,7 @@ class Filesystem:
         self.opens = Opens(core, self.lookup, self.reads, self.lifecycle)
         self.writes = Writes(core, self.lookup, self.opens, self.reads, self.lifecycle, self.durability,
                              self.uploader)
-        self.pending = PendingOps(core, self.uploader)
+        self.pending = PendingOps(core, self.uploader, self.lifecycle.conflicts)
         self.lifecycle.pending = self.pending
         self.namespace = Namespace(core, self.lookup, self.opens, self.reads, self.lifecycle, self.durability,
                                    self.pending, self.uploader)

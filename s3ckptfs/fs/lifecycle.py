@@ -25,6 +25,8 @@ from ..metadata import DirInfo
 from ..store import ObjectInfo
 from ..staging import StagedFile
 from ..uploader import Ticket, Uploader
+from ..conditions import is_conflict
+from .conflicts import CONFLICT, Conflicts, forget_kept
 from .core import Core
 from .durability import Durability
 from .pending import PendingOps
@@ -50,6 +52,7 @@ class Lifecycle:
         self.durability = durability
         self.uploader: Uploader  # set by the facade once the uploader exists (it needs this listener)
         self.pending: PendingOps  # set by the facade (it needs the uploader)
+        self.conflicts = Conflicts(core)
         self.write_mode = core.options.write_mode
 
     # -- the path table ------------------------------------------------------------------
@@ -85,12 +88,9 @@ class Lifecycle:
         lost = self.table.lost.pop(path, None)
         if lost is None:
             return
-        self.core.journal.remove(lost.file_id)
-        try:
-            os.unlink(self.core.cache_dir.staging_path(lost.file_id))
-        except FileNotFoundError:
-            pass
-        log.info("%s, lost in a restart of the machine, is %s: no longer reported", path, why)
+        forget_kept(self.core, lost)
+        log.info("%s, %s, is %s: no longer reported", path,
+                 "set aside after a conflict" if lost.state == CONFLICT else "lost in a restart of the machine", why)
 
     # -- close and fsync -----------------------------------------------------------------
 
@@ -173,6 +173,7 @@ class Lifecycle:
                 if handle.backing_id:
                     passthrough.release_locked(file, handle)
                 unused = file.handles == 0
+                refused = unused and is_conflict(file.failure)
             if unused and file.deleted:
                 free_staging(file)
                 return
@@ -181,6 +182,9 @@ class Lifecycle:
                 self.core.meta.forget(file.path)
                 self.core.room_freed()
                 return
+        if refused:
+            self.conflicts.file_refused(file)
+            return
         self.settled(file)
 
     # -- the uploader's listener -----------------------------------------------------------
@@ -206,6 +210,10 @@ class Lifecycle:
         if file.is_dir_marker:
             return DirInfo(file.mtime)
         return ObjectInfo(key=file.key, size=file.size, etag=etag, mtime=file.mtime, mode=file.mode)
+
+    def conflicted(self, file: StagedFile) -> None:
+        """S3 refused ``file``'s commit: another node wrote its key since (conflicts.py)."""
+        self.conflicts.file_refused(file)
 
     def op_copied(self, op: RemoteOp, etag: str) -> None:
         """A move's destination holds the object (with ``etag``); its source is deleted next."""

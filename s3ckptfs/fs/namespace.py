@@ -16,6 +16,7 @@ import errno
 import logging
 import stat
 
+from ..conditions import Expected
 from ..errors import FsError, S3Error
 from ..metadata import MISSING, DirInfo
 from ..remoteops import DELETE, MARKER, MOVE, MOVE_TREE, RemoteOp
@@ -59,6 +60,7 @@ class Namespace:
         """Remove ``path``; files open on it live on, nameless, or answering to ``keep_open_as``
         (``HandleTable.kept``), the private name the FUSE layer gives them."""
         key = self.core.key_for(path)
+        entry: ObjectInfo | DirInfo | None = None
         with self.table.lock:
             file = self.table.get(path)
         if file is None:
@@ -72,7 +74,8 @@ class Namespace:
             file = self.table.get(path)
             op = None
             if file is None or not self.table.only_here_locked(file):
-                op = RemoteOp(DELETE, key, hides=(path,))  # the object goes from S3 later, in close order
+                # The object goes from S3 later, in close order; if still the one this node saw.
+                op = RemoteOp(DELETE, key, hides=(path,), expect=self._etag_seen_locked(path, key, file, entry))
                 # An open file's name is unlinked by libfuse before a rename onto it too: its delete
                 # waits a moment, for that rename to drop it (no gap without the name in S3).
                 self.pending.show_locked(op, hold=REPLACE_GRACE if keep_open_as else 0.0)
@@ -196,27 +199,39 @@ class Namespace:
             self.lifecycle.clear_lost_locked(old, "renamed")
             self.lifecycle.clear_lost_locked(new, "replaced by a rename")
             # The old object under the new name stays until this rename replaces it.
-            superseded = self.pending.cancel_delete_locked(new, new_key)
+            cancelled = self.pending.cancel_delete_locked(new, new_key)
             file = self.table.staged.pop(old, None)
             replaced = self.table.get(new)
             if replaced is not None:
                 self.lifecycle.discard_locked(replaced)
             needs_commit = False
+            known = self._known_at_locked(new, new_key, target, replaced, cancelled)
+            if op is not None:
+                op.expect = known.etag if known is not None else None
             if file is None:  # an object in S3: it shows under the new name until it is moved there
                 shows: dict[str, object] = {new: source}
+                if source.key == old_key and old not in self.table.moved:  # else a copy's ETag, not known yet
+                    op.source_etag = source.etag or None
             else:
                 shows = {}
+                with file.lock:  # what its old key holds, as far as this node knows (a delete's condition)
+                    seen = file.expected if (file.expected is not None and file.expected.key == old_key
+                                             and not file.committing) else None
                 moved, old_may_hold = self._retarget_locked(file, new, rewrite)
                 self.table.staged[new] = file
                 with file.lock:
                     # What was under the new name stays in S3 until this file's commit replaces it.
-                    file.over_object = (target is not None or superseded
+                    file.over_object = (target is not None or cancelled is not None
                                         or (replaced is not None and replaced.over_object))
                     needs_commit = file.dirty and file.writers == 0 and not file.commit_queued
                 if moved is not None:
                     shows = {new: moved}
+                    op.source_etag = moved.etag or None
                 else:  # it commits under the new key; the old key is deleted after that
-                    op = RemoteOp(DELETE, old_key, hides=(old,)) if old_may_hold else None
+                    op = (RemoteOp(DELETE, old_key, hides=(old,), expect=seen.etag if seen else None)
+                          if old_may_hold else None)
+                    with file.lock:
+                        file.expected = known
             self.table.move_locked(old, new)
             if op is not None:
                 self.pending.show_locked(op, shows)
@@ -231,6 +246,45 @@ class Namespace:
         if needs_commit:
             self.uploader.request_commit(file)
         self._note_rename(old, new, new_key, source)
+
+    def _known_at_locked(self, new: str, new_key: str, target: ObjectInfo | DirInfo | None,
+                         replaced: StagedFile | None, cancelled: RemoteOp | None) -> Expected | None:
+        """What this node knows of ``new_key`` as a file still to commit is renamed onto ``new``
+        (mount's lock held, before the table moves it): its commit replaces that, and only that
+        (conditions.py). A late node's ``write latest.tmp; rename onto latest`` must not replace
+        a newer ``latest`` any more than a direct write would. This node's own pending changes of
+        the key pass on what they expected: a delete this rename cancels, a move that brings an
+        object there, a replaced file not yet committed. Nothing is known (an unconditional
+        commit) where the replaced file's commit is on its way."""
+        if cancelled is not None:  # the object its delete expected stays until this file replaces it
+            return Expected(new_key, cancelled.expect) if cancelled.expect else None
+        if replaced is not None:
+            with replaced.lock:
+                known = replaced.expected
+                if replaced.committing or known is None or known.key != new_key:
+                    return None
+                return known
+        if new in self.table.moved:
+            return self.table.expected_after_move_locked(new, new_key)
+        if isinstance(target, ObjectInfo):
+            if target.key != new_key or not target.etag:
+                return None
+            return Expected(new_key, target.etag)
+        return self.opens.known_locked(new_key, new)
+
+    def _etag_seen_locked(self, path: str, key: str, file: StagedFile | None,
+                          entry: ObjectInfo | DirInfo | None) -> str | None:
+        """The ETag of the object under ``key`` as this node last saw it (a delete's condition), or None."""
+        if file is not None:
+            with file.lock:
+                known = file.expected
+                return known.etag if known is not None and known.key == key and not file.committing else None
+        if path in self.table.moved:  # a move of this node's brings the object: what it expected there
+            known = self.table.expected_after_move_locked(path, key)
+            return known.etag if known is not None else None
+        if isinstance(entry, ObjectInfo) and entry.key == key:
+            return entry.etag or None
+        return None
 
     def _note_rename(self, old: str, new: str, new_key: str, source: ObjectInfo | DirInfo) -> None:
         """The kept listings (answers while S3 is away) learn the outcome; fresh answers come from S3."""

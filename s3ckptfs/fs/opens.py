@@ -67,18 +67,19 @@ class Opens:
             file.over_object = ((previous is not None and previous.over_object)
                                 or (self.core.meta.get_stale(path) is not MISSING
                                     and self.table.local_dir_locked(parent_of(path)) is None))
-            file.expected = previous.expected if previous is not None else self._known_locked(file.key, path)
+            file.expected = previous.expected if previous is not None else self.known_locked(file.key, path)
             file.conditional = self.core.options.conditional_commits == "all"
             self.lifecycle.register_locked(file)
             return self._open_handle_locked(file, path, flags, writable=True)
 
-    def _known_locked(self, key: str, path: str) -> Expected | None:
+    def known_locked(self, key: str, path: str) -> Expected | None:
         """What this node knows of ``key`` as ``path`` is created: the object lookup or a listing saw
         (or none, ``ABSENT``), or None if nothing is known (the commit is then unconditional).
         Pending changes come first: the commit runs after them, so a path they remove is absent
-        then, and one a move brings an object to holds a copy whose ETag is not known yet."""
+        then, and one a move brings an object to holds a copy whose ETag is not known yet: the
+        move's own expectation stands (its copy is this node's write; refused, so is the commit)."""
         if path in self.table.moved:
-            return None
+            return self.table.expected_after_move_locked(path, key)
         if self.table.hidden_locked(path):
             return Expected(key, ABSENT)
         known = self.core.meta.get(path)

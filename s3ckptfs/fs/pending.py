@@ -5,7 +5,8 @@ table (``gone``/``moved``) and queues it behind the commits requested so far.
 ``op_done`` is called by the uploader once S3 agrees: the table stops showing
 the change (S3 answers for it now). An operation S3 refused for good stays
 journaled and shown, is reported by ``status`` and ``sync``, and is tried again
-by ``sync`` and at the next start.
+by ``sync`` and at the next start; one refused by its condition (a conflict:
+another node wrote the key since, remoteops.py) is set aside (conflicts.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ..remoteops import DELETE, MOVE, RemoteOp
 from ..store import ObjectInfo
 from ..staging import next_close_seq
 from ..uploader import Ticket, Uploader
+from ..conditions import Expected, is_conflict
+from .conflicts import Conflicts
 from .core import Core
 from .table import under
 
@@ -44,10 +47,11 @@ def entry_from_record(record: dict) -> ObjectInfo | DirInfo:
 class PendingOps:
     """Queues namespace changes for S3 and shows them until they are made. Thread-safe."""
 
-    def __init__(self, core: Core, uploader: Uploader) -> None:
+    def __init__(self, core: Core, uploader: Uploader, conflicts: Conflicts) -> None:
         self.core = core
         self.table = core.table
         self.uploader = uploader
+        self.conflicts = conflicts
         # op id -> its outcome, from the moment the change is shown (mount's lock): a sync that
         # comes between show and submit waits for it instead of reporting it missing.
         self._tickets: dict[str, Ticket] = {}
@@ -65,6 +69,7 @@ class PendingOps:
         change after. It runs once ``submit`` has journaled it, which must follow."""
         op.close_seq = next_close_seq()
         op.shows = {path: entry_record(entry) for path, entry in (shows or {}).items()}
+        self._set_condition(op, resumed=False)
         self._show_locked(op)
         ticket = self._tickets[op.id] = Ticket()
         self._journaled[op.id] = journaled = threading.Event()
@@ -102,19 +107,19 @@ class PendingOps:
         for path, record in op.shows.items():
             table.moved[path] = (entry_from_record(record), op)
 
-    def cancel_delete_locked(self, path: str, key: str) -> bool:
+    def cancel_delete_locked(self, path: str, key: str) -> RemoteOp | None:
         """``key`` is about to be overwritten by a rename onto ``path`` (mount's lock held): a queued
         delete of it, not yet started, would only make the name vanish from S3 until then, so it
-        is dropped. True if it was. (libfuse unlinks a name that is open before a rename onto it.)"""
+        is dropped. Returns it if it was. (libfuse unlinks a name that is open before a rename onto it.)"""
         op = self.table.gone.get(path)
         if (op is None or op.kind != DELETE or op.key != key or op.hides != (path,) or op.shows
                 or not self.uploader.cancel_op(op)):
-            return False
+            return None
         del self.table.gone[path]
         self.table.ops.pop(op.id, None)
         self._tickets.pop(op.id, None)
         self.core.journal.remove(op.id)
-        return True
+        return op
 
     def op_copied(self, op: RemoteOp, etag: str = "") -> None:
         """Uploader listener: a move's destination holds the object, and its source is deleted next.
@@ -126,6 +131,30 @@ class PendingOps:
         with self.table.lock:
             self.core.objects.invalidate(op.dst)
             self._stop_showing_locked(op, etag)
+            rewrite = self._expect_copy_locked(op, etag) if op.kind == MOVE and op.expect is not None else []
+        for later in rewrite:  # journaled again (fsync: without the lock), unless made meanwhile
+            with self.table.lock:
+                if later.id not in self.table.ops:
+                    continue
+            self.core.journal.write(later.id, later.record())
+
+    def _expect_copy_locked(self, op: RemoteOp, etag: str) -> list[RemoteOp]:
+        """A file written over the path this move brought an object to, and a delete of it, expected
+        what the move expected (``PathTable.expected_after_move_locked``): they now expect the copy,
+        this node's write, which may name another writer (the source's). Returns the deletes."""
+        before = Expected(op.dst, op.expect or "")
+        for path in op.shows:
+            file = self.table.staged.get(path)
+            if file is None:
+                continue
+            with file.lock:
+                if file.key == op.dst and file.expected == before:
+                    file.expected = Expected(op.dst, etag) if etag else None
+        deletes = [later for later in self.table.ops.values()
+                   if later.kind == DELETE and later.key == op.dst and later.expect == op.expect]
+        for later in deletes:
+            later.expect = etag or None
+        return deletes
 
     def _stop_showing_locked(self, op: RemoteOp, etag: str = "") -> None:
         """S3 answers for the paths ``op`` shows: the table stops showing them (mount's lock held).
@@ -146,12 +175,19 @@ class PendingOps:
                 self.core.meta.settle(path, entry)
 
     def op_done(self, op: RemoteOp, error: S3Error | None) -> None:
-        """Uploader listener: S3 now agrees with ``op`` (or refused it: then it stays shown and journaled)."""
+        """Uploader listener: S3 now agrees with ``op`` (or refused it: then it stays shown and journaled,
+        unless refused by its condition: then it is set aside)."""
         table = self.table
         with table.lock:
-            if error is not None:
+            if error is not None and is_conflict(error):
+                self._set_aside_locked(op, error)
+            elif error is not None:
                 table.failed_ops[op.id] = str(error)
                 return
+        if error is not None:
+            self.conflicts.mark_op_record(op, error)
+            return
+        with table.lock:
             table.ops.pop(op.id, None)
             table.failed_ops.pop(op.id, None)
             self._tickets.pop(op.id, None)
@@ -165,14 +201,39 @@ class PendingOps:
             self._stop_showing_locked(op)
         self.core.journal.remove(op.id)
 
+    def _set_aside_locked(self, op: RemoteOp, error: S3Error) -> None:
+        """Refused by its condition: S3 answers for its paths again (the newer object at its
+        destination, its source where it was), and the refusal is reported (conflicts.py)."""
+        table = self.table
+        table.ops.pop(op.id, None)
+        table.failed_ops.pop(op.id, None)
+        self._tickets.pop(op.id, None)
+        for path in op.paths():
+            if table.gone.get(path) is op:
+                del table.gone[path]
+            shown = table.moved.get(path)
+            if shown is not None and shown[1] is op:
+                del table.moved[path]
+            self.core.meta.forget(path)
+        self.core.objects.invalidate(op.dst or op.key)
+        self.conflicts.op_refused_locked(op, error)
+
     def recover(self, record: dict) -> None:
         """A journaled operation an earlier run did not finish: show it and queue it again."""
         op = RemoteOp.from_record(record)
+        self._set_condition(op, resumed=True)
         with self.table.lock:
             self._show_locked(op)
             self._tickets[op.id] = ticket = Ticket()
         self.uploader.request_op(op, ticket)
         log.info("resuming %s from the journal", op.label)
+
+    def _set_condition(self, op: RemoteOp, resumed: bool) -> None:
+        """Conditional as a commit would be (conditions.py): resumed from the journal, or every one
+        with ``conditional_commits=all``."""
+        mode = self.core.options.conditional_commits
+        op.conditional = mode == "all" or (resumed and mode != "off")
+        op.node_id = self.core.node_id
 
     def retry_failed(self, path: str = "/") -> list[tuple[RemoteOp, Ticket]]:
         """Queue again the given-up operations touching ``path``; returns them with their tickets."""

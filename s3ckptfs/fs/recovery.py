@@ -52,24 +52,30 @@ class Recovery:
                 wanted = file.dirty and not file.deleted and (file.writers == 0 or file.commit_queued)
                 refused = file.failure if is_conflict(file.failure) else None
             if refused is not None:  # another writer changed the key: trying again would be refused again
+                self.pending.conflicts.file_refused(file)  # set aside now if the uploader has not yet
                 conflicts.append((file.path, str(refused)))
                 continue
             if wanted:
                 tickets.append((file, self.uploader.request_commit(file)))
         self.pending.retry_failed(path)
-        ops = [(op.paths()[0] if op.paths() else op.key, ticket) for op, ticket in self.pending.pending(path)]
-        failures = [(lost.path, lost.reason) for lost in self.table.lost_files() if under(path, lost.path)]
-        failures += conflicts
+        ops = [(op, ticket) for op, ticket in self.pending.pending(path)]
+        failures: list[tuple[str, str]] = []
         deadline = None if timeout is None else time.monotonic() + timeout
-        for name, ticket in [(file.path, ticket) for file, ticket in tickets] + ops:
+        for item, ticket in [*tickets, *ops]:
+            name = item.path if isinstance(item, StagedFile) else (item.paths() or [item.key])[0]
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if ticket is None:
                 failures.append((name, "not yet made in S3"))
             elif not ticket.wait(remaining):
                 failures.append((name, "timed out"))
             elif ticket.error is not None:
-                failures.append((name, str(ticket.error)))
-        return failures
+                # A change refused as a conflict is about the path it would have replaced.
+                failures.append((item.path if is_conflict(ticket.error) else name, str(ticket.error)))
+        # Read last: a file refused while this sync waited is set aside (conflicts.py), and a
+        # commit queued behind the refused one then finds nothing to send.
+        # Its report says where its bytes are kept: it stands for the refusal the wait saw.
+        kept = {lost.path: lost.reason for lost in self.table.lost_files() if under(path, lost.path)}
+        return list(kept.items()) + [(name, error) for name, error in conflicts + failures if name not in kept]
 
     def recover(self) -> int:
         """Re-queue every journaled file left by an earlier run. Returns how many."""
@@ -79,6 +85,9 @@ class Recovery:
         leftover_uploads = dict((upload_id, key) for key, upload_id in core.registry.load_all())
         # In close order, as the uploader would have committed them (records of older versions have no close_seq).
         for raw in sorted(core.journal.load_all(), key=lambda r: int(r.get("close_seq", 0))):
+            if self.pending.conflicts.recover(raw):  # set aside before the restart: reported, never sent
+                known.add(core.cache_dir.staging_path(str(raw.get("id", ""))).name)
+                continue
             if is_namespace_change(raw):  # a namespace change not yet made in S3
                 self.pending.recover(raw)
                 count += 1

@@ -24,17 +24,20 @@ from dataclasses import dataclass
 
 from .. import locks
 
-from ..remoteops import RemoteOp
+from ..conditions import Expected
+from ..remoteops import MOVE, RemoteOp
 from ..staging import StagedFile
 
 
 @dataclass(frozen=True)
 class LostFile:
-    """A closed file whose data had not reached the disk when the machine went down (local_sync=background).
+    """What the mount keeps but will not send: a closed file whose data had not reached the disk when
+    the machine went down (local_sync=background), or a file or namespace change S3 refused as a
+    conflict (``state`` "conflict", conflicts.py).
 
-    Never uploaded; shown as failed by status and sync until its path is written
-    again, renamed or deleted through the mount. Its record and staging file stay
-    in the cache dir until then.
+    Never uploaded; shown by status and sync until its path is written again, renamed
+    or deleted through the mount. Its record and staging file stay in the cache dir
+    until then.
     """
     path: str
     key: str
@@ -43,6 +46,7 @@ class LostFile:
     mtime: float
     reason: str = ("lost: the machine restarted before its data reached the cache disk (local_sync=background); "
                    "not uploaded, the object in S3 is unchanged; cleared when the path is written or deleted")
+    state: str = "failed"   # "conflict": set aside after S3 refused it (conflicts.py)
 
 
 def under(path: str, candidate: str) -> bool:
@@ -154,6 +158,18 @@ class PathTable:
     def staged_bytes(self) -> int:
         with self.lock:
             return sum(f.size for f in self.staged.values() if not f.deleted)
+
+    def expected_after_move_locked(self, path: str, key: str) -> Expected | None:
+        """What this node knows of ``key`` while a pending move of its own brings an object to ``path``:
+        what the move expects there (the move lands first, and its copy is this node's own write,
+        conditions.py), or None if nothing is known."""
+        shown = self.moved.get(path)
+        if shown is None:
+            return None
+        op = shown[1]
+        if op.kind != MOVE or op.dst != key or op.expect is None:
+            return None
+        return Expected(key, op.expect)
 
     def lost_files(self) -> list[LostFile]:
         with self.lock:
