@@ -166,21 +166,27 @@ def test_a_node_back_late_replaces_through_a_rename_what_nobody_changed(inproc, 
                                                  "mnt/big.pt": data_of(BIG)}
 
 
+def node_dies_moving_and_deleting(mount, fake_store) -> None:
+    """``latest``, ``old.pt`` and ``latest.tmp`` are in S3; then, while S3 refuses copies and
+    deletes, ``latest.tmp`` is renamed onto ``latest`` (a move) and ``old.pt`` deleted; the node dies."""
+    vfs = Vfs(mount.fs)
+    vfs.write_file("latest", b"step_50")
+    vfs.write_file("old.pt", b"A's old")
+    vfs.write_file("latest.tmp", b"step_100")
+    assert mount.fs.sync() == []
+    down = fake_store.inject(fakestore.REFUSE, ("copy", "delete"))
+    vfs.rename("latest.tmp", "latest")
+    vfs.unlink("old.pt")
+    mount.crash()
+    down.remove()
+
+
 def test_a_node_back_late_neither_moves_nor_deletes_over_a_newer_object(inproc, fake_store):
     """Namespace changes journaled while S3 was away run with conditions when resumed: a move onto
     ``latest`` (its source committed before) and a delete of ``old.pt``; another node rewrote both
     keys meanwhile: both are conflicts, the newer objects stay, and nothing is retried."""
     node_a, node_b = inproc(), inproc()
-    vfs = Vfs(node_a.fs)
-    vfs.write_file("latest", b"step_50")
-    vfs.write_file("old.pt", b"A's old")
-    vfs.write_file("latest.tmp", b"step_100")
-    assert node_a.fs.sync() == []
-    down = fake_store.inject(fakestore.REFUSE, ("copy", "delete"))
-    vfs.rename("latest.tmp", "latest")
-    vfs.unlink("old.pt")
-    node_a.crash()
-    down.remove()
+    node_dies_moving_and_deleting(node_a, fake_store)
     vfs_b = Vfs(node_b.fs)
     vfs_b.write_file("latest", b"step_200")
     vfs_b.write_file("old.pt", b"B's new")
@@ -201,16 +207,7 @@ def test_a_node_back_late_neither_moves_nor_deletes_over_a_newer_object(inproc, 
 
 def test_a_node_back_late_makes_the_moves_and_deletes_nobody_overtook(inproc, fake_store):
     node_a = inproc()
-    vfs = Vfs(node_a.fs)
-    vfs.write_file("latest", b"step_50")
-    vfs.write_file("old.pt", b"A's old")
-    vfs.write_file("latest.tmp", b"step_100")
-    assert node_a.fs.sync() == []
-    down = fake_store.inject(fakestore.REFUSE, ("copy", "delete"))
-    vfs.rename("latest.tmp", "latest")
-    vfs.unlink("old.pt")
-    node_a.crash()
-    down.remove()
+    node_dies_moving_and_deleting(node_a, fake_store)
     node_a.start()
     assert node_a.fs.sync() == []
     assert fake_store.objects(node_a.prefix) == {"mnt/latest": b"step_100"}

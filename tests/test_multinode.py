@@ -198,6 +198,22 @@ def lose_and_replace(node, factory) -> None:
     node.remount(cache_dir=factory.fresh_dir("cache"))
 
 
+def run_ranks_losing_node_1(loop, nodes, factory, steps: int, control: Path, kind: str) -> None:
+    """Run ``loop`` as the ranks, one per node; after each save returns on every rank, lose node 1
+    (the ranks wait for ``go_<step>`` meanwhile)."""
+    import torch.multiprocessing as tmp
+
+    context = tmp.spawn(loop, args=(free_port(), [str(node.path) for node in nodes], steps, str(control), kind),
+                        nprocs=workers.WORLD_SIZE, join=False)
+    for step in range(steps):
+        wait_for(lambda: (control / f"saved_{step}").exists() or not all(p.is_alive() for p in context.processes),
+                 timeout=300, interval=0.02)
+        assert (control / f"saved_{step}").exists(), "a rank failed"
+        lose_and_replace(nodes[1], factory)
+        (control / f"go_{step}").touch()
+    context.join()
+
+
 def torn_checkpoints(s3, bucket: str, prefix: str, steps: int) -> list[str]:
     """Checkpoints whose commit marker (.metadata) is in S3 while a shard it names is not."""
     keys = set(list_keys(s3, bucket, prefix))
@@ -222,7 +238,6 @@ def test_dcp_never_leaves_a_torn_checkpoint_when_a_node_is_lost(bucket, mount_fa
     has both shards, and the newest one loads."""
     import torch
     import torch.distributed.checkpoint as dcp
-    import torch.multiprocessing as tmp
 
     steps = 10
     writer = os.environ.get("S3CKPTFS_TEST_DCP_WRITER", writer)
@@ -231,16 +246,7 @@ def test_dcp_never_leaves_a_torn_checkpoint_when_a_node_is_lost(bucket, mount_fa
     nodes = [mount_factory(bucket, "job", options=options), mount_factory(bucket, "job", options=options)]
     control = tmp_path / "control"
     control.mkdir()
-    context = tmp.spawn(workers.dcp_save_loop,
-                        args=(free_port(), [str(node.path) for node in nodes], steps, str(control), writer),
-                        nprocs=workers.WORLD_SIZE, join=False)
-    for step in range(steps):
-        wait_for(lambda: (control / f"saved_{step}").exists() or not all(p.is_alive() for p in context.processes),
-                 timeout=300, interval=0.02)
-        assert (control / f"saved_{step}").exists(), "a rank failed"
-        lose_and_replace(nodes[1], mount_factory)
-        (control / f"go_{step}").touch()
-    context.join()
+    run_ranks_losing_node_1(workers.dcp_save_loop, nodes, mount_factory, steps, control, writer)
     times = [json.loads((control / f"times_{rank}.json").read_text()) for rank in range(workers.WORLD_SIZE)]
     print(f"dcp.save ({writer} writer), seconds per save: rank 0 {times[0]}, rank 1 {times[1]}")
 
@@ -342,8 +348,6 @@ def test_trainer_on_two_nodes_marks_only_checkpoints_every_rank_finished_and_res
     checkpoint) is lost right after each save. From a fresh mount: every checkpoint is marked
     complete and holds both ranks' files; a real Trainer resumes from latest_complete_checkpoint."""
     pytest.importorskip("transformers")
-    import torch.multiprocessing as tmp
-
     from s3ckptfs.integrations.transformers import COMPLETE_MARKER, latest_complete_checkpoint
 
     steps = 10
@@ -351,16 +355,7 @@ def test_trainer_on_two_nodes_marks_only_checkpoints_every_rank_finished_and_res
     control = tmp_path / "control"
     control.mkdir()
     mode = os.environ.get("S3CKPTFS_TEST_TRAINER_MODE", "complete")  # "stock": no s3ckptfs callback
-    context = tmp.spawn(workers.trainer_ranks_loop,
-                        args=(free_port(), [str(node.path) for node in nodes], steps, str(control), mode),
-                        nprocs=workers.WORLD_SIZE, join=False)
-    for step in range(steps):
-        wait_for(lambda: (control / f"saved_{step}").exists() or not all(p.is_alive() for p in context.processes),
-                 timeout=300, interval=0.02)
-        assert (control / f"saved_{step}").exists(), "a rank failed"
-        lose_and_replace(nodes[1], mount_factory)
-        (control / f"go_{step}").touch()
-    context.join()
+    run_ranks_losing_node_1(workers.trainer_ranks_loop, nodes, mount_factory, steps, control, mode)
 
     fresh = mount_factory(bucket, "job")
     run = fresh.path / "run"
