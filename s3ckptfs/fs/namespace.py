@@ -272,6 +272,10 @@ class Namespace:
             self.table.drop_locked(file)
             moved, old_may_hold = self._retarget_locked(file, new + file.path[len(old):], rewrite)
             self.table.put_locked(file)
+            if file.is_dir_marker and not markers:
+                # Its directory is moved with S3 requests that put objects under it before its
+                # own marker commits: S3 holds what the table will not (contents_known_locked).
+                self.table.filled_from_s3.add(file)
             if file.is_dir_marker and markers and not file.deleted:
                 with file.lock:  # (a marker's over_object says nothing: it is never looked up first)
                     sent = file.committing or bool(file.committed_version)
