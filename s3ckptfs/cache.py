@@ -399,6 +399,18 @@ class ObjectCache:
                     return True
             return False
 
+    def rename(self, key: str, etag: str, new_key: str, new_etag: str) -> None:
+        """The object ``key``@``etag`` was moved to ``new_key`` (its copy there is ``new_etag``): its
+        cached copy is that object's now. Readers passed through to it (the kernel reads the file
+        itself) go on reading the file the new path names, so a writer can take it over."""
+        with self._lock:
+            entry = self._entries.get((key, etag))
+            if entry is None or (new_key, new_etag) in self._entries:
+                return
+            del self._entries[(key, etag)]
+            entry.key, entry.etag = new_key, new_etag
+            self._entries[(new_key, new_etag)] = entry
+
     def invalidate(self, key: str) -> None:
         """Forget every cached version of ``key`` (after overwrite, delete or rename)."""
         with self._lock:

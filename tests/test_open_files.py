@@ -93,3 +93,25 @@ def test_a_reader_sees_a_rewrite_through_another_descriptor(bucket, mount_factor
         assert os.pread(fd, 1 << 20, 0) == data_of(100_000, seed=5)
     finally:
         os.close(fd)
+
+
+def test_a_reader_sees_a_truncate_after_the_file_was_renamed(mnt):
+    # The reader is passed through to the cached copy of b.bin's object; once the rename has been
+    # made in S3, the path names the copy under the new key, and the truncate must still be made
+    # to the file the reader reads (on a local disk it is the same file).
+    path, renamed = mnt.path / "b.bin", mnt.path / "c.bin"
+    path.write_bytes(data_of(5_000_000))
+    mnt.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data_of(4096)
+        os.rename(path, renamed)
+        mnt.sync()  # the move has been made in S3
+        os.truncate(renamed, 1000)
+        assert os.fstat(fd).st_size == 1000
+        assert os.pread(fd, 1 << 20, 0) == data_of(1000)
+    finally:
+        os.close(fd)
+    mnt.sync()
+    assert renamed.read_bytes() == data_of(1000)
+

@@ -125,6 +125,13 @@ class PendingOps:
         """
         with self.table.lock:
             self.core.objects.invalidate(op.dst)
+            if op.kind == MOVE and etag:
+                # The bytes cached for the source are the destination's: a truncate or an open for
+                # writing of the new path takes them over, and readers passed through see it.
+                for record in op.shows.values():
+                    source = entry_from_record(record)
+                    if isinstance(source, ObjectInfo) and source.key == op.key and source.etag:
+                        self.core.objects.rename(op.key, source.etag, op.dst, etag)
             self._stop_showing_locked(op, etag)
 
     def _stop_showing_locked(self, op: RemoteOp, etag: str = "") -> None:
