@@ -115,3 +115,55 @@ def test_a_reader_sees_a_truncate_after_the_file_was_renamed(mnt):
     mnt.sync()
     assert renamed.read_bytes() == data_of(1000)
 
+
+def test_a_file_written_again_byte_for_byte_is_not_the_unlinked_one_still_open(mnt, s3):
+    # Same name, same bytes: the same key and ETag, hence once the same cached copy. The reader of
+    # the unlinked file read it through the daemon (downloaded as it read), the new file's reader
+    # through passthrough: the copy could not be taken over by the truncate (the daemon reader
+    # would have seen it), and the new reader kept reading the old bytes.
+    data = data_of(100_000)
+    s3.put_object(Bucket=mnt.bucket, Key=mnt.key("b.bin"), Body=data)  # another node's object
+    path = mnt.path / "b.bin"
+    unlinked = os.open(path, os.O_RDONLY)  # through the daemon: not in the cache yet
+    try:
+        assert os.pread(unlinked, 1 << 20, 0) == data
+        os.unlink(path)
+        path.write_bytes(data)
+        mnt.sync()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == data[:4096]
+            os.truncate(path, 1000)
+            assert os.pread(fd, 1 << 20, 0) == data[:1000]
+        finally:
+            os.close(fd)
+        assert os.pread(unlinked, 1 << 20, 0) == data
+    finally:
+        os.close(unlinked)
+
+
+def test_a_reader_of_an_unlinked_file_does_not_see_a_truncate_of_the_same_bytes_written_again(mnt):
+    # The other way round: both readers passed through to the one cached copy, the truncate of
+    # the new file took it over, and the reader of the unlinked file saw it.
+    path = mnt.path / "b.bin"
+    data = data_of(100_000)
+    path.write_bytes(data)
+    mnt.sync()
+    unlinked = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(unlinked, 4096, 0) == data[:4096]
+        os.unlink(path)
+        path.write_bytes(data)
+        mnt.sync()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 4096, 0) == data[:4096]
+            os.truncate(path, 1000)
+            assert os.pread(fd, 1 << 20, 0) == data[:1000]
+        finally:
+            os.close(fd)
+        assert os.pread(unlinked, 1 << 20, 0) == data
+    finally:
+        os.close(unlinked)
+    mnt.sync()
+    assert path.read_bytes() == data[:1000]
