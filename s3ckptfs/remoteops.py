@@ -17,6 +17,7 @@ succeeds; a move whose source is gone but whose destination exists is done.
 
 from __future__ import annotations
 
+import functools
 import logging
 import stat
 import uuid
@@ -25,7 +26,7 @@ from typing import Callable
 
 from .errors import S3Error
 from .s3client import object_metadata
-from .store import ObjectStore
+from .store import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class RemoteOp:
     shows: dict[str, dict] = field(default_factory=dict)  # mount path -> entry record, until this has run
     close_seq: int = 0
     id: str = field(default_factory=lambda: "op-" + uuid.uuid4().hex)
+    # A tree move tells of each object it moved: (the source as listed, its new key, the copy's ETag).
+    object_moved: Callable[[ObjectInfo, str, str], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -75,7 +78,7 @@ class RemoteOp:
         the copy's ETag ("" if not known), so that no reader is sent to a key about to go and a
         read names the version it reads."""
         if self.kind == MOVE_TREE:
-            move_tree(store, self.key, self.dst)
+            move_tree(store, self.key, self.dst, self.object_moved)
             return
         if self.kind == MARKER:
             marker = store.head(self.key)
@@ -108,7 +111,8 @@ class RemoteOp:
                    id=str(record["id"]))
 
 
-def move_tree(store: ObjectStore, src: str, dst: str) -> None:
+def move_tree(store: ObjectStore, src: str, dst: str,
+              moved: Callable[[ObjectInfo, str, str], None] | None = None) -> None:
     """Move every object under prefix ``src`` to the same name under ``dst``, as a directory rename.
 
     For a directory whose content this mount did not know when it was renamed: what
@@ -129,7 +133,9 @@ def move_tree(store: ObjectStore, src: str, dst: str) -> None:
         RemoteOp(MARKER, directory, dst + directory[len(src):]).run(store)
     for info in objects:
         if not info.key.endswith("/"):
-            RemoteOp(MOVE, info.key, dst + info.key[len(src):], info.size).run(store)
+            key = dst + info.key[len(src):]
+            copied = None if moved is None else functools.partial(moved, info, key)
+            RemoteOp(MOVE, info.key, key, info.size).run(store, copied)
     for directory in sorted(dirs, reverse=True):
         store.delete(directory)
     log.info("moved %d object(s) under %s to %s", sum(1 for o in objects if not o.key.endswith("/")), src, dst)

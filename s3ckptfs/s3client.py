@@ -88,6 +88,12 @@ def object_metadata(mtime: float, mode: int, writer: str = "") -> dict[str, str]
     return meta
 
 
+def quoted(etag: str) -> str:
+    """An ETag as HEAD and LIST give it: SeaweedFS answers a CopyObject with the same ETag
+    unquoted, and a copy's version must compare equal to what a lookup of it finds."""
+    return f'"{etag}"' if etag and not etag.startswith(('"', 'W/"')) else etag
+
+
 def _info_from_head(key: str, response: dict) -> ObjectInfo:
     meta = response.get("Metadata", {}) or {}
     mtime = response["LastModified"].timestamp()
@@ -431,7 +437,7 @@ class S3Client:
             if size < MULTIPART_COPY_THRESHOLD:
                 response = self._client.copy_object(Bucket=self.bucket, Key=dst_key, CopySource=source,
                                                     MetadataDirective="COPY")
-                return str(response.get("CopyObjectResult", {}).get("ETag", ""))
+                return quoted(str(response.get("CopyObjectResult", {}).get("ETag", "")))
             else:
                 from boto3.s3.transfer import TransferConfig
                 self._client.copy(source, self.bucket, dst_key,

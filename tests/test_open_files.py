@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 from conftest import get_bytes, list_keys
 
@@ -114,6 +115,27 @@ def test_a_reader_sees_a_truncate_after_the_file_was_renamed(mnt):
         os.close(fd)
     mnt.sync()
     assert renamed.read_bytes() == data_of(1000)
+
+
+def test_a_reader_sees_a_truncate_after_its_directory_was_moved_as_a_whole(bucket, mount_factory):
+    # The directory's listing is older than metadata_ttl when it is renamed: S3 moves whatever is
+    # under its prefix then (one MOVE_TREE), and no ETag of what it moved was kept.
+    mnt = mount_factory(bucket, "ckpt", options={"metadata_ttl": 1, "negative_ttl": 1})
+    (mnt.path / "d").mkdir()
+    path = mnt.path / "d" / "b.bin"
+    path.write_bytes(data_of(100_000))
+    mnt.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data_of(4096)
+        time.sleep(1.5)
+        os.rename(mnt.path / "d", mnt.path / "e")
+        mnt.sync()
+        os.truncate(mnt.path / "e" / "b.bin", 1000)
+        assert os.pread(fd, 1 << 20, 0) == data_of(1000)
+    finally:
+        os.close(fd)
+    assert "move_tree" in mnt.log_tail(400)
 
 
 def test_a_file_written_again_byte_for_byte_is_not_the_unlinked_one_still_open(mnt, s3):

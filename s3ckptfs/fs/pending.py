@@ -93,6 +93,7 @@ class PendingOps:
     def _show_locked(self, op: RemoteOp) -> None:
         table = self.table
         table.ops[op.id] = op
+        op.object_moved = self._object_moved
         for path in op.hides:
             table.gone[path] = op
             # Paths shown under a new name at or below it (a directory renamed twice, its first
@@ -133,6 +134,12 @@ class PendingOps:
                     if isinstance(source, ObjectInfo) and source.key == op.key and source.etag:
                         self.core.objects.rename(op.key, source.etag, op.dst, etag)
             self._stop_showing_locked(op, etag)
+
+    def _object_moved(self, source: ObjectInfo, key: str, etag: str) -> None:
+        """A tree move put ``source`` under ``key`` (a copy with ``etag``): as for a move of one
+        object (``op_copied``), its cached copy is that object's now."""
+        if source.etag and etag:
+            self.core.objects.rename(source.key, source.etag, key, etag)
 
     def _stop_showing_locked(self, op: RemoteOp, etag: str = "") -> None:
         """S3 answers for the paths ``op`` shows: the table stops showing them (mount's lock held).
