@@ -245,7 +245,8 @@ class CachedObject:
     readers: int = 0
     backing_id: int = 0        # FUSE passthrough of a complete copy (guarded by the mount's lock)
     pt_handles: int = 0        # open handles using that backing id
-    taken: bool = False        # handed over to a writer as its staging file (no longer in the cache)
+    detached: bool = False     # no longer in the cache: taken over by a writer as its staging file, or
+                               # kept for the open handles of a file whose name is gone; fd closed at the end
 
     def block_count(self) -> int:
         return (self.size + self.block_size - 1) // self.block_size
@@ -319,8 +320,8 @@ class ObjectCache:
     def release(self, entry: CachedObject) -> None:
         with self._lock:
             entry.readers -= 1
-            if entry.taken and entry.readers == 0:
-                os.close(entry.fd)  # the file itself now belongs to the writer
+            if entry.detached and entry.readers == 0 and not entry.inflight:
+                os.close(entry.fd)  # the file itself now belongs to the writer, or is unlinked
         self.evict()
 
     def take(self, key: str, etag: str, only_if: Callable[[CachedObject], bool]) -> CachedObject | None:
@@ -335,10 +336,26 @@ class ObjectCache:
                 return None
             del self._entries[(key, etag)]
             self._bytes -= entry.size
-            entry.taken = True
+            entry.detached = True
             if entry.readers == 0:
                 os.close(entry.fd)
             return entry
+
+    def detach(self, entry: CachedObject) -> None:
+        """``entry`` is read by the open handles of a file whose name is gone (unlinked or replaced):
+        it leaves the cache and stays theirs alone. The same bytes written again under that name
+        have the same key and ETag but are another file: a truncate of that one, or a writer taking
+        it over, must not change what these handles read."""
+        with self._lock:
+            if entry.detached or self._entries.get((entry.key, entry.etag)) is not entry:
+                return
+            del self._entries[(entry.key, entry.etag)]
+            self._bytes -= entry.cached_bytes()
+            entry.detached = True
+            try:
+                os.unlink(entry.path)  # its descriptor (and a passthrough backing file) keep the bytes
+            except OSError as exc:
+                log.warning("could not remove cached copy %s: %s", entry.path, exc)
 
     def fetch_block(self, entry: CachedObject, block: int, start: Callable[[CachedObject, int], Future]) -> Future | None:
         """A future for ``block`` of ``entry``: None if present, else the shared in-flight download."""
@@ -390,14 +407,28 @@ class ObjectCache:
             self._progress.notify_all()
             entry.inflight.pop(block, None)
             entry.filled.pop(block, None)
+            if entry.detached and entry.readers == 0 and not entry.inflight:
+                os.close(entry.fd)  # its last reader went while this block was on its way
             if ok and not entry.complete and block not in entry.present:
                 entry.present.add(block)
-                self._bytes += nbytes
+                self._bytes += 0 if entry.detached else nbytes
                 if len(entry.present) == entry.block_count():
                     entry.complete = True
                     entry.present.clear()
                     return True
             return False
+
+    def rename(self, key: str, etag: str, new_key: str, new_etag: str) -> None:
+        """The object ``key``@``etag`` was moved to ``new_key`` (its copy there is ``new_etag``): its
+        cached copy is that object's now. Readers passed through to it (the kernel reads the file
+        itself) go on reading the file the new path names, so a writer can take it over."""
+        with self._lock:
+            entry = self._entries.get((key, etag))
+            if entry is None or (new_key, new_etag) in self._entries:
+                return
+            del self._entries[(key, etag)]
+            entry.key, entry.etag = new_key, new_etag
+            self._entries[(new_key, new_etag)] = entry
 
     def invalidate(self, key: str) -> None:
         """Forget every cached version of ``key`` (after overwrite, delete or rename)."""

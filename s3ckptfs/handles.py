@@ -60,14 +60,15 @@ class HandleTable:
         with self._lock:
             return [h for h in self._handles.values() if h.path == path and h.named]
 
-    def unname(self, path: str, kept_as: str = "") -> None:
+    def unname(self, path: str, kept_as: str = "") -> list[Handle]:
         """``path`` was unlinked or replaced: handles open on it no longer refer to that name.
-        With ``kept_as``, they answer to that private name from now on (``kept``)."""
+        With ``kept_as``, they answer to that private name from now on (``kept``). Returns them."""
         with self._lock:
-            for handle in self._handles.values():
-                if handle.path == path and handle.named:
-                    handle.named = False
-                    handle.kept_as = kept_as
+            unnamed = [h for h in self._handles.values() if h.path == path and h.named]
+            for handle in unnamed:
+                handle.named = False
+                handle.kept_as = kept_as
+        return unnamed
 
     def kept(self, name: str) -> int | None:
         """The fh of a handle still open on the file kept as ``name`` by ``unname``, if any."""

@@ -25,6 +25,7 @@ is no conflict: the operation goes on without the condition.
 
 from __future__ import annotations
 
+import functools
 import logging
 import stat
 import uuid
@@ -64,6 +65,8 @@ class RemoteOp:
     source_etag: str | None = None  # MOVE: the source's ETag as this node saw it
     conditional: bool = False   # send ``expect`` (set when queued or resumed; not journaled)
     node_id: str = ""           # objects written by this node are no conflict
+    # A tree move tells of each object it moved: (the source as listed, its new key, the copy's ETag).
+    object_moved: Callable[[ObjectInfo, str, str], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -93,7 +96,7 @@ class RemoteOp:
         the copy's ETag ("" if not known), so that no reader is sent to a key about to go and a
         read names the version it reads."""
         if self.kind == MOVE_TREE:
-            move_tree(store, self.key, self.dst)
+            move_tree(store, self.key, self.dst, self.object_moved)
             return
         if self.kind == MARKER:
             marker = store.head(self.key)
@@ -195,7 +198,8 @@ class RemoteOp:
                    id=str(record["id"]), expect=record.get("expect"), source_etag=record.get("source_etag"))
 
 
-def move_tree(store: ObjectStore, src: str, dst: str) -> None:
+def move_tree(store: ObjectStore, src: str, dst: str,
+              moved: Callable[[ObjectInfo, str, str], None] | None = None) -> None:
     """Move every object under prefix ``src`` to the same name under ``dst``, as a directory rename.
 
     For a directory whose content this mount did not know when it was renamed: what
@@ -216,7 +220,9 @@ def move_tree(store: ObjectStore, src: str, dst: str) -> None:
         RemoteOp(MARKER, directory, dst + directory[len(src):]).run(store)
     for info in objects:
         if not info.key.endswith("/"):
-            RemoteOp(MOVE, info.key, dst + info.key[len(src):], info.size).run(store)
+            key = dst + info.key[len(src):]
+            copied = None if moved is None else functools.partial(moved, info, key)
+            RemoteOp(MOVE, info.key, key, info.size).run(store, copied)
     for directory in sorted(dirs, reverse=True):
         store.delete(directory)
     log.info("moved %d object(s) under %s to %s", sum(1 for o in objects if not o.key.endswith("/")), src, dst)

@@ -88,6 +88,12 @@ def object_metadata(mtime: float, mode: int, writer: str = "") -> dict[str, str]
     return meta
 
 
+def quoted(etag: str) -> str:
+    """An ETag as HEAD and LIST give it: SeaweedFS answers a CopyObject with the same ETag
+    unquoted, and a copy's version must compare equal to what a lookup of it finds."""
+    return f'"{etag}"' if etag and not etag.startswith(('"', 'W/"')) else etag
+
+
 def _info_from_head(key: str, response: dict) -> ObjectInfo:
     meta = response.get("Metadata", {}) or {}
     mtime = response["LastModified"].timestamp()
@@ -434,7 +440,7 @@ class S3Client:
                 response = self._client.copy_object(
                     Bucket=self.bucket, Key=dst_key, CopySource=source, MetadataDirective="COPY",
                     **condition_headers(expect), **({"CopySourceIfMatch": source_etag} if source_etag else {}))
-                return str(response.get("CopyObjectResult", {}).get("ETag", ""))
+                return quoted(str(response.get("CopyObjectResult", {}).get("ETag", "")))
             else:
                 if expect is not None:
                     self._check_before_copy(dst_key, expect)

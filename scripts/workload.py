@@ -1,26 +1,15 @@
 #!/usr/bin/env python3
-"""Ordinary file operations through a real mount, compared with a local directory after each one.
+"""The workload of issue 22 through a real mount, for as long as asked.
 
-The workload of issue 22: eight names (six in the mount's root, two in ``d/``),
-long sequences of operations with no sync between them, each applied to the mount
-and to a local directory:
-
-* write (open with O_TRUNC, one write) of 0 B, 1 B, 4 KiB, 70,000 B, 3 MiB or 9 MiB;
-* append of 1 B, 5,000 B or 1 MiB;
-* truncate to a random length up to the size + 10;
-* ``os.replace`` onto another of the names (often an existing one, sometimes itself);
-* unlink;
-* read of 100,000 bytes at a random offset.
-
-After every operation both must have given the same result (errno, count, bytes)
-and the eight names must exist alike with the same sizes. At the end: ``s3ckptfs
-sync``, then the whole tree read through a fresh mount of the same prefix with its
-own empty cache must equal the local directory, names and bytes.
+The operations, the comparison with a local directory after each one and the
+several processes at once are those of ``tests/mount_workload.py`` (the suite
+runs a short version of it, ``tests/test_workload_processes.py``). This script
+runs longer sequences, one after the other: each on a fresh bucket, then
+``s3ckptfs sync``, then the whole tree read through a fresh mount of the same
+prefix with its own empty cache must equal the local directory, names and bytes.
 
 With ``--processes N``, N processes run such sequences at the same time on one
-mount, each in a directory of its own (``w0/`` ...) with its own local copy: the
-daemon serves their requests concurrently (its queue, locks and commits are
-shared), while each process's outcome stays comparable with a local directory.
+mount, each in a directory of its own (``w0/`` ...) with its own local copy.
 
 It starts its own SeaweedFS (free loopback ports) and mounts with default options
 (FUSE passthrough where the machine has it) plus any ``-o``; everything it starts
@@ -37,8 +26,6 @@ the step and the operations before it, and the daemon log is kept.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import errno
 import os
 import random
 import shutil
@@ -51,76 +38,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the workload itself: one implementation, shared with the suite
 
+from mount_workload import Divergence, run_processes, tree, tree_difference  # noqa: E402
 from s3ckptfs import devserver  # noqa: E402
 from s3ckptfs.mounts import is_mounted, read_pid, unmount_until_gone, wait_gone  # noqa: E402
-
-KiB, MiB = 1 << 10, 1 << 20
-NAMES = [f"f{i}.pt" for i in range(6)] + ["d/x.bin", "d/y.bin"]
-WRITE_SIZES = [0, 1, 4 * KiB, 70_000, 3 * MiB, 9 * MiB]
-APPEND_SIZES = [1, 5_000, MiB]
-READ_LENGTH = 100_000
-
-
-class Divergence(Exception):
-    pass
-
-
-def outcome(action):
-    try:
-        return ("ok", action())
-    except OSError as exc:
-        return ("err", errno.errorcode.get(exc.errno or 0, exc.errno))
-
-
-def shown(result):
-    if result[0] == "ok" and isinstance(result[1], bytes):
-        return ("ok", f"{len(result[1])} bytes")
-    return result
-
-
-def write_whole(path: Path, data: bytes) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        return os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def append(path: Path, data: bytes) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        return os.write(fd, data)
-    finally:
-        os.close(fd)
-
-
-def read_at(path: Path, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, READ_LENGTH, offset)
-    finally:
-        os.close(fd)
-
-
-def sizes(root: Path) -> dict[str, int]:
-    found = {}
-    for name in NAMES:
-        try:
-            found[name] = os.lstat(root / name).st_size
-        except FileNotFoundError:
-            pass
-    return found
-
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    found: dict[str, bytes | None] = {}
-    for current, subdirs, files in os.walk(root):
-        for name in subdirs:
-            found[os.path.relpath(os.path.join(current, name), root) + "/"] = None
-        for name in files:
-            found[os.path.relpath(os.path.join(current, name), root)] = Path(current, name).read_bytes()
-    return found
 
 
 class Mount:
@@ -164,57 +86,6 @@ class Mount:
             wait_gone(self.pid, 10)
 
 
-def operation(rng: random.Random, local: Path):
-    """One operation drawn as the issue describes: (description, action(root))."""
-    now = sizes(local)
-    name = rng.choice(NAMES)
-    kind = rng.choice(["write", "write", "append", "truncate", "rename", "unlink", "read"])
-    if kind == "write":
-        data = rng.randbytes(rng.choice(WRITE_SIZES))
-        return f"write {name} {len(data)}", lambda root: write_whole(root / name, data)
-    if kind == "append":
-        data = rng.randbytes(rng.choice(APPEND_SIZES))
-        return f"append {name} {len(data)}", lambda root: append(root / name, data)
-    if kind == "truncate":
-        length = rng.randint(0, now.get(name, 0) + 10)
-        return f"truncate {name} {length}", lambda root: os.truncate(root / name, length)
-    if kind == "rename":
-        draw = rng.random()
-        existing = [n for n in NAMES if n in now and n != name]
-        if draw < 0.15:
-            dst = name
-        elif draw < 0.75 and existing:
-            dst = rng.choice(existing)
-        else:
-            dst = rng.choice(NAMES)
-        return f"rename {name} -> {dst}", lambda root: os.replace(root / name, root / dst)
-    if kind == "unlink":
-        return f"unlink {name}", lambda root: os.unlink(root / name)
-    offset = rng.randint(0, now.get(name, 0))
-    return f"read {name} @{offset}", lambda root: read_at(root / name, offset)
-
-
-def run_worker(seed: str, mounted: Path, local: Path, steps: int) -> str | None:
-    """One process's sequence in its own directories; None, or what diverged and the steps before."""
-    rng = random.Random(seed)
-    history: list[str] = []
-    try:
-        for root in (mounted, local):
-            os.makedirs(root / "d", exist_ok=True)
-        for step in range(steps):
-            what, action = operation(rng, local)
-            history.append(what)
-            expected = outcome(lambda: action(local))
-            actual = outcome(lambda: action(mounted))
-            if actual != expected:
-                raise Divergence(f"step {step}, {what}: mount {shown(actual)}, local {shown(expected)}")
-            if sizes(mounted) != sizes(local):
-                raise Divergence(f"step {step}, after {what}: mount {sizes(mounted)}, local {sizes(local)}")
-    except Divergence as exc:
-        return f"{mounted.name or 'root'}: {exc}\n  operations before it:\n    " + "\n    ".join(history[-30:])
-    return None
-
-
 def run_sequence(server: devserver.SeaweedServer, base: Path, seed: int, steps: int,
                  options: list[str], processes: int = 1) -> str | None:
     """One sequence (or ``processes`` at once); returns None, or what diverged (the daemon log is kept then)."""
@@ -226,14 +97,7 @@ def run_sequence(server: devserver.SeaweedServer, base: Path, seed: int, steps: 
     local.mkdir()
     diverged = None
     try:
-        if processes == 1:
-            found = [run_worker(str(seed), mount.path, local, steps)]
-        else:
-            with concurrent.futures.ProcessPoolExecutor(processes) as pool:
-                found = list(pool.map(run_worker, [f"{seed}/{i}" for i in range(processes)],
-                                      [mount.path / f"w{i}" for i in range(processes)],
-                                      [local / f"w{i}" for i in range(processes)], [steps] * processes))
-        problems = [problem for problem in found if problem is not None]
+        problems = run_processes(seed, mount.path, local, steps, processes)
         if problems:
             raise Divergence("\n".join(problems))
         mount.sync()
@@ -241,10 +105,8 @@ def run_sequence(server: devserver.SeaweedServer, base: Path, seed: int, steps: 
         try:
             seen, wanted = tree(fresh.path), tree(local)
             if seen != wanted:
-                differ = [(k, len(seen[k]) if seen.get(k) else seen.get(k, "absent"),
-                           len(wanted[k]) if wanted.get(k) else wanted.get(k, "absent"))
-                          for k in sorted(set(seen) | set(wanted)) if seen.get(k, 0) != wanted.get(k, 0)]
-                raise Divergence(f"after sync, a fresh mount differs (name, fresh, local): {differ}")
+                raise Divergence(f"after sync, a fresh mount differs (name, fresh, local): "
+                                 f"{tree_difference(seen, wanted)}")
         finally:
             fresh.close()
     except Divergence as exc:

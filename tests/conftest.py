@@ -601,6 +601,7 @@ def lock_order_checked(lock_check_log: Path) -> Iterator[None]:
 #   when the other worker is almost done.
 WORKER_GROUPS = {"test_outage.py": "outage", "test_container.py": "container"}
 LONGEST_FIRST = ("test_outage.py", "test_model_inproc.py", "test_container.py", "test_model.py",
+                 "test_workload_processes.py",
                  "test_integrations.py", "test_faults.py", "test_frameworks.py")
 
 

@@ -87,7 +87,7 @@ class Namespace:
             self.pending.submit(op)
         else:
             self.meta.put(path, MISSING)
-        self.core.handles.unname(path, keep_open_as)  # open handles live on
+        self._unname(path, keep_open_as)  # open handles live on
 
     def mkdir(self, path: str, mode: int) -> None:
         """Make the directory here at once; its ``dir/`` marker is committed in close order, like a file.
@@ -160,9 +160,15 @@ class Namespace:
                 raise FsError(errno.EISDIR, new)
             self.lookup.check_parent_is_dir(new)
             self._rename_file(old, new, new_key, source, target)
-        handles = self.core.handles
-        handles.unname(new)     # a replaced file lives on in its open handles, nameless
-        handles.move(old, new)  # the kernel keeps open files on their inode, now named new
+        self._unname(new)       # a replaced file lives on in its open handles, nameless
+        self.core.handles.move(old, new)  # the kernel keeps open files on their inode, now named new
+
+    def _unname(self, path: str, kept_as: str = "") -> None:
+        """``path`` no longer names the file its open handles read: the cached copies they read
+        become theirs alone (``ObjectCache.detach``)."""
+        for handle in self.core.handles.unname(path, kept_as):
+            if handle.cached is not None:
+                self.core.objects.detach(handle.cached)
 
     def _retarget_locked(self, file: StagedFile, new: str,
                          rewrite: list[StagedFile]) -> tuple[ObjectInfo | None, bool]:
@@ -326,6 +332,10 @@ class Namespace:
             self.table.drop_locked(file)
             moved, old_may_hold = self._retarget_locked(file, new + file.path[len(old):], rewrite)
             self.table.put_locked(file)
+            if file.is_dir_marker and not markers:
+                # Its directory is moved with S3 requests that put objects under it before its
+                # own marker commits: S3 holds what the table will not (contents_known_locked).
+                self.table.filled_from_s3.add(file)
             if file.is_dir_marker and markers and not file.deleted:
                 with file.lock:  # (a marker's over_object says nothing: it is never looked up first)
                     sent = file.committing or bool(file.committed_version)

@@ -132,6 +132,7 @@ class Opens:
             raise FsError(errno.EISDIR, path)
         if not writable:
             return self._open_for_reading(path, entry, flags)
+        entry = self.lookup.with_etag(path, entry)  # the cached copy is found by its version
         with self.table.lock:
             fh = self._open_cached_copy_for_write_locked(path, entry, flags, truncate)
             if fh:

@@ -98,6 +98,7 @@ class PendingOps:
     def _show_locked(self, op: RemoteOp) -> None:
         table = self.table
         table.ops[op.id] = op
+        op.object_moved = self._object_moved
         for path in op.hides:
             table.gone[path] = op
             # Paths shown under a new name at or below it (a directory renamed twice, its first
@@ -130,6 +131,13 @@ class PendingOps:
         """
         with self.table.lock:
             self.core.objects.invalidate(op.dst)
+            if op.kind == MOVE and etag:
+                # The bytes cached for the source are the destination's: a truncate or an open for
+                # writing of the new path takes them over, and readers passed through see it.
+                for record in op.shows.values():
+                    source = entry_from_record(record)
+                    if isinstance(source, ObjectInfo) and source.key == op.key and source.etag:
+                        self.core.objects.rename(op.key, source.etag, op.dst, etag)
             self._stop_showing_locked(op, etag)
             rewrite = self._expect_copy_locked(op, etag) if op.kind == MOVE and op.expect is not None else []
         for later in rewrite:  # journaled again (fsync: without the lock), unless made meanwhile
@@ -155,6 +163,12 @@ class PendingOps:
         for later in deletes:
             later.expect = etag or None
         return deletes
+
+    def _object_moved(self, source: ObjectInfo, key: str, etag: str) -> None:
+        """A tree move put ``source`` under ``key`` (a copy with ``etag``): as for a move of one
+        object (``op_copied``), its cached copy is that object's now."""
+        if source.etag and etag:
+            self.core.objects.rename(source.key, source.etag, key, etag)
 
     def _stop_showing_locked(self, op: RemoteOp, etag: str = "") -> None:
         """S3 answers for the paths ``op`` shows: the table stops showing them (mount's lock held).

@@ -20,6 +20,7 @@ do the slow part of their work (S3 requests, fsync) without it.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 from .. import locks
@@ -69,6 +70,9 @@ class PathTable:
         self.moved: dict[str, tuple[object, RemoteOp]] = {}  # path -> (its entry, the pending op that moves it)
         self.ops: dict[str, RemoteOp] = {}        # op id -> namespace change not yet made in S3
         self.failed_ops: dict[str, str] = {}      # op id -> why it was given up (kept; sync tries again)
+        # Markers of directories made here that a rename filled from S3 (objects moved in under
+        # them): once those moves have run, the table no longer holds all they contain.
+        self.filled_from_s3: weakref.WeakSet[StagedFile] = weakref.WeakSet()
 
     def get(self, path: str) -> StagedFile | None:
         return self.staged.get(path)
@@ -129,7 +133,8 @@ class PathTable:
             return None if marker.committing else marker
 
     def contents_known_locked(self, path: str) -> bool:
-        """Whether this mount knows all of directory ``path``: made here, its marker not yet in S3.
+        """Whether this mount knows all of directory ``path``: made here, its marker not yet in S3,
+        and no rename moved objects of S3 into it (``filled_from_s3``).
 
         Weaker than ``local_dir_locked``: the marker's PUT may be in flight. Commits go in
         close order, so whatever else S3 holds under the directory was committed after the
@@ -137,7 +142,7 @@ class PathTable:
         no S3 request (a rename or removal still does: the marker may have landed).
         """
         marker = self.dirs.get(path)
-        if marker is None or marker.deleted:
+        if marker is None or marker.deleted or marker in self.filled_from_s3:
             return False
         with marker.lock:
             # A marker whose commit gave up no longer holds back the files under it.

@@ -126,6 +126,7 @@ class Writes:
             raise FsError(errno.ENOENT, path)
         if isinstance(entry, DirInfo):
             raise FsError(errno.EISDIR, path)
+        entry = self.lookup.with_etag(path, entry)  # the cached copy is found by its version
         with self.table.lock:
             # Readers passed through to the complete cached copy see the truncate only if it is
             # made to that very file.
