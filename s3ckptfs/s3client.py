@@ -430,9 +430,9 @@ class S3Client:
 
     def copy(self, src_key: str, dst_key: str, size: int, expect: str | None = None,
              source_etag: str | None = None) -> str:
-        """Server-side copy, keeping metadata; the copy's ETag. Multipart copy above 5 GiB (then "":
-        the transfer manager does not return it; ``expect`` is then checked by a HEAD just before,
-        as the transfer manager sends no condition)."""
+        """Server-side copy, keeping metadata; the copy's ETag. Multipart copy above 5 GiB: the
+        transfer manager sends no condition and returns no ETag, so ``expect`` and ``source_etag``
+        are checked by a HEAD just before, and the ETag is read by one just after."""
         locks.assert_no_locks_held("S3 COPY")
         source = {"Bucket": self.bucket, "Key": src_key}
         try:
@@ -450,7 +450,8 @@ class S3Client:
                 self._client.copy(source, self.bucket, dst_key,
                                   Config=TransferConfig(multipart_threshold=MULTIPART_COPY_THRESHOLD,
                                                         multipart_chunksize=1 << 30))
-                return ""
+                copied = self.head(dst_key)  # a cached copy follows the move by it (ObjectCache.rename)
+                return copied.etag if copied is not None else ""
         except Exception as exc:
             raise translate(exc, f"COPY {src_key} -> {dst_key}") from exc
 
