@@ -46,10 +46,12 @@ kept for the last ``PENDING_UPLOADS`` uploads only.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 from . import locks, partplan
 from .errors import S3Error
@@ -62,6 +64,14 @@ from .store import ObjectStore
 log = logging.getLogger(__name__)
 
 PENDING_UPLOADS = 64
+COPY_CONCURRENCY = 4   # UploadPartCopy requests at once, beside the part sends
+
+
+class Route(enum.Enum):
+    """What becomes of a part read for upload (``Dedup.route``)."""
+    SEND = "send"
+    COPY = "copy"      # made from an equal range in S3, on the copy lane
+    LEAVE = "leave"    # left stale for the file's commit
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,8 @@ class WholeMatch:
 class Dedup:
     """Copy-instead-of-send for parts; ``hashes`` None: off (parts are always sent, nothing hashed)."""
 
-    def __init__(self, s3: ObjectStore, hashes: PartHashes | None, metrics: Metrics | None = None) -> None:
+    def __init__(self, s3: ObjectStore, hashes: PartHashes | None, metrics: Metrics | None = None,
+                 copy_concurrency: int = COPY_CONCURRENCY) -> None:
         self.s3 = s3
         self.hashes = hashes
         self.metrics = metrics or Metrics()
@@ -86,8 +97,10 @@ class Dedup:
         # parts sent for uploads not yet complete: (digest, length) -> upload id, and the reverse
         self._pending: dict[tuple[str, int], str] = {}
         self._pending_by_upload: dict[str, list[tuple[str, int]]] = {}
-        self._held_back: dict[str, None] = {}   # ids of files with a part left for their commit
+        self._left_for_commit: dict[str, None] = {}   # ids of files with a part left for their commit
         self._hasher: ThreadPoolExecutor | None = None   # hashes objects read here (remember_read)
+        self.copy_concurrency = copy_concurrency
+        self._copy_lane: ThreadPoolExecutor | None = None   # UploadPartCopy requests (copy_in_lane)
 
     @property
     def enabled(self) -> bool:
@@ -101,9 +114,16 @@ class Dedup:
                   crc: str) -> str | None:
         """Make part ``number`` of the upload from an equal range already in S3; its ETag, or None.
 
-        None: nothing equal is known, or every copy failed; the caller sends the bytes.
-        Raises S3Error only for NoSuchUpload (the upload itself is gone).
+        None: nothing equal is known, or every copy failed; the caller sends the bytes (recorded
+        as on their way, see ``sending``). Raises S3Error only for NoSuchUpload (the upload itself is gone).
         """
+        etag = self._copy_from_any(key, upload_id, number, length, digest, crc)
+        if etag is None:
+            self.sending(upload_id, digest, length)
+        return etag
+
+    def _copy_from_any(self, key: str, upload_id: str, number: int, length: int, digest: str | None,
+                       crc: str) -> str | None:
         if self.hashes is None or digest is None:
             return None
         for source in self.hashes.find(digest, length):
@@ -203,11 +223,13 @@ class Dedup:
             os.close(fd)
 
     def shutdown(self, wait: bool) -> None:
-        """Stop hashing objects read (what is queued is dropped; ``wait``: for the one being hashed)."""
+        """Stop hashing objects read (what is queued is dropped; ``wait``: for the one being hashed),
+        and the copy lane (a copy not started is cancelled, its part left stale; ``wait``: for those running)."""
         with self._lock:
-            hasher = self._hasher
-        if hasher is not None:
-            hasher.shutdown(wait=wait, cancel_futures=True)
+            hasher, lane = self._hasher, self._copy_lane
+        for pool in (hasher, lane):
+            if pool is not None:
+                pool.shutdown(wait=wait, cancel_futures=True)
 
     def source_gone(self, key: str, etag: str) -> None:
         """Object ``key`` no longer is ``etag`` (a copy from it was refused): never copy from it again."""
@@ -222,20 +244,67 @@ class Dedup:
             other = self._pending.get((digest, length))
         return other is not None and other != upload_id
 
-    def hold_back(self, file_id: str) -> None:
-        """A part of the file was left for its commit: so are its other parts (see ``held_back``)."""
-        with self._lock:
-            while len(self._held_back) >= PENDING_UPLOADS * 16:
-                del self._held_back[next(iter(self._held_back))]
-            self._held_back[file_id] = None
+    # -- the one decision per part, and the lane copies run in
 
-    def held_back(self, file_id: str, commit: bool) -> bool:
-        """Whether the file's stale parts wait for its commit (``commit``: it is running; never then)."""
+    def route(self, file_id: str, upload_id: str, digest: str | None, length: int, at_commit: bool) -> Route:
+        """What becomes of a part just read (and hashed) for ``upload_id``: sent, copied, or left.
+
+        LEAVE (only before the file's commit, ``at_commit`` False): its bytes are in another
+        upload not complete yet, or another part of the file was left so; the file's parts
+        wait for its commit, which copies them (see the module's docstring). COPY: an
+        equal range is remembered; the caller hands the part to ``copy_in_lane`` (a copy that
+        fails is sent from there). SEND: recorded as on its way (``sending``) before the caller
+        sends it.
+        """
+        if self.hashes is None or digest is None:
+            return Route.SEND
+        if not at_commit and (self.parts_wait_for_commit(file_id)
+                              or self.in_other_upload(upload_id, digest, length)):
+            self.leave_for_commit(file_id)
+            return Route.LEAVE
+        if self.hashes.find(digest, length):
+            return Route.COPY
+        self.sending(upload_id, digest, length)
+        return Route.SEND
+
+    def copy_in_lane(self, job: Callable[[], None], cancelled: Callable[[], None]) -> bool:
+        """Run ``job`` (a part's copy, see ``copy_part``) on the copy lane; False if the lane is shut down.
+
+        Why a lane of its own: a copy spends the server's work, a send the link; with both on the
+        same threads, copies of unchanged parts at the front of a file kept the link idle. The
+        part threads hand copies over and go on to send. ``cancelled`` runs instead of ``job``
+        if the lane shuts down before it starts.
+        """
         with self._lock:
-            if commit:
-                self._held_back.pop(file_id, None)
-                return False
-            return file_id in self._held_back
+            if self._copy_lane is None:
+                self._copy_lane = ThreadPoolExecutor(max_workers=self.copy_concurrency,
+                                                     thread_name_prefix="s3ckptfs-copy")
+            lane = self._copy_lane
+        try:
+            future = lane.submit(job)
+        except RuntimeError:  # shut down
+            return False
+        future.add_done_callback(lambda done: cancelled() if done.cancelled() else None)
+        return True
+
+    # -- files whose parts wait for their commit
+
+    def leave_for_commit(self, file_id: str) -> None:
+        """A part of the file was left for its commit: so are its other parts (``parts_wait_for_commit``)."""
+        with self._lock:
+            while len(self._left_for_commit) >= PENDING_UPLOADS * 16:
+                del self._left_for_commit[next(iter(self._left_for_commit))]
+            self._left_for_commit[file_id] = None
+
+    def parts_wait_for_commit(self, file_id: str) -> bool:
+        """Whether the file's stale parts are left for its commit (none is read or sent before)."""
+        with self._lock:
+            return file_id in self._left_for_commit
+
+    def commit_takes_parts(self, file_id: str) -> None:
+        """The file's commit runs: no part of it is left any more (it sends or copies them all)."""
+        with self._lock:
+            self._left_for_commit.pop(file_id, None)
 
     def sending(self, upload_id: str, digest: str | None, length: int) -> None:
         """A part with ``digest`` is about to be sent (not copied) for ``upload_id``.

@@ -78,7 +78,7 @@ class WholeCopy:
         # Parts scheduled at close and not started yet stay for this commit (parts.py); wait a
         # little for those already started (a part takes well under a second): if one of them
         # uploads, or is still on its way (S3 slow or away), the file goes part by part after all.
-        self.dedup.hold_back(file.id)
+        self.dedup.leave_for_commit(file.id)
         with file.lock:
             file.changed.wait_for(lambda: not file.upload.inflight or file.deleted, timeout=INFLIGHT_WAIT)
         return Candidate(match, *snapshot)
@@ -107,7 +107,7 @@ class WholeCopy:
                           match.key, key, checksum, path)
                 self.dedup.source_gone(match.key, match.etag)
                 raise CopyRefused(f"copy of {match.key} holds other bytes")
-            self.dedup.held_back(file_id, commit=True)  # done: no part of this version is left for later
+            self.dedup.commit_takes_parts(file_id)  # done: no part of this version is left for later
             self.dedup.committed(key, etag, size, match.ranges, None)
             self.dedup.count(copied=size)
             log.debug("%s: copied from %s in S3", path, match.key)

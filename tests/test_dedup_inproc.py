@@ -301,7 +301,7 @@ def save_twice(mount, fake_store, body: bytes, second: str = "last.ckpt", hold_c
     vfs.write_file(second, body)
     # Release the first object once the second file's parts are left for its commit (dedup.py).
     deadline = time.monotonic() + 10
-    while not any(f.path == "/" + second and mount.fs.dedup.held_back(f.id, commit=False)
+    while not any(f.path == "/" + second and mount.fs.dedup.parts_wait_for_commit(f.id)
                   for f in mount.fs.staged_files()):
         assert time.monotonic() < deadline, "the second file's parts were not left for its commit"
         time.sleep(0.005)
@@ -446,3 +446,30 @@ def test_a_crash_during_a_whole_copy_copies_again_after_the_restart(inproc, fake
     assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
     assert requests(fake_store, "mnt/last.ckpt")[0] == 0
     assert fake_store.uploads() == []
+
+
+# -- copies run in a lane of their own: sends never wait for them -------------------------------------
+
+def test_changed_parts_are_sent_while_the_copies_of_unchanged_ones_still_run(inproc, fake_store):
+    """Unchanged parts at the front of the file (a frozen backbone) are copied, changed ones at its end
+    sent. The copies do not hold the part threads: with every copy hanging, the sends still go."""
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    first = data_of(SIZE, 40)
+    vfs.write_file("step-1.ckpt", first)
+    assert mount.fs.sync() == []
+    second = first[:8 * PART] + data_of(SIZE - 8 * PART, 41)   # parts 9-11 changed
+    fake_store.inject(fakestore.hang(), "upload_part_copy")
+    vfs.write_file("step-2.ckpt", second)
+    deadline = time.monotonic() + 10
+    while fake_store.count("upload_part", "mnt/step-2.ckpt") < 3:
+        assert time.monotonic() < deadline, (
+            f"changed parts waited for copies: {fake_store.count('upload_part', 'mnt/step-2.ckpt')} of 3 sent, "
+            f"{fake_store.hanging('upload_part_copy')} copies hanging")
+        time.sleep(0.005)
+    assert fake_store.hanging("upload_part_copy") >= 1
+    fake_store.release()
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/step-2.ckpt"] == second
+    assert requests(fake_store, "mnt/step-2.ckpt") == (3, 8)
+
