@@ -56,7 +56,7 @@ from typing import Callable
 from . import locks, partplan
 from .errors import S3Error
 from .metrics import Metrics
-from .parthashes import PartHashes, part_digest
+from .parthashes import PartHashes, Source, part_digest
 from .s3client import MULTIPART_COPY_THRESHOLD, crc32c
 from .staging import StagedFile, read_padded
 from .store import ObjectStore
@@ -246,15 +246,18 @@ class Dedup:
 
     # -- the one decision per part, and the lane copies run in
 
-    def route(self, file_id: str, upload_id: str, digest: str | None, length: int, at_commit: bool) -> Route:
+    def route(self, file_id: str, upload_id: str, digest: str | None, start: int, length: int,
+              closed_size: int | None, at_commit: bool) -> Route:
         """What becomes of a part just read (and hashed) for ``upload_id``: sent, copied, or left.
 
         LEAVE (only before the file's commit, ``at_commit`` False): its bytes are in another
-        upload not complete yet, or another part of the file was left so; the file's parts
-        wait for its commit, which copies them (see the module's docstring). COPY: an
-        equal range is remembered; the caller hands the part to ``copy_in_lane`` (a copy that
-        fails is sent from there). SEND: recorded as on its way (``sending``) before the caller
-        sends it.
+        upload not complete yet, or another part of the file was left so, or the file is
+        closed (``closed_size``: its size then, else None) and the part lies at the same
+        offset of a remembered object of its size: the file may be a whole copy of it, which
+        its commit makes with one CopyObject (wholecopy.py); the file's parts wait for the
+        commit, which copies or sends them (see the module's docstring). COPY: an equal range
+        is remembered; the caller hands the part to ``copy_in_lane`` (a copy that fails is
+        sent from there). SEND: recorded as on its way (``sending``) before the caller sends it.
         """
         if self.hashes is None or digest is None:
             return Route.SEND
@@ -262,10 +265,19 @@ class Dedup:
                               or self.in_other_upload(upload_id, digest, length)):
             self.leave_for_commit(file_id)
             return Route.LEAVE
-        if self.hashes.find(digest, length):
-            return Route.COPY
-        self.sending(upload_id, digest, length)
-        return Route.SEND
+        sources = self.hashes.find(digest, length)
+        if not sources:
+            self.sending(upload_id, digest, length)
+            return Route.SEND
+        if not at_commit and closed_size is not None and any(
+                source.start == start and self._size_of(source) == closed_size for source in sources):
+            self.leave_for_commit(file_id)
+            return Route.LEAVE
+        return Route.COPY
+
+    def _size_of(self, source: Source) -> int | None:
+        known = self.hashes.known(source.key) if self.hashes is not None else None
+        return known[1] if known is not None and known[0] == source.etag else None
 
     def copy_in_lane(self, job: Callable[[], None], cancelled: Callable[[], None]) -> bool:
         """Run ``job`` (a part's copy, see ``copy_part``) on the copy lane; False if the lane is shut down.

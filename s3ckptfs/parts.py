@@ -51,6 +51,7 @@ class PartRead:
     epoch: int
     start: int
     length: int
+    closed_size: int | None = None   # the file's size if no handle could write it when it was read
     crc: str = ""
     digest: str | None = None
 
@@ -203,7 +204,8 @@ class PartUploads:
                 upload.id = part.upload_id
                 data = read_padded(file.fd, part.start, part.length)
                 part.crc, part.digest = crc32c(data), self.dedup.digest(data)
-                route = self.dedup.route(file.id, part.upload_id, part.digest, part.length, at_commit=not defer)
+                route = self.dedup.route(file.id, part.upload_id, part.digest, part.start, part.length,
+                                         part.closed_size, at_commit=not defer)
                 if route is Route.LEAVE:
                     return  # stays stale: the commit copies it once the other file's object is complete
                 if route is Route.COPY:
@@ -242,7 +244,8 @@ class PartUploads:
                 return None  # changed meanwhile: the commit schedules what is still stale
             return PartRead(number, *target, file.part_generation.get(number, 0), file.pt_epoch,
                             partplan.part_range(number, file.part_base)[0],
-                            partplan.part_length(number, file.size, file.part_base))
+                            partplan.part_length(number, file.size, file.part_base),
+                            closed_size=file.size if file.writers == 0 and file.pt_writers == 0 else None)
 
     def _send(self, file: StagedFile, part: PartRead, data: bytes | memoryview) -> None:
         checksum = part.crc if self.checksums else None

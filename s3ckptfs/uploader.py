@@ -444,7 +444,7 @@ class Uploader:
                 if file.upload.id is not None and file.upload.for_key(file.key) is None:
                     self.abort_later(file.upload.forget())  # renamed: restart under the new key
                 if candidate is not None and self.whole_copy.still_valid_locked(file, candidate):
-                    self.abort_later(file.upload.forget())  # made early, with no part in it yet
+                    self.abort_later(file.upload.forget())  # parts made early, if any, are not needed
                     call = self.whole_copy.begin_locked(file, candidate)
                     file.begin_send_locked()
                     break

@@ -108,9 +108,9 @@ def test_a_source_changed_since_it_was_hashed_makes_the_copy_fail_and_the_part_s
     vfs.write_file("step_1.pt", body)
     assert mount.fs.sync() == []
     fake_store.put_object("mnt/step_1.pt", b"replaced by another node")  # new ETag
-    vfs.write_file("step_2.pt", body)
+    vfs.write_file("step_2.pt", end_changed(body))   # parts, not the whole file: see wholecopy.py
     assert mount.fs.sync() == []
-    assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == body
+    assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == end_changed(body)
     sent, copied = requests(fake_store, "mnt/step_2.pt")
     assert sent == 11
     assert copied <= 2, "the changed source is forgotten after its first failure (2 parts in flight at once)"
@@ -473,3 +473,29 @@ def test_changed_parts_are_sent_while_the_copies_of_unchanged_ones_still_run(inp
     assert fake_store.objects(mount.prefix)["mnt/step-2.ckpt"] == second
     assert requests(fake_store, "mnt/step-2.ckpt") == (3, 8)
 
+
+def test_a_file_equal_to_an_object_is_one_copy_also_after_a_part_was_copied_while_it_was_written(
+        inproc, fake_store):
+    """The same bytes saved under a second name once the first object is complete: its first parts
+    are copied while it is still being written, and the file is still found equal to the object at
+    commit time and completed with one CopyObject (most of it was still to be made)."""
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 50)
+    vfs.write_file("epoch=1.ckpt", body)
+    assert mount.fs.sync() == []
+    fh = vfs.open("last.ckpt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    mount.fs.write(fh, body[:PART], 0)
+    mount.fs.write(fh, body[PART:2 * PART], PART)   # the writer moved past part 1: it goes now
+    deadline = time.monotonic() + 10
+    while fake_store.count("upload_part_copy", "mnt/last.ckpt") == 0:
+        assert time.monotonic() < deadline, "no part was copied while the file was written"
+        time.sleep(0.005)
+    mount.fs.write(fh, body[2 * PART:], 2 * PART)
+    vfs.close(fh)
+    assert mount.fs.sync() == []
+    assert fake_store.count("copy_if_unchanged", "mnt/last.ckpt") == 1
+    assert fake_store.count("upload_part", "mnt/last.ckpt") == 0
+    assert fake_store.count("upload_part_copy", "mnt/last.ckpt") <= 3
+    assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
+    assert fake_store.uploads(mount.prefix) == []   # the upload that held the early copies is aborted
