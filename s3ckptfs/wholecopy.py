@@ -7,8 +7,9 @@ less than a multipart upload of copies (on SeaweedFS 4.48, 256 MiB: 0.7-0.9 s
 against 1.2-1.5 s for 32 part copies into an upload with CRC32C checksums).
 
 Only at commit time, only with dedup on, only for a file no handle may still
-write and with at least half of it not yet made as parts (parts copied or sent
-while it was written are thrown away: ``MOSTLY_LEFT``): the file's bytes are hashed part by
+write and with at least half of it not yet made as parts (``MOSTLY_LEFT``; the
+upload holding the parts copied or sent while it was written is aborted once
+the copy is made, and used if the copy is refused): the file's bytes are hashed part by
 part (dedup.Dedup.whole_object) and compared with the remembered parts of an
 object of the same size. The copy is conditional on the source's ETag; if it
 is refused for any lasting reason the commit goes on as a multipart upload
@@ -68,8 +69,10 @@ def _copyable_locked(file: StagedFile, single_put_limit: int, parts_may_be_in_fl
 
 
 class WholeCopy:
-    def __init__(self, s3: ObjectStore, dedup: Dedup, single_put_limit: int) -> None:
+    def __init__(self, s3: ObjectStore, dedup: Dedup, single_put_limit: int,
+                 abort_later: Callable[[tuple[str, str] | None], None]) -> None:
         self.s3 = s3
+        self.abort_later = abort_later
         self.dedup = dedup
         self.single_put_limit = single_put_limit
 
@@ -107,6 +110,7 @@ class WholeCopy:
         match = candidate.match
         version, key, size, mode, mtime, fd = file.version, file.key, file.size, file.mode, file.mtime, file.fd
         path, file_id = file.path, file.id
+        replaced = file.upload.id   # parts made early: aborted once the copy is made, kept if it is refused
 
         def copy() -> Committed:
             try:
@@ -121,6 +125,9 @@ class WholeCopy:
                           match.key, key, checksum, path)
                 self.dedup.source_gone(match.key, match.etag)
                 raise CopyRefused(f"copy of {match.key} holds other bytes")
+            with file.lock:
+                stale = file.upload.forget() if replaced is not None and file.upload.id == replaced else None
+            self.abort_later(stale)
             self.dedup.commit_takes_parts(file_id)  # done: no part of this version is left for later
             self.dedup.committed(key, etag, size, match.ranges, None)
             self.dedup.count(copied=size)

@@ -108,9 +108,9 @@ def test_a_source_changed_since_it_was_hashed_makes_the_copy_fail_and_the_part_s
     vfs.write_file("step_1.pt", body)
     assert mount.fs.sync() == []
     fake_store.put_object("mnt/step_1.pt", b"replaced by another node")  # new ETag
-    vfs.write_file("step_2.pt", end_changed(body))   # parts, not the whole file: see wholecopy.py
+    vfs.write_file("step_2.pt", body)   # a whole copy is tried first, and refused: the parts made are kept
     assert mount.fs.sync() == []
-    assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == end_changed(body)
+    assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == body
     sent, copied = requests(fake_store, "mnt/step_2.pt")
     assert sent == 11
     assert copied <= 2, "the changed source is forgotten after its first failure (2 parts in flight at once)"
@@ -499,3 +499,28 @@ def test_a_file_equal_to_an_object_is_one_copy_also_after_a_part_was_copied_whil
     assert fake_store.count("upload_part_copy", "mnt/last.ckpt") <= 3
     assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
     assert fake_store.uploads(mount.prefix) == []   # the upload that held the early copies is aborted
+
+
+def test_a_whole_copy_refused_keeps_the_parts_copied_while_the_file_was_written(inproc, fake_store):
+    """The file equals the remembered object, whose parts were copied while it was written; another node
+    replaces that object before the commit: the CopyObject is refused, and the upload goes on with the
+    parts it already holds (they are in S3 under this upload, whatever became of their source)."""
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 60)
+    vfs.write_file("step_1.pt", body)
+    assert mount.fs.sync() == []
+    fh = vfs.open("step_2.pt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    mount.fs.write(fh, body[:PART], 0)
+    mount.fs.write(fh, body[PART:2 * PART], PART)      # part 1 goes
+    mount.fs.write(fh, body[2 * PART:], 2 * PART)      # part 2 goes
+    deadline = time.monotonic() + 10
+    while fake_store.count("upload_part_copy", "mnt/step_2.pt") < 2:
+        assert time.monotonic() < deadline, "parts 1 and 2 were not copied while the file was written"
+        time.sleep(0.005)
+    fake_store.put_object("mnt/step_1.pt", b"replaced by another node")
+    vfs.close(fh)
+    assert mount.fs.sync() == []
+    assert fake_store.count("copy_if_unchanged", "mnt/step_2.pt") == 1
+    assert requests(fake_store, "mnt/step_2.pt") == (9, 2)
+    assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == body
