@@ -49,11 +49,13 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 from . import locks, partplan
+from .dedupcost import DedupCosts
 from .errors import S3Error
 from .metrics import Metrics
 from .parthashes import PartHashes, Source, part_digest
@@ -87,7 +89,7 @@ class Dedup:
     """Copy-instead-of-send for parts; ``hashes`` None: off (parts are always sent, nothing hashed)."""
 
     def __init__(self, s3: ObjectStore, hashes: PartHashes | None, metrics: Metrics | None = None,
-                 copy_concurrency: int = COPY_CONCURRENCY) -> None:
+                 copy_concurrency: int = COPY_CONCURRENCY, adaptive: bool = False) -> None:
         self.s3 = s3
         self.hashes = hashes
         self.metrics = metrics or Metrics()
@@ -100,6 +102,9 @@ class Dedup:
         self._left_for_commit: dict[str, None] = {}   # ids of files with a part left for their commit
         self._hasher: ThreadPoolExecutor | None = None   # hashes objects read here (remember_read)
         self.copy_concurrency = copy_concurrency
+        self.costs = DedupCosts(adaptive)   # -o dedup=auto: copy only while copies pay (dedupcost.py)
+        self._copies_running = 0
+        self._sends_running = 0
         self._copy_lane: ThreadPoolExecutor | None = None   # UploadPartCopy requests (copy_in_lane)
 
     @property
@@ -128,8 +133,7 @@ class Dedup:
             return None
         for source in self.hashes.find(digest, length):
             try:
-                etag, server_crc = self.s3.upload_part_copy(key, upload_id, number, source.key, source.start,
-                                                            length, source.etag)
+                etag, server_crc = self._timed_copy(key, upload_id, number, length, source)
             except S3Error as err:
                 if err.code == "NoSuchUpload":
                     raise
@@ -147,6 +151,21 @@ class Dedup:
             self.count(copied=length)
             return etag
         return None
+
+    def _timed_copy(self, key: str, upload_id: str, number: int, length: int,
+                    source: Source) -> tuple[str, str | None]:
+        """UploadPartCopy from ``source``, its time measured for ``auto`` (dedupcost.py)."""
+        with self._lock:
+            self._copies_running += 1
+            alongside = self._copies_running
+        started = time.monotonic()
+        try:
+            answer = self.s3.upload_part_copy(key, upload_id, number, source.key, source.start, length, source.etag)
+        finally:
+            with self._lock:
+                self._copies_running -= 1
+        self.costs.copied(length, time.monotonic() - started, alongside)
+        return answer
 
     def whole_object(self, fd: int, size: int, part_base: int) -> WholeMatch | None:
         """An object written here that holds exactly the bytes of the staging file ``fd``, or None.
@@ -261,11 +280,13 @@ class Dedup:
         """
         if self.hashes is None or digest is None:
             return Route.SEND
-        if not at_commit and (self.parts_wait_for_commit(file_id)
-                              or self.in_other_upload(upload_id, digest, length)):
+        if not at_commit and self.parts_wait_for_commit(file_id):
+            return Route.LEAVE
+        copies_pay = self.costs.copies_pay()
+        if copies_pay and not at_commit and self.in_other_upload(upload_id, digest, length):
             self.leave_for_commit(file_id)
             return Route.LEAVE
-        sources = self.hashes.find(digest, length)
+        sources = self.hashes.find(digest, length) if copies_pay else []
         if not sources:
             self.sending(upload_id, digest, length)
             return Route.SEND
@@ -338,7 +359,21 @@ class Dedup:
             if self._pending.get(entry) == upload_id:
                 del self._pending[entry]
 
-    def count(self, sent: int = 0, copied: int = 0) -> None:
+    def send_begins(self) -> int:
+        """A part send starts; returns how many run now, itself included (see ``count``)."""
+        with self._lock:
+            self._sends_running += 1
+            return self._sends_running
+
+    def send_ended(self) -> None:
+        with self._lock:
+            self._sends_running -= 1
+
+    def count(self, sent: int = 0, copied: int = 0, send_seconds: float = 0.0, alongside: int = 1) -> None:
+        """Bytes sent (``send_seconds``: how long the request took, ``alongside``: sends running when it
+        began, see ``send_begins``) or copied."""
+        if sent and send_seconds:
+            self.costs.sent(sent, send_seconds, alongside)
         with self._lock:
             self.bytes_sent += sent
             self.bytes_copied += copied

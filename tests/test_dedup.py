@@ -217,3 +217,21 @@ def test_a_second_name_written_once_the_first_is_complete_is_copied_not_sent(fau
     assert (fresh.path / "last.ckpt").read_bytes() == body
     assert_no_orphan_uploads(s3, bucket)
 
+
+def test_dedup_auto_saves_are_byte_identical(fault_proxy, bucket, mount_factory, s3):
+    """-o dedup=auto (the daemon's default): whatever it chooses from the rates it measures, every object is
+    the file's bytes, also read back from a fresh mount, and no upload is left behind."""
+    mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"dedup": "auto"})
+    first = os.urandom(5 * PART + 999)
+    saves = {"step-1.ckpt": first, "step-2.ckpt": with_part_changed(first, 4), "last.ckpt": first,
+             "step-3.ckpt": os.urandom(5 * PART + 999)}
+    for name, data in saves.items():
+        (mount.path / name).write_bytes(data)
+        mount.sync()
+    status = json.loads(run_cli(["status", str(mount.path), "--json"], mount.env, timeout=60).stdout)
+    assert status["dedup"] is True
+    fresh = mount_factory(bucket, "p")
+    for name, data in saves.items():
+        assert s3_sha256(s3, bucket, mount.key(name)) == sha(data)
+        assert (fresh.path / name).read_bytes() == data
+    assert_no_orphan_uploads(s3, bucket)
