@@ -50,7 +50,7 @@ import enum
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -105,6 +105,7 @@ class Dedup:
         self.costs = DedupCosts(adaptive)   # -o dedup=auto: copy only while copies pay (dedupcost.py)
         self._copies_running = 0
         self._sends_running = 0
+        self._copy_backlog = 0   # bytes handed to the copy lane and not copied yet
         self._copy_lane: ThreadPoolExecutor | None = None   # UploadPartCopy requests (copy_in_lane)
 
     @property
@@ -294,14 +295,20 @@ class Dedup:
                 source.start == start and self._size_of(source) == closed_size for source in sources):
             self.leave_for_commit(file_id)
             return Route.LEAVE
+        with self._lock:
+            backlog, sends = self._copy_backlog, self._sends_running
+        if not self.costs.copy_is_sooner(length, backlog, sends, self.copy_concurrency):
+            self.sending(upload_id, digest, length)
+            return Route.SEND   # the link is free sooner than the copy lane: both work, neither idles
         return Route.COPY
 
     def _size_of(self, source: Source) -> int | None:
         known = self.hashes.known(source.key) if self.hashes is not None else None
         return known[1] if known is not None and known[0] == source.etag else None
 
-    def copy_in_lane(self, job: Callable[[], None], cancelled: Callable[[], None]) -> bool:
-        """Run ``job`` (a part's copy, see ``copy_part``) on the copy lane; False if the lane is shut down.
+    def copy_in_lane(self, job: Callable[[], None], cancelled: Callable[[], None], length: int) -> bool:
+        """Run ``job`` (a part's copy of ``length`` bytes, see ``copy_part``) on the copy lane; False if
+        the lane is shut down.
 
         Why a lane of its own: a copy spends the server's work, a send the link; with both on the
         same threads, copies of unchanged parts at the front of a file kept the link idle. The
@@ -313,12 +320,29 @@ class Dedup:
                 self._copy_lane = ThreadPoolExecutor(max_workers=self.copy_concurrency,
                                                      thread_name_prefix="s3ckptfs-copy")
             lane = self._copy_lane
+            self._copy_backlog += length
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                self._copy_left(length)
         try:
-            future = lane.submit(job)
+            future = lane.submit(run)
         except RuntimeError:  # shut down
+            self._copy_left(length)
             return False
-        future.add_done_callback(lambda done: cancelled() if done.cancelled() else None)
+
+        def done(future: Future[None]) -> None:
+            if future.cancelled():
+                self._copy_left(length)
+                cancelled()
+        future.add_done_callback(done)
         return True
+
+    def _copy_left(self, length: int) -> None:
+        with self._lock:
+            self._copy_backlog -= length
 
     # -- files whose parts wait for their commit
 

@@ -211,7 +211,8 @@ class PartUploads:
                 if route is Route.COPY:
                     copy = part
                     handed_over = self.dedup.copy_in_lane(lambda: self._copy_part(file, copy),
-                                                          cancelled=lambda: self._settle(file, number))
+                                                          cancelled=lambda: self._settle(file, number),
+                                                          length=part.length)
                     if handed_over:
                         return  # the lane settles it
                 self._send(file, part, data)
