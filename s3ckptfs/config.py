@@ -68,6 +68,9 @@ def parse_duration(text: str, what: str = "duration") -> float:
     return float(match.group(1)) * _DURATION_UNITS[match.group(2).lower()]
 
 
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def _parse_bool(text: str, key: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -101,7 +104,9 @@ class Options:
     retry_window: float = 0.0          # seconds to keep retrying a closed file's upload (0: no limit)
     sync_stall_limit: float = 60.0     # fsync/sync-mode close: EIO once S3 has answered nothing this long (0: wait)
     checksums: bool = True             # CRC32C per part, checked by the server and at completion
-    dedup: bool = False                # parts already in S3 (equal SHA-256) are copied server-side, not sent
+    # Parts already in S3 (equal SHA-256) are copied server-side, not sent: on, off, or auto (while
+    # measured rates say it pays: dedupcost.py).
+    dedup: str = "auto"
     allow_other: bool = False          # let other users see the mount (FUSE allow_other)
     drain_timeout: float = 600.0       # seconds to wait for uploads on unmount/stop
     metrics_port: int = 0              # serve Prometheus metrics on this port (0: off)
@@ -151,6 +156,12 @@ class Options:
             raise ConfigError(f"option conditional_commits: '{self.conditional_commits}' must be resumed, all or off")
         if self.cleanup_older_than:
             parse_duration(self.cleanup_older_than, "option cleanup_older_than")
+        if isinstance(self.dedup, bool) or self.dedup.lower() in _BOOL_WORDS:
+            # frozen: normalise the spellings of the days it was a boolean (dedup=true, dedup=True)
+            spelled = self.dedup if isinstance(self.dedup, bool) else _BOOL_WORDS[self.dedup.lower()]
+            object.__setattr__(self, "dedup", "on" if spelled else "off")
+        if self.dedup not in ("auto", "on", "off"):
+            raise ConfigError(f"option dedup: '{self.dedup}' must be auto, on or off")
         if self.retry_attempts < 1:
             raise ConfigError("option retry_attempts: must be at least 1")
 
@@ -170,6 +181,8 @@ def parse_options(items: list[str], base: Options | None = None) -> Options:
                 known = ", ".join(sorted(_OPTION_TYPES))
                 raise ConfigError(f"unknown option '{key}' (known: {known})")
             kind = _OPTION_TYPES[key]
+            if not sep and key == "dedup":
+                sep, value = "=", "on"   # a bare -o dedup, as when it was a boolean
             if not sep and kind != "bool":
                 raise ConfigError(f"option {key} needs a value ({key}=...)")
             if kind == "bool":

@@ -46,15 +46,19 @@ kept for the last ``PENDING_UPLOADS`` uploads only.
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 from . import locks, partplan
+from .dedupcost import DedupCosts
 from .errors import S3Error
 from .metrics import Metrics
-from .parthashes import PartHashes, part_digest
+from .parthashes import PartHashes, Source, part_digest
 from .s3client import MULTIPART_COPY_THRESHOLD, crc32c
 from .staging import StagedFile, read_padded
 from .store import ObjectStore
@@ -62,6 +66,14 @@ from .store import ObjectStore
 log = logging.getLogger(__name__)
 
 PENDING_UPLOADS = 64
+COPY_CONCURRENCY = 4   # UploadPartCopy requests at once, beside the part sends
+
+
+class Route(enum.Enum):
+    """What becomes of a part read for upload (``Dedup.route``)."""
+    SEND = "send"
+    COPY = "copy"      # made from an equal range in S3, on the copy lane
+    LEAVE = "leave"    # left stale for the file's commit
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,8 @@ class WholeMatch:
 class Dedup:
     """Copy-instead-of-send for parts; ``hashes`` None: off (parts are always sent, nothing hashed)."""
 
-    def __init__(self, s3: ObjectStore, hashes: PartHashes | None, metrics: Metrics | None = None) -> None:
+    def __init__(self, s3: ObjectStore, hashes: PartHashes | None, metrics: Metrics | None = None,
+                 copy_concurrency: int = COPY_CONCURRENCY, adaptive: bool = False) -> None:
         self.s3 = s3
         self.hashes = hashes
         self.metrics = metrics or Metrics()
@@ -86,8 +99,14 @@ class Dedup:
         # parts sent for uploads not yet complete: (digest, length) -> upload id, and the reverse
         self._pending: dict[tuple[str, int], str] = {}
         self._pending_by_upload: dict[str, list[tuple[str, int]]] = {}
-        self._held_back: dict[str, None] = {}   # ids of files with a part left for their commit
+        self._left_for_commit: dict[str, None] = {}   # ids of files with a part left for their commit
         self._hasher: ThreadPoolExecutor | None = None   # hashes objects read here (remember_read)
+        self.copy_concurrency = copy_concurrency
+        self.costs = DedupCosts(adaptive)   # -o dedup=auto: copy only while copies pay (dedupcost.py)
+        self._copies_running = 0
+        self._sends_running = 0
+        self._copy_backlog = 0   # bytes handed to the copy lane and not copied yet
+        self._copy_lane: ThreadPoolExecutor | None = None   # UploadPartCopy requests (copy_in_lane)
 
     @property
     def enabled(self) -> bool:
@@ -101,15 +120,21 @@ class Dedup:
                   crc: str) -> str | None:
         """Make part ``number`` of the upload from an equal range already in S3; its ETag, or None.
 
-        None: nothing equal is known, or every copy failed; the caller sends the bytes.
-        Raises S3Error only for NoSuchUpload (the upload itself is gone).
+        None: nothing equal is known, or every copy failed; the caller sends the bytes (recorded
+        as on their way, see ``sending``). Raises S3Error only for NoSuchUpload (the upload itself is gone).
         """
+        etag = self._copy_from_any(key, upload_id, number, length, digest, crc)
+        if etag is None:
+            self.sending(upload_id, digest, length)
+        return etag
+
+    def _copy_from_any(self, key: str, upload_id: str, number: int, length: int, digest: str | None,
+                       crc: str) -> str | None:
         if self.hashes is None or digest is None:
             return None
         for source in self.hashes.find(digest, length):
             try:
-                etag, server_crc = self.s3.upload_part_copy(key, upload_id, number, source.key, source.start,
-                                                            length, source.etag)
+                etag, server_crc = self._timed_copy(key, upload_id, number, length, source)
             except S3Error as err:
                 if err.code == "NoSuchUpload":
                     raise
@@ -127,6 +152,21 @@ class Dedup:
             self.count(copied=length)
             return etag
         return None
+
+    def _timed_copy(self, key: str, upload_id: str, number: int, length: int,
+                    source: Source) -> tuple[str, str | None]:
+        """UploadPartCopy from ``source``, its time measured for ``auto`` (dedupcost.py)."""
+        with self._lock:
+            self._copies_running += 1
+            alongside = self._copies_running
+        started = time.monotonic()
+        try:
+            answer = self.s3.upload_part_copy(key, upload_id, number, source.key, source.start, length, source.etag)
+        finally:
+            with self._lock:
+                self._copies_running -= 1
+        self.costs.copied(length, time.monotonic() - started, alongside)
+        return answer
 
     def whole_object(self, fd: int, size: int, part_base: int) -> WholeMatch | None:
         """An object written here that holds exactly the bytes of the staging file ``fd``, or None.
@@ -203,11 +243,13 @@ class Dedup:
             os.close(fd)
 
     def shutdown(self, wait: bool) -> None:
-        """Stop hashing objects read (what is queued is dropped; ``wait``: for the one being hashed)."""
+        """Stop hashing objects read (what is queued is dropped; ``wait``: for the one being hashed),
+        and the copy lane (a copy not started is cancelled, its part left stale; ``wait``: for those running)."""
         with self._lock:
-            hasher = self._hasher
-        if hasher is not None:
-            hasher.shutdown(wait=wait, cancel_futures=True)
+            hasher, lane = self._hasher, self._copy_lane
+        for pool in (hasher, lane):
+            if pool is not None:
+                pool.shutdown(wait=wait, cancel_futures=True)
 
     def source_gone(self, key: str, etag: str) -> None:
         """Object ``key`` no longer is ``etag`` (a copy from it was refused): never copy from it again."""
@@ -222,20 +264,104 @@ class Dedup:
             other = self._pending.get((digest, length))
         return other is not None and other != upload_id
 
-    def hold_back(self, file_id: str) -> None:
-        """A part of the file was left for its commit: so are its other parts (see ``held_back``)."""
-        with self._lock:
-            while len(self._held_back) >= PENDING_UPLOADS * 16:
-                del self._held_back[next(iter(self._held_back))]
-            self._held_back[file_id] = None
+    # -- the one decision per part, and the lane copies run in
 
-    def held_back(self, file_id: str, commit: bool) -> bool:
-        """Whether the file's stale parts wait for its commit (``commit``: it is running; never then)."""
+    def route(self, file_id: str, upload_id: str, digest: str | None, start: int, length: int,
+              closed_size: int | None, at_commit: bool) -> Route:
+        """What becomes of a part just read (and hashed) for ``upload_id``: sent, copied, or left.
+
+        LEAVE (only before the file's commit, ``at_commit`` False): its bytes are in another
+        upload not complete yet, or another part of the file was left so, or the file is
+        closed (``closed_size``: its size then, else None) and the part lies at the same
+        offset of a remembered object of its size: the file may be a whole copy of it, which
+        its commit makes with one CopyObject (wholecopy.py); the file's parts wait for the
+        commit, which copies or sends them (see the module's docstring). COPY: an equal range
+        is remembered; the caller hands the part to ``copy_in_lane`` (a copy that fails is
+        sent from there). SEND: recorded as on its way (``sending``) before the caller sends it.
+        """
+        if self.hashes is None or digest is None:
+            return Route.SEND
+        if not at_commit and self.parts_wait_for_commit(file_id):
+            return Route.LEAVE
+        copies_pay = self.costs.copies_pay()
+        if copies_pay and not at_commit and self.in_other_upload(upload_id, digest, length):
+            self.leave_for_commit(file_id)
+            return Route.LEAVE
+        sources = self.hashes.find(digest, length) if copies_pay else []
+        if not sources:
+            self.sending(upload_id, digest, length)
+            return Route.SEND
+        if not at_commit and closed_size is not None and any(
+                source.start == start and self._size_of(source) == closed_size for source in sources):
+            self.leave_for_commit(file_id)
+            return Route.LEAVE
         with self._lock:
-            if commit:
-                self._held_back.pop(file_id, None)
-                return False
-            return file_id in self._held_back
+            backlog, sends = self._copy_backlog, self._sends_running
+        if not self.costs.copy_is_sooner(length, backlog, sends, self.copy_concurrency):
+            self.sending(upload_id, digest, length)
+            return Route.SEND   # the link is free sooner than the copy lane: both work, neither idles
+        return Route.COPY
+
+    def _size_of(self, source: Source) -> int | None:
+        known = self.hashes.known(source.key) if self.hashes is not None else None
+        return known[1] if known is not None and known[0] == source.etag else None
+
+    def copy_in_lane(self, job: Callable[[], None], cancelled: Callable[[], None], length: int) -> bool:
+        """Run ``job`` (a part's copy of ``length`` bytes, see ``copy_part``) on the copy lane; False if
+        the lane is shut down.
+
+        Why a lane of its own: a copy spends the server's work, a send the link; with both on the
+        same threads, copies of unchanged parts at the front of a file kept the link idle. The
+        part threads hand copies over and go on to send. ``cancelled`` runs instead of ``job``
+        if the lane shuts down before it starts.
+        """
+        with self._lock:
+            if self._copy_lane is None:
+                self._copy_lane = ThreadPoolExecutor(max_workers=self.copy_concurrency,
+                                                     thread_name_prefix="s3ckptfs-copy")
+            lane = self._copy_lane
+            self._copy_backlog += length
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                self._copy_left(length)
+        try:
+            future = lane.submit(run)
+        except RuntimeError:  # shut down
+            self._copy_left(length)
+            return False
+
+        def done(future: Future[None]) -> None:
+            if future.cancelled():
+                self._copy_left(length)
+                cancelled()
+        future.add_done_callback(done)
+        return True
+
+    def _copy_left(self, length: int) -> None:
+        with self._lock:
+            self._copy_backlog -= length
+
+    # -- files whose parts wait for their commit
+
+    def leave_for_commit(self, file_id: str) -> None:
+        """A part of the file was left for its commit: so are its other parts (``parts_wait_for_commit``)."""
+        with self._lock:
+            while len(self._left_for_commit) >= PENDING_UPLOADS * 16:
+                del self._left_for_commit[next(iter(self._left_for_commit))]
+            self._left_for_commit[file_id] = None
+
+    def parts_wait_for_commit(self, file_id: str) -> bool:
+        """Whether the file's stale parts are left for its commit (none is read or sent before)."""
+        with self._lock:
+            return file_id in self._left_for_commit
+
+    def commit_takes_parts(self, file_id: str) -> None:
+        """The file's commit runs: no part of it is left any more (it sends or copies them all)."""
+        with self._lock:
+            self._left_for_commit.pop(file_id, None)
 
     def sending(self, upload_id: str, digest: str | None, length: int) -> None:
         """A part with ``digest`` is about to be sent (not copied) for ``upload_id``.
@@ -257,7 +383,21 @@ class Dedup:
             if self._pending.get(entry) == upload_id:
                 del self._pending[entry]
 
-    def count(self, sent: int = 0, copied: int = 0) -> None:
+    def send_begins(self) -> int:
+        """A part send starts; returns how many run now, itself included (see ``count``)."""
+        with self._lock:
+            self._sends_running += 1
+            return self._sends_running
+
+    def send_ended(self) -> None:
+        with self._lock:
+            self._sends_running -= 1
+
+    def count(self, sent: int = 0, copied: int = 0, send_seconds: float = 0.0, alongside: int = 1) -> None:
+        """Bytes sent (``send_seconds``: how long the request took, ``alongside``: sends running when it
+        began, see ``send_begins``) or copied."""
+        if sent and send_seconds:
+            self.costs.sent(sent, send_seconds, alongside)
         with self._lock:
             self.bytes_sent += sent
             self.bytes_copied += copied

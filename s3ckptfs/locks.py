@@ -18,7 +18,7 @@ The order, outermost first::
               (held across its fsync, so never under the mount's or a file's lock)
     file      StagedFile.lock (+ changed): every field of one staged file
     leaves    parts, parthashes, listings, dedup, requests, outage, passthrough.holders, room,
-              close_seq, metadata, objects, handles, watch.timers: each guards one
+              close_seq, metadata, objects, handles, watch.timers, linkproxy: each guards one
               small structure
 
 The rules:
@@ -127,7 +127,10 @@ ORDER: tuple[LockKind, ...] = (
     LockKind("listings", LEAF, "KeptListings._lock (listings.py)",
              "the SQLite connection holding the kept listings saved in the cache dir"),
     LockKind("dedup", LEAF, "Dedup._lock (dedup.py)",
-             "the bytes of parts sent and copied; parts sent for uploads not yet complete"),
+             "the bytes of parts sent and copied; parts sent for uploads not yet complete; the copy lane; "
+             "the measured rates (auto)"),
+    LockKind("linkproxy", LEAF, "TokenBucket._lock, LinkProxy._lock (linkproxy.py, the benchmark's link)",
+             "a direction's byte balance; the proxy's open sockets"),
     LockKind("requests", LEAF, "BoundedRequests._count_lock (fs/bounded.py)", "its thread counts"),
     LockKind("outage", LEAF, "Outage._lock (fs/bounded.py)", "whether S3 is answering, and the fallback count"),
     LockKind("passthrough.holders", LEAF, "PassthroughFiles._holders_lock",

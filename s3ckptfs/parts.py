@@ -16,6 +16,7 @@ is completed or aborted, so a crash never leaves an orphan behind for long.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -23,12 +24,14 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Callable
 
 from . import locks, partplan
 from .cache import UploadRegistry
-from .dedup import Dedup
+from .dedup import Dedup, Route
 from .errors import S3Error
 from .s3client import crc32c, object_metadata
 from .multipart import UploadedPart
@@ -36,6 +39,26 @@ from .staging import StagedFile, read_padded
 from .store import ObjectStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class PartRead:
+    """A part as read for upload: where it goes, and what was read (filled in once read)."""
+    number: int
+    key: str
+    upload_id: str
+    generation: int   # the part's generation before its bytes were read (a rewrite since makes it stale)
+    epoch: int
+    start: int
+    length: int
+    closed_size: int | None = None   # the file's size if no handle could write it when it was read
+    crc: str = ""
+    digest: str | None = None
+
+
+@dataclass
+class _UploadRef:
+    id: str | None = None   # the upload the part was for, once known
 
 
 class PartUploads:
@@ -76,7 +99,7 @@ class PartUploads:
             if (file.deleted or file.size <= self.single_put_limit or file.upload.sending(number)
                     or file.part_up_to_date_locked(number)):
                 return
-        if self.dedup.held_back(file.id, commit=False):
+        if self.dedup.parts_wait_for_commit(file.id):
             return  # left for the commit, with the file's other parts (dedup.py)
         with self._lock:
             if self._eager_inflight >= self.eager_limit:
@@ -119,7 +142,9 @@ class PartUploads:
         the commit, which runs after that file's (see dedup.py), and then copied.
         """
         stale = file.stale_parts_locked()
-        if self.dedup.held_back(file.id, commit=not defer):
+        if not defer:
+            self.dedup.commit_takes_parts(file.id)
+        elif self.dedup.parts_wait_for_commit(file.id):
             return stale  # parts were left for the commit: the rest waits for it too (not read twice)
         for number in stale:
             if file.upload.claim(number):
@@ -164,43 +189,98 @@ class PartUploads:
                 self.abort_later((key, upload_id))  # renamed or deleted meanwhile
 
     def _upload_part(self, file: StagedFile, number: int, defer: bool = False) -> None:
-        upload_id = None
+        """Read part ``number``, and send it, or hand it to the copy lane (dedup.py decides which)."""
+        handed_over = False
         try:
-            if defer and self.dedup.held_back(file.id, commit=False):
-                return  # left for the commit since it was scheduled (dedup.py, wholecopy.py)
-            target = self._current_upload(file)
-            if target is None:
-                return
-            with file.lock:
-                if (file.deleted or not file.dirty or file.fd < 0 or number > file.part_count_locked()
-                        or file.part_up_to_date_locked(number) or file.upload.id != target[1]):
-                    return  # changed meanwhile: the commit schedules what is still stale
-                generation = file.part_generation.get(number, 0)
-                epoch = file.pt_epoch
-                start, _ = partplan.part_range(number, file.part_base)
-                length = partplan.part_length(number, file.size, file.part_base)
-                key, upload_id = target
-            data = read_padded(file.fd, start, length)
-            crc = crc32c(data)
-            checksum = crc if self.checksums else None
-            digest = self.dedup.digest(data)
-            if defer and (self.dedup.held_back(file.id, commit=False)
-                          or self.dedup.in_other_upload(upload_id, digest, length)):
-                self.dedup.hold_back(file.id)
-                return  # stays stale: the commit copies it once the other file's object is complete
-            etag = self.dedup.copy_part(key, upload_id, number, length, digest, crc)
-            copied = etag is not None
-            if etag is None:
-                self.dedup.sending(upload_id, digest, length)
-                etag = self.s3.upload_part(key, upload_id, number, data, checksum)
-                self.dedup.count(sent=length)
-            self.answered_at = time.monotonic()  # S3 accepted the part, sent or copied
-            with file.lock:
-                file.upload.sent(number, UploadedPart(generation, length, etag, upload_id, checksum,
-                                                      epoch=epoch, crc=crc, digest=digest), copied)
+            with self._part_outcome(file, number) as upload:
+                if defer and self.dedup.parts_wait_for_commit(file.id):
+                    return  # left for the commit since it was scheduled (dedup.py, wholecopy.py)
+                target = self._current_upload(file)
+                if target is None:
+                    return
+                part = self._snapshot(file, number, target)
+                if part is None:
+                    return
+                upload.id = part.upload_id
+                data = read_padded(file.fd, part.start, part.length)
+                part.crc, part.digest = crc32c(data), self.dedup.digest(data)
+                route = self.dedup.route(file.id, part.upload_id, part.digest, part.start, part.length,
+                                         part.closed_size, at_commit=not defer)
+                if route is Route.LEAVE:
+                    return  # stays stale: the commit copies it once the other file's object is complete
+                if route is Route.COPY:
+                    copy = part
+                    handed_over = self.dedup.copy_in_lane(lambda: self._copy_part(file, copy),
+                                                          cancelled=lambda: self._settle(file, number),
+                                                          length=part.length)
+                    if handed_over:
+                        return  # the lane settles it
+                self._send(file, part, data)
+        finally:
+            if not handed_over:
+                self._settle(file, number)
+
+    def _copy_part(self, file: StagedFile, part: PartRead) -> None:
+        """On the copy lane: make the part from an equal range in S3, or send it after all."""
+        try:
+            with self._part_outcome(file, part.number) as upload:
+                upload.id = part.upload_id
+                etag = self.dedup.copy_part(part.key, part.upload_id, part.number, part.length, part.digest,
+                                            part.crc)
+                if etag is not None:
+                    self._record(file, part, etag, copied=True)
+                    return
+                # Read again (the lane holds no bytes); a rewrite meanwhile leaves the part stale anyway.
+                data = read_padded(file.fd, part.start, part.length)
+                part.crc, part.digest = crc32c(data), self.dedup.digest(data)
+                self._send(file, part, data)
+        finally:
+            self._settle(file, part.number)
+
+    def _snapshot(self, file: StagedFile, number: int, target: tuple[str, str]) -> PartRead | None:
+        """What the part is to be at this moment; None if it no longer needs uploading."""
+        with file.lock:
+            if (file.deleted or not file.dirty or file.fd < 0 or number > file.part_count_locked()
+                    or file.part_up_to_date_locked(number) or file.upload.id != target[1]):
+                return None  # changed meanwhile: the commit schedules what is still stale
+            return PartRead(number, *target, file.part_generation.get(number, 0), file.pt_epoch,
+                            partplan.part_range(number, file.part_base)[0],
+                            partplan.part_length(number, file.size, file.part_base),
+                            closed_size=file.size if file.writers == 0 and file.pt_writers == 0 else None)
+
+    def _send(self, file: StagedFile, part: PartRead, data: bytes | memoryview) -> None:
+        checksum = part.crc if self.checksums else None
+        alongside = self.dedup.send_begins()
+        started = time.monotonic()
+        try:
+            etag = self.s3.upload_part(part.key, part.upload_id, part.number, data, checksum)
+        finally:
+            self.dedup.send_ended()
+        self.dedup.count(sent=part.length, send_seconds=time.monotonic() - started, alongside=alongside)
+        self._record(file, part, etag, copied=False)
+
+    def _record(self, file: StagedFile, part: PartRead, etag: str, copied: bool) -> None:
+        self.answered_at = time.monotonic()  # S3 accepted the part, sent or copied
+        checksum = part.crc if self.checksums else None
+        with file.lock:
+            file.upload.sent(part.number, UploadedPart(part.generation, part.length, etag, part.upload_id, checksum,
+                                                       epoch=part.epoch, crc=part.crc, digest=part.digest), copied)
+
+    @staticmethod
+    def _settle(file: StagedFile, number: int) -> None:
+        with file.lock:
+            file.upload.settled(number)
+            file.changed.notify_all()
+
+    @contextlib.contextmanager
+    def _part_outcome(self, file: StagedFile, number: int) -> Iterator[_UploadRef]:
+        """Record a failure of the part's upload (or copy) on the file; never let a worker die silently."""
+        upload = _UploadRef()
+        try:
+            yield upload
         except S3Error as err:
             with file.lock:
-                if upload_id is not None and file.upload.id != upload_id:
+                if upload.id is not None and file.upload.id != upload.id:
                     return  # the upload was superseded (rename, commit, unlink): nothing lost
                 if err.code == "NoSuchUpload":
                     # Aborted behind our back: start a new upload; every part becomes stale.
@@ -219,10 +299,6 @@ class PartUploads:
             log.exception("unexpected error uploading part %d of %s", number, file.path)
             with file.lock:
                 file.upload.failed(S3Error("InternalError", repr(err)))
-        finally:
-            with file.lock:
-                file.upload.settled(number)
-                file.changed.notify_all()
 
     def resume_upload(self, file: StagedFile, upload_id: str) -> int:
         """Adopt an upload an earlier run started for this file; keep the parts that match.

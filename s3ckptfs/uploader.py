@@ -121,7 +121,7 @@ class Uploader:
         self.parts = PartUploads(s3, concurrency=concurrency, single_put_limit=single_put_limit,
                                  eager_uploads=eager_uploads, registry=registry, checksums=checksums,
                                  upload_nice=upload_nice, backoff=self._backoff, dedup=dedup)
-        self.whole_copy = WholeCopy(s3, self.parts.dedup, single_put_limit)
+        self.whole_copy = WholeCopy(s3, self.parts.dedup, single_put_limit, self.parts.abort_later)
         self.last = LastRequests(s3, registry, self.parts.dedup, checksums, self.parts.abort_later)
         # The part side, as the core calls it.
         self.part_filled = self.parts.part_filled
@@ -429,7 +429,6 @@ class Uploader:
                 if file.upload.id is not None and file.upload.for_key(file.key) is None:
                     self.abort_later(file.upload.forget())  # renamed: restart under the new key
                 if candidate is not None and self.whole_copy.still_valid_locked(file, candidate):
-                    self.abort_later(file.upload.forget())  # made early, with no part in it yet
                     call = self.whole_copy.begin_locked(file, candidate)
                     file.begin_send_locked()
                     break

@@ -49,7 +49,7 @@ def test_measurements_are_chosen_by_name_or_by_their_earlier_letters_and_keys():
                                                             "s3ckptfs_warm_load"]
     assert [m.key for m in select_measurements("s3ckptfs_4proc,upload")] == ["upload_floor",
                                                                             "s3ckptfs_four_loaders"]
-    assert len(select_measurements(None)) == len(MEASUREMENTS) == 27
+    assert len(select_measurements(None)) == len(MEASUREMENTS) == 31
     with pytest.raises(SystemExit, match="unknown measurement"):
         select_measurements("z")
 

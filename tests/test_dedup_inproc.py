@@ -108,7 +108,7 @@ def test_a_source_changed_since_it_was_hashed_makes_the_copy_fail_and_the_part_s
     vfs.write_file("step_1.pt", body)
     assert mount.fs.sync() == []
     fake_store.put_object("mnt/step_1.pt", b"replaced by another node")  # new ETag
-    vfs.write_file("step_2.pt", body)
+    vfs.write_file("step_2.pt", body)   # a whole copy is tried first, and refused: the parts made are kept
     assert mount.fs.sync() == []
     assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == body
     sent, copied = requests(fake_store, "mnt/step_2.pt")
@@ -301,7 +301,7 @@ def save_twice(mount, fake_store, body: bytes, second: str = "last.ckpt", hold_c
     vfs.write_file(second, body)
     # Release the first object once the second file's parts are left for its commit (dedup.py).
     deadline = time.monotonic() + 10
-    while not any(f.path == "/" + second and mount.fs.dedup.held_back(f.id, commit=False)
+    while not any(f.path == "/" + second and mount.fs.dedup.parts_wait_for_commit(f.id)
                   for f in mount.fs.staged_files()):
         assert time.monotonic() < deadline, "the second file's parts were not left for its commit"
         time.sleep(0.005)
@@ -446,3 +446,81 @@ def test_a_crash_during_a_whole_copy_copies_again_after_the_restart(inproc, fake
     assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
     assert requests(fake_store, "mnt/last.ckpt")[0] == 0
     assert fake_store.uploads() == []
+
+
+# -- copies run in a lane of their own: sends never wait for them -------------------------------------
+
+def test_changed_parts_are_sent_while_the_copies_of_unchanged_ones_still_run(inproc, fake_store):
+    """Unchanged parts at the front of the file (a frozen backbone) are copied, changed ones at its end
+    sent. The copies do not hold the part threads: with every copy hanging, the sends still go."""
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    first = data_of(SIZE, 40)
+    vfs.write_file("step-1.ckpt", first)
+    assert mount.fs.sync() == []
+    second = first[:8 * PART] + data_of(SIZE - 8 * PART, 41)   # parts 9-11 changed
+    fake_store.inject(fakestore.hang(), "upload_part_copy")
+    vfs.write_file("step-2.ckpt", second)
+    deadline = time.monotonic() + 10
+    while fake_store.count("upload_part", "mnt/step-2.ckpt") < 3:
+        assert time.monotonic() < deadline, (
+            f"changed parts waited for copies: {fake_store.count('upload_part', 'mnt/step-2.ckpt')} of 3 sent, "
+            f"{fake_store.hanging('upload_part_copy')} copies hanging")
+        time.sleep(0.005)
+    assert fake_store.hanging("upload_part_copy") >= 1
+    fake_store.release()
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix)["mnt/step-2.ckpt"] == second
+    assert requests(fake_store, "mnt/step-2.ckpt") == (3, 8)
+
+
+def test_a_file_equal_to_an_object_is_one_copy_also_after_a_part_was_copied_while_it_was_written(
+        inproc, fake_store):
+    """The same bytes saved under a second name once the first object is complete: its first parts
+    are copied while it is still being written, and the file is still found equal to the object at
+    commit time and completed with one CopyObject (most of it was still to be made)."""
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 50)
+    vfs.write_file("epoch=1.ckpt", body)
+    assert mount.fs.sync() == []
+    fh = vfs.open("last.ckpt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    mount.fs.write(fh, body[:PART], 0)
+    mount.fs.write(fh, body[PART:2 * PART], PART)   # the writer moved past part 1: it goes now
+    deadline = time.monotonic() + 10
+    while fake_store.count("upload_part_copy", "mnt/last.ckpt") == 0:
+        assert time.monotonic() < deadline, "no part was copied while the file was written"
+        time.sleep(0.005)
+    mount.fs.write(fh, body[2 * PART:], 2 * PART)
+    vfs.close(fh)
+    assert mount.fs.sync() == []
+    assert fake_store.count("copy_if_unchanged", "mnt/last.ckpt") == 1
+    assert fake_store.count("upload_part", "mnt/last.ckpt") == 0
+    assert fake_store.count("upload_part_copy", "mnt/last.ckpt") <= 3
+    assert fake_store.objects(mount.prefix)["mnt/last.ckpt"] == body
+    assert fake_store.uploads(mount.prefix) == []   # the upload that held the early copies is aborted
+
+
+def test_a_whole_copy_refused_keeps_the_parts_copied_while_the_file_was_written(inproc, fake_store):
+    """The file equals the remembered object, whose parts were copied while it was written; another node
+    replaces that object before the commit: the CopyObject is refused, and the upload goes on with the
+    parts it already holds (they are in S3 under this upload, whatever became of their source)."""
+    mount = inproc(dedup=True)
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 60)
+    vfs.write_file("step_1.pt", body)
+    assert mount.fs.sync() == []
+    fh = vfs.open("step_2.pt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    mount.fs.write(fh, body[:PART], 0)
+    mount.fs.write(fh, body[PART:2 * PART], PART)      # part 1 goes
+    mount.fs.write(fh, body[2 * PART:], 2 * PART)      # part 2 goes
+    deadline = time.monotonic() + 10
+    while fake_store.count("upload_part_copy", "mnt/step_2.pt") < 2:
+        assert time.monotonic() < deadline, "parts 1 and 2 were not copied while the file was written"
+        time.sleep(0.005)
+    fake_store.put_object("mnt/step_1.pt", b"replaced by another node")
+    vfs.close(fh)
+    assert mount.fs.sync() == []
+    assert fake_store.count("copy_if_unchanged", "mnt/step_2.pt") == 1
+    assert requests(fake_store, "mnt/step_2.pt") == (9, 2)
+    assert fake_store.objects(mount.prefix)["mnt/step_2.pt"] == body

@@ -173,7 +173,7 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog, monkeypatch):
                         local_sync=st.sampled_from(["close", "background"]), checksums=st.booleans(),
                         eager=st.sampled_from([0, 1]), outage=st.booleans(),
                         premade=st.sampled_from([(), ("x", "x/y", "z"), ("x", "x/y", "z")]),
-                        final_crash=st.booleans(), dedup=st.booleans(),
+                        final_crash=st.booleans(), dedup=st.sampled_from(["off", "on", "auto"]),
                         unreachable_first=st.sampled_from([None] * 7 + ["refuse", "refuse", "hang"]))
             def start(self, ttl, write_mode, local_sync, checksums, eager, outage, premade, final_crash,
                       dedup, unreachable_first) -> None:

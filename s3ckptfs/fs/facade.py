@@ -63,8 +63,8 @@ class Filesystem:
         self.handles = core.handles
         self.durability = Durability(core)
         self.lifecycle = Lifecycle(core, self.durability)
-        hashes = PartHashes(cache_dir.root / HASHES_DB) if opts.dedup else None
-        self.dedup = Dedup(store, hashes, core.metrics)
+        hashes = PartHashes(cache_dir.root / HASHES_DB) if opts.dedup != "off" else None
+        self.dedup = Dedup(store, hashes, core.metrics, adaptive=opts.dedup == "auto")
         self.uploader = Uploader(store, concurrency=opts.upload_concurrency, single_put_limit=opts.single_put_limit,
                                  dedup=self.dedup,
                                  listener=self.lifecycle, registry=core.registry, upload_nice=opts.upload_nice,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -59,7 +60,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-page-cache", action="store_true",
                         help="do not drop the page cache before timed steps (a check that the benchmark "
                              "runs, on a shared machine; reads are then not cold and timings mean little)")
+    parser.add_argument("--link-rate", metavar="RATE", nargs="?", const="100MB", default=None,
+                        help="reach the server through a bandwidth-limited link (s3ckptfs/linkproxy.py, one "
+                             "token bucket per direction shared by all connections), e.g. 50MB; default "
+                             "100MB. The s3ckptfs mounts and the upload floor go through it")
     args = parser.parse_args(argv)
+    if args.link_rate is not None:
+        from s3ckptfs.linkproxy import parse_rate
+        try:
+            args.link_bytes_per_second = parse_rate(args.link_rate)
+        except ValueError as exc:
+            parser.error(f"--link-rate: {exc}")
     if args.quick:
         args.sizes, args.repeat = "256MiB", 1
     args.size_list = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
@@ -87,6 +98,25 @@ def start_server(work_dir: Path, janitor: Janitor) -> devserver.SeaweedServer:
     return server
 
 
+def start_link(server: devserver.SeaweedServer, rate: str, janitor: Janitor) -> str:
+    """The link proxy in a process of its own (its threads must not compete for the benchmark's GIL);
+    its endpoint URL."""
+    log(f"starting a {rate}/s link to SeaweedFS")
+    process = subprocess.Popen([sys.executable, "-m", "s3ckptfs.linkproxy", "--target",
+                                f"127.0.0.1:{server.s3_port}", "--rate", rate], stdout=subprocess.PIPE, text=True)
+
+    def stop() -> None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    janitor.add("stop the link proxy", stop)
+    assert process.stdout is not None
+    port = int(process.stdout.readline())
+    return f"http://127.0.0.1:{port}"
+
+
 def run(args: argparse.Namespace, janitor: Janitor, command: str) -> int:
     """Every size, every selected measurement, then the report; 1 if any measurement failed."""
     measurements = with_write_variants(select_measurements(args.only), args.s3ckptfs_options)
@@ -98,13 +128,15 @@ def run(args: argparse.Namespace, janitor: Janitor, command: str) -> int:
     server = start_server(work_dir, janitor)
     tools.versions["seaweedfs"] = version_line([devserver.find_weed(), "version"])
     client = make_client(server)
+    link_url = start_link(server, args.link_rate, janitor) if args.link_rate is not None else None
+    link_client = make_client(server, link_url) if link_url else None
     results: dict[int, SizeResult] = {}
     transfer = transfer_config()
     page_cache_dropped = True
     for size in args.size_list:
         b = Bench(size=size, server=server, client=client, transfer=transfer, tools=tools, janitor=janitor,
                   work_dir=work_dir, s3ckptfs_options=args.s3ckptfs_options[0], warm_memory=args.warm_memory,
-                  drop_caches=not args.keep_page_cache)
+                  drop_caches=not args.keep_page_cache, link_url=link_url, link_client=link_client)
         if args.tune_transfer:
             b.transfer = tune_transfer(b)
         outcomes = run_size(b, measurements, args.repeat)

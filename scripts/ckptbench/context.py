@@ -48,6 +48,10 @@ class Bench:
     drop_caches: bool = True    # False: leave the page cache alone (quick runs on a shared machine)
     warm_memory: bool = False   # see workload.warm_free_memory
     checkpoint_bytes: int | None = None
+    # --link-rate: the mounts and the upload floor reach the server through a bandwidth-limited
+    # proxy (s3ckptfs/linkproxy.py); setup and the HEAD polls that time durability go direct.
+    link_url: str | None = None
+    link_client: Any = None
     _state: dict[str, torch.Tensor] | None = None
     _read_bucket: str | None = None
     _listing_bucket: str | None = None
@@ -55,6 +59,16 @@ class Bench:
     _counter: int = 0
 
     # -- shared inputs
+
+    @property
+    def s3_endpoint(self) -> str:
+        """Where the daemon under test sends its requests: through the link, if there is one."""
+        return self.link_url or self.server.endpoint_url
+
+    @property
+    def upload_client(self) -> Any:
+        """The boto3 client of the upload floor: through the same link as the daemon."""
+        return self.link_client or self.client
 
     @property
     def label(self) -> str:

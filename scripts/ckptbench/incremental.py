@@ -132,6 +132,48 @@ def second_name_without_dedup(b: Bench) -> dict[str, float]:
     return second_save(b, None, options="dedup=off")
 
 
+# -- the issue's cases: every save into an open file, as Lightning saves (torch.save into a file object
+# names its zip records "archive", whatever the file is called: the same state gives the same bytes).
+
+
+def save_into_open_file(state: dict[str, torch.Tensor], path: Path) -> None:
+    with open(path, "wb") as handle:
+        torch.save(state, handle)
+
+
+def next_save(b: Bench, unchanged: float, options: str = "") -> dict[str, float]:
+    """Save, wait until durable, then save the next step (``unchanged`` of its tensors as before;
+    1.0: the same bytes under a second name). ``ratio``: its durable time / the first save's."""
+    state = b.state()
+    timeout = durable_timeout(b.size)
+    with b.bucket("s3ckptfs-next") as bucket, s3ckptfs_mount(b, bucket, options) as mount:
+        first, second_path = "step-1.ckpt", "step-2.ckpt" if unchanged < 1 else "last.ckpt"
+        b.drop_cache()
+        start = time.perf_counter()
+        save_into_open_file(state, mount.path / first)
+        first_stall = time.perf_counter() - start
+        size = os.stat(mount.path / first).st_size
+        first_durable = wait_for_object(b.client, bucket, first, size, start, timeout)
+        second = changed_state(state, unchanged) if unchanged < 1 else state
+        b.drop_cache()
+        sent_before, copied_before = part_bytes(b, mount.path)
+        start2 = time.perf_counter()
+        save_into_open_file(second, mount.path / second_path)
+        stall = time.perf_counter() - start2
+        durable = wait_for_object(b.client, bucket, second_path, size, start2, timeout)
+        sent, copied = part_bytes(b, mount.path)
+        return {"first_stall": first_stall, "first_durable": first_durable, "stall": stall, "durable": durable,
+                "ratio": durable / first_durable, "sent_mib": (sent - sent_before) / MiB,
+                "copied_mib": (copied - copied_before) / MiB}
+
+
+def next_step(unchanged: float):
+    def measure(b: Bench, options: str = "") -> dict[str, float]:
+        return next_save(b, unchanged, options)
+    measure.__doc__ = f"the next save into an open file, {unchanged:.0%} of the tensors unchanged"
+    return measure
+
+
 # -- what the server itself needs to copy the bytes: the floors the ratios above are read against
 
 PART = 8 * MiB   # s3ckptfs's part size for the first parts (partplan.py)

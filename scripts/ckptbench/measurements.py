@@ -27,7 +27,8 @@ import torch
 
 from .common import MeasurementError, log
 from .context import Bench, durable_timeout
-from .incremental import copy_floor, incremental, part_copy_floor, second_name, second_name_without_dedup
+from .incremental import (copy_floor, incremental, next_step, part_copy_floor, second_name,
+                          second_name_without_dedup)
 from .multinode import multinode
 from .peers import peak_rss_mib, rclone_mount, s3ckptfs_mount, s3fs_mount, s3torchconnector_checkpoint
 from .workload import (CHECKPOINT_NAME, CONCURRENT_LOADERS, check_loaded, copy_in_pieces, loader_processes,
@@ -96,7 +97,7 @@ def upload_floor(b: Bench) -> dict[str, float]:
         b.drop_cache()
         read_whole_file(path)  # as right after torch.save: the file is in the page cache
         start = time.perf_counter()
-        b.client.upload_file(str(path), bucket, CHECKPOINT_NAME, Config=b.transfer)
+        b.upload_client.upload_file(str(path), bucket, CHECKPOINT_NAME, Config=b.transfer)
         return {"seconds": time.perf_counter() - start}
 
 
@@ -322,6 +323,12 @@ MEASUREMENTS = [
                 second_name),
     Measurement("s3ckptfs_second_name_off", "s3ckptfs same state, second name [dedup=off]", "write", "s3ckptfs",
                 second_name_without_dedup),
+    # Saved into an open file, each measured once per --s3ckptfs-options variant (dedup at its default
+    # against dedup=off, say); "ratio" is the second save's durable time over the first's.
+    Measurement("s3ckptfs_next_0", "s3ckptfs next save, nothing in common", "write", "s3ckptfs", next_step(0.0)),
+    Measurement("s3ckptfs_next_50", "s3ckptfs next save, 50% unchanged", "write", "s3ckptfs", next_step(0.5)),
+    Measurement("s3ckptfs_next_90", "s3ckptfs next save, 90% unchanged", "write", "s3ckptfs", next_step(0.9)),
+    Measurement("s3ckptfs_next_same", "s3ckptfs same bytes, second name", "write", "s3ckptfs", next_step(1.0)),
     Measurement("s3ckptfs_4_nodes", "4 nodes, one shard each, at once", "write", "s3ckptfs", multinode(4)),
     Measurement("s3ckptfs_8_nodes", "8 nodes, one shard each, at once", "write", "s3ckptfs", multinode(8)),
     Measurement("local_load", "torch.load from local disk", "read", None, local_load, ("h",)),
@@ -345,11 +352,14 @@ MEASUREMENTS = [
 ]
 
 
+PER_VARIANT = ("s3ckptfs_write", "s3ckptfs_next_0", "s3ckptfs_next_50", "s3ckptfs_next_90", "s3ckptfs_next_same")
+
+
 def with_write_variants(measurements: list[Measurement], variants: list[str]) -> list[Measurement]:
     """One s3ckptfs write measurement per -o variant (to compare upload policies in one run)."""
     expanded: list[Measurement] = []
     for measurement in measurements:
-        if measurement.key != "s3ckptfs_write":
+        if measurement.key not in PER_VARIANT:
             expanded.append(measurement)
             continue
         for index, options in enumerate(variants):
@@ -357,7 +367,7 @@ def with_write_variants(measurements: list[Measurement], variants: list[str]) ->
                 measurement,
                 key=measurement.key if index == 0 else f"{measurement.key}@{options}",
                 label=f"{measurement.label} [{options}]" if options else measurement.label,
-                function=functools.partial(s3ckptfs_write, options=options)))
+                function=functools.partial(measurement.function, options=options)))
     return expanded
 
 

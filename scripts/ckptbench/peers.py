@@ -143,7 +143,7 @@ def discover_tools() -> Tools:
 # --------------------------------------------------------------------------- boto3: the floor
 
 
-def make_client(server: devserver.SeaweedServer) -> Any:
+def make_client(server: devserver.SeaweedServer, endpoint_url: str | None = None) -> Any:
     """The boto3 client for the upload floor, download then load, and the bookkeeping.
 
     No CRC checksum on the payload unless the API requires one: it costs 1-2 s of
@@ -155,7 +155,7 @@ def make_client(server: devserver.SeaweedServer) -> Any:
     """
     return boto3.client(
         "s3",
-        endpoint_url=server.endpoint_url,
+        endpoint_url=endpoint_url or server.endpoint_url,
         aws_access_key_id=devserver.ADMIN_KEY,
         aws_secret_access_key=devserver.ADMIN_SECRET,
         region_name=devserver.REGION,
@@ -341,7 +341,7 @@ def s3ckptfs_mount(b: Bench, bucket: str, options: str | None = None) -> Iterato
         mount = DaemonMount(mountpoint, cache)
         assert b.tools.s3ckptfs is not None
         command = [b.tools.s3ckptfs, "mount", f"s3://{bucket}", str(mountpoint),
-                   "--cache-dir", str(cache), "--endpoint-url", b.server.endpoint_url]
+                   "--cache-dir", str(cache), "--endpoint-url", b.s3_endpoint]
         if options:
             command += ["-o", options]
         token = b.janitor.add(f"unmount {mountpoint}", lambda: stop_s3ckptfs(b, mount))

@@ -97,6 +97,18 @@ def compute_ratios(outcomes: dict[str, Outcome]) -> list[Ratio]:
             "report" if key == "s3ckptfs_second_name" else goal)
         add(f"{label}: durable / upload floor", outcome.median("durable"), floor, "report")
         add(f"{label}: first save durable / upload floor", first, floor, "report")
+    next_goals = {"s3ckptfs_next_50": "≤ 0.60", "s3ckptfs_next_90": "≤ 0.30", "s3ckptfs_next_same": "≤ 0.25",
+                  "s3ckptfs_next_0": "report"}
+    for key, outcome in outcomes.items():
+        base = key.split("@", 1)[0]
+        if base in next_goals:
+            label = outcome.measurement.label
+            add(f"{label}: durable / first save durable (median of per-run ratios)", outcome.median("ratio"), 1.0,
+                next_goals[base] if "@" not in key else "report")
+            add(f"{label}: durable / upload floor", outcome.median("durable"), floor, "report")
+            if "@" in key and base in outcomes:   # a variant against the first option set
+                add(f"{label}: durable / [{outcomes[base].measurement.label}] durable", outcome.median("durable"),
+                    outcomes[base].median("durable"), "report")
     copies = _median(outcomes, "copy_floor", "seconds")
     add("server-side copy floor / upload floor", copies, floor, "report")
     add("server-side part copy floor / upload floor", _median(outcomes, "part_copy_floor", "seconds"), floor,

@@ -1,0 +1,125 @@
+"""``-o dedup=auto`` (dedupcost.py): parts are copied only while the rates this mount measured say copies
+are faster than sends. Parts are 4 KiB here (inproc.SMALL_SIZES), so a 40 KiB file has 10 parts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import fakestore
+from inproc import Vfs
+from s3ckptfs.config import Options, parse_options
+from s3ckptfs.dedupcost import PROBE_EVERY, DedupCosts
+from s3ckptfs.errors import ConfigError
+
+KiB = 1 << 10
+PART = 4 * KiB
+SIZE = 10 * PART + 123
+
+
+def data_of(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def end_changed(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+def test_dedup_is_auto_by_default_and_keeps_on_and_off():
+    assert Options().dedup == "auto"
+    assert parse_options(["dedup=on"]).dedup == "on"
+    assert parse_options(["dedup=off"]).dedup == "off"
+    assert parse_options(["dedup"]).dedup == "on"          # the boolean spellings of before
+    assert parse_options(["dedup=true"]).dedup == "on"
+    assert parse_options(["dedup=false"]).dedup == "off"
+    assert Options(dedup=True).dedup == "on"               # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="dedup"):
+        parse_options(["dedup=sometimes"])
+
+
+def test_copies_pay_until_measured_slower_than_sends():
+    costs = DedupCosts(adaptive=True)
+    assert costs.copies_pay()
+    costs.sent(1000, 1.0)
+    assert costs.copies_pay()                  # no copy measured yet
+    costs.copied(1000, 0.5)
+    assert costs.copies_pay()                  # twice as fast as a send
+    for _ in range(20):
+        costs.copied(1000, 1.0)                # as slow as a send (a server on the same cores)
+    decisions = [costs.copies_pay() for _ in range(8 * PROBE_EVERY)]
+    assert sum(decisions) == 8, "one copyable part in PROBE_EVERY is still copied, to measure again"
+    assert DedupCosts(adaptive=False).copies_pay()
+
+
+def test_rates_are_of_the_resource_not_of_one_request():
+    """Four sends sharing a link each take four times as long as one alone; the link's time per byte is
+    the same, and a copy is compared with that."""
+    costs = DedupCosts(adaptive=True)
+    costs.sent(1000, 4.0, alongside=4)
+    costs.copied(1000, 0.5, alongside=1)
+    assert costs.send == pytest.approx(1.0 / 1000)
+    assert costs.copies_pay()
+
+
+def test_auto_sends_the_parts_once_copies_were_measured_slower_than_sends(inproc, fake_store):
+    mount = inproc(dedup="auto")
+    fake_store.inject(fakestore.latency(0.02), "upload_part")        # a link: sends take time
+    fake_store.inject(fakestore.latency(0.2), "upload_part_copy")    # copies take longer still
+    vfs = Vfs(mount.fs)
+    body = data_of(SIZE, 1)
+    vfs.write_file("step_1.pt", body)
+    assert mount.fs.sync() == []
+    vfs.write_file("step_2.pt", end_changed(body))   # copies, measured: slower than sends
+    assert mount.fs.sync() == []
+    assert fake_store.count("upload_part_copy", "mnt/step_2.pt") > 0
+    assert mount.fs.dedup.costs.status()["copies_fast_enough"] is False, mount.fs.dedup.costs.status()
+    third = body[:-2] + bytes([body[-2] ^ 1, body[-1]])   # equal to neither, in its last part only
+    vfs.write_file("step_3.pt", third)
+    assert mount.fs.sync() == []
+    assert fake_store.count("upload_part_copy", "mnt/step_3.pt") <= 2   # probes only
+    assert fake_store.count("upload_part", "mnt/step_3.pt") >= 9
+    assert fake_store.objects(mount.prefix)["mnt/step_3.pt"] == third
+
+
+def test_auto_copies_where_copies_are_faster_than_sends(inproc, fake_store):
+    mount = inproc(dedup="auto")
+    fake_store.inject(fakestore.latency(0.05), "upload_part")        # the link is the bound
+    vfs = Vfs(mount.fs)
+    base = data_of(SIZE, 2)
+    for step in (1, 2, 3):
+        body = base[:-1] + bytes([step])   # each differs from the others in its last part only
+        vfs.write_file(f"step_{step}.pt", body)
+        assert mount.fs.sync() == []
+    assert mount.fs.dedup.costs.status()["copies_fast_enough"], mount.fs.dedup.costs.status()
+    assert fake_store.count("upload_part_copy", "mnt/step_3.pt") == 10, (fake_store.count("copy_if_unchanged"), mount.fs.dedup.costs.status())
+    assert fake_store.count("upload_part", "mnt/step_3.pt") == 1
+    assert fake_store.objects(mount.prefix)["mnt/step_3.pt"] == body
+
+
+def test_auto_sends_some_copyable_parts_while_the_copy_lane_is_backlogged(inproc, fake_store):
+    """Copies are faster than sends, but not so much that the lane alone is done first: both work."""
+    mount = inproc(dedup="auto")
+    fake_store.inject(fakestore.latency(0.05), "upload_part")
+    fake_store.inject(fakestore.latency(0.02), "upload_part_copy")
+    vfs = Vfs(mount.fs)
+    base = data_of(40 * PART + 5, 4)
+    for step in (1, 2, 3):
+        body = base[:-1] + bytes([step])
+        vfs.write_file(f"step_{step}.pt", body)
+        assert mount.fs.sync() == []
+    assert mount.fs.dedup.costs.status()["copies_fast_enough"], mount.fs.dedup.costs.status()
+    sent, copied = fake_store.count("upload_part", "mnt/step_3.pt"), fake_store.count("upload_part_copy", "mnt/step_3.pt")
+    assert copied >= 5 and sent >= 5, (sent, copied, mount.fs.dedup.costs.status(), mount.fs.dedup._copy_backlog)
+    assert sent + copied == 41
+    assert fake_store.objects(mount.prefix)["mnt/step_3.pt"] == body
+
+
+def test_until_copies_are_measured_the_lane_takes_no_more_than_it_runs():
+    costs = DedupCosts(adaptive=True)
+    assert costs.copy_is_sooner(100, copy_backlog=300, sends_running=0, lane_width=4)
+    assert not costs.copy_is_sooner(100, copy_backlog=400, sends_running=0, lane_width=4)
+    costs.sent(1000, 1.0)
+    costs.copied(1000, 0.1)
+    assert costs.copy_is_sooner(100, copy_backlog=400, sends_running=0, lane_width=4)   # measured: 0.05 <= 0.1
+    assert DedupCosts(adaptive=False).copy_is_sooner(100, copy_backlog=10**9, sends_running=0, lane_width=4)
