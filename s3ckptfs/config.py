@@ -105,8 +105,8 @@ class Options:
     sync_stall_limit: float = 60.0     # fsync/sync-mode close: EIO once S3 has answered nothing this long (0: wait)
     checksums: bool = True             # CRC32C per part, checked by the server and at completion
     # Parts already in S3 (equal SHA-256) are copied server-side, not sent: on, off, or auto (while
-    # measured rates say it pays: dedupcost.py).
-    dedup: str = "auto"
+    # measured rates say it pays: dedupcost.py). Off by default until auto is shown never to cost.
+    dedup: str = "off"
     allow_other: bool = False          # let other users see the mount (FUSE allow_other)
     drain_timeout: float = 600.0       # seconds to wait for uploads on unmount/stop
     metrics_port: int = 0              # serve Prometheus metrics on this port (0: off)

@@ -253,7 +253,7 @@ def force_cleanup(mountpoint: Path, cache_dir: Path, known_pid: int | None = Non
 # Mounts
 # --------------------------------------------------------------------------
 
-# Mounts in tests keep dedup off unless a test asks for it (the daemon's default is auto): the tests
+# Mounts in tests keep dedup off unless a test asks for it (as the daemon's default): the tests
 # written before auto count the requests they expect, and auto's choices depend on measured rates.
 PINNED_OPTIONS = {"dedup": "off"}
 

@@ -41,7 +41,7 @@ SHM = Path("/dev/shm")
 
 # Sizes far below S3's limits, so that KiB of data take the multipart paths.
 SMALL_SIZES = {"part_size": 4 * KiB, "single_put_limit": 6 * KiB, "read_block": 16 * KiB, "read_ahead": 64 * KiB}
-# dedup stays off unless a test asks for it (the daemon's default is auto, whose choices depend on rates).
+# dedup stays off unless a test asks for it (the daemon's default too).
 DEFAULTS = {"upload_concurrency": 2, "download_concurrency": 2, "passthrough": "off",
             "metadata_ttl": 5.0, "negative_ttl": 5.0, "dedup": "off"}
 _VALIDATED_SIZES = ("part_size", "read_block")   # the only options whose minimum is above what tests use

@@ -26,8 +26,9 @@ def end_changed(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 1])
 
 
-def test_dedup_is_auto_by_default_and_keeps_on_and_off():
-    assert Options().dedup == "auto"
+def test_dedup_is_off_by_default_and_takes_auto_on_and_off():
+    assert Options().dedup == "off"
+    assert parse_options(["dedup=auto"]).dedup == "auto"
     assert parse_options(["dedup=on"]).dedup == "on"
     assert parse_options(["dedup=off"]).dedup == "off"
     assert parse_options(["dedup"]).dedup == "on"          # the boolean spellings of before
