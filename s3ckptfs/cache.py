@@ -247,6 +247,7 @@ class CachedObject:
     pt_handles: int = 0        # open handles using that backing id
     detached: bool = False     # no longer in the cache: taken over by a writer as its staging file, or
                                # kept for the open handles of a file whose name is gone; fd closed at the end
+    closed: bool = False       # ``fd`` is closed: its number may belong to another file now
 
     def block_count(self) -> int:
         return (self.size + self.block_size - 1) // self.block_size
@@ -320,9 +321,21 @@ class ObjectCache:
     def release(self, entry: CachedObject) -> None:
         with self._lock:
             entry.readers -= 1
-            if entry.detached and entry.readers == 0 and not entry.inflight:
-                os.close(entry.fd)  # the file itself now belongs to the writer, or is unlinked
+            self._close_if_done_locked(entry)  # the file itself now belongs to the writer, or is unlinked
         self.evict()
+
+    @staticmethod
+    def _close_fd_locked(entry: CachedObject) -> None:
+        """Close the copy's descriptor once: a second close could close another file's, which took
+        its number (a staging file then committed with the wrong bytes)."""
+        if not entry.closed:
+            entry.closed = True
+            os.close(entry.fd)
+
+    def _close_if_done_locked(self, entry: CachedObject) -> None:
+        """A copy out of the cache is closed once nobody reads it and no download writes into it."""
+        if entry.detached and entry.readers == 0 and not entry.inflight:
+            self._close_fd_locked(entry)
 
     def take(self, key: str, etag: str, only_if: Callable[[CachedObject], bool]) -> CachedObject | None:
         """Remove the complete copy of ``key``@``etag`` from the cache, for a writer to use as is.
@@ -338,7 +351,7 @@ class ObjectCache:
             self._bytes -= entry.size
             entry.detached = True
             if entry.readers == 0:
-                os.close(entry.fd)
+                self._close_fd_locked(entry)
             return entry
 
     def detach(self, entry: CachedObject) -> None:
@@ -360,7 +373,7 @@ class ObjectCache:
     def fetch_block(self, entry: CachedObject, block: int, start: Callable[[CachedObject, int], Future]) -> Future | None:
         """A future for ``block`` of ``entry``: None if present, else the shared in-flight download."""
         with self._lock:
-            if entry.has_block(block):
+            if entry.has_block(block) or entry.closed:  # closed: out of the cache, nobody left to read it
                 return None
             future = entry.inflight.get(block)
             if future is None:
@@ -407,8 +420,7 @@ class ObjectCache:
             self._progress.notify_all()
             entry.inflight.pop(block, None)
             entry.filled.pop(block, None)
-            if entry.detached and entry.readers == 0 and not entry.inflight:
-                os.close(entry.fd)  # its last reader went while this block was on its way
+            self._close_if_done_locked(entry)  # its last reader went while this block was on its way
             if ok and not entry.complete and block not in entry.present:
                 entry.present.add(block)
                 self._bytes += 0 if entry.detached else nbytes
@@ -461,7 +473,7 @@ class ObjectCache:
     def _drop_locked(self, entry: CachedObject, unlink: bool = True) -> None:
         self._bytes -= entry.cached_bytes()
         try:
-            os.close(entry.fd)
+            self._close_fd_locked(entry)
         except OSError:
             pass
         if unlink:

@@ -64,3 +64,24 @@ def test_a_failed_download_reaches_the_waiting_reader(entry):
     thread.join(5)
     assert not thread.is_alive() and len(errors) == 1
     assert 1 not in cached.filled
+
+
+def test_a_copy_out_of_the_cache_closes_its_descriptor_once(entry, tmp_path):
+    """A copy detached for the handles of an unlinked name is closed when its last reader goes; a
+    read-ahead that comes after must not download into it, nor close its number a second time:
+    that number may be another file's by then (a staging file then committed another file's bytes)."""
+    import os
+
+    cache, cached = entry
+    cache.detach(cached)
+    cache.release(cached)                                # last reader, nothing downloading: closed
+    other = os.open(tmp_path / "staging.data", os.O_RDWR | os.O_CREAT)   # may take the same number
+    try:
+        started: list[int] = []
+        download = cache.fetch_block(cached, 0, lambda _entry, block: started.append(block) or Future())
+        if download is not None:
+            cache.block_done(cached, 0, False, 0)
+        assert started == []
+        os.fstat(other)                                  # still open
+    finally:
+        os.close(other)

@@ -140,11 +140,11 @@ class PendingOps:
                         self.core.objects.rename(op.key, source.etag, op.dst, etag)
             self._stop_showing_locked(op, etag)
             rewrite = self._expect_copy_locked(op, etag) if op.kind == MOVE and op.expect is not None else []
-        for later in rewrite:  # journaled again (fsync: without the lock), unless made meanwhile
+        for later in rewrite:  # journaled again (fsync: without the lock); made meanwhile, removed again
+            self.core.journal.write(later.id, later.record())
             with self.table.lock:
                 if later.id not in self.table.ops:
-                    continue
-            self.core.journal.write(later.id, later.record())
+                    self.core.journal.remove(later.id)
 
     def _expect_copy_locked(self, op: RemoteOp, etag: str) -> list[RemoteOp]:
         """A file written over the path this move brought an object to, and a delete of it, expected
