@@ -406,6 +406,9 @@ class Uploader:
         if file.pt_epoch:
             with file.lock:
                 file.start_commit_locked()  # the commit thread works on it from here (finish ends it)
+                # Parts the close sent on their way settle first: a file with a part in flight
+                # does not retire, and nothing retires it once the part lands.
+                file.changed.wait_for(lambda: not file.upload.inflight or file.deleted, timeout=5.0)
             unchanged = passthrough_unchanged(file, self.single_put_limit)
             if unchanged is not None:
                 self._listener.committed(file, *unchanged)
