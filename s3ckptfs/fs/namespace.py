@@ -16,7 +16,6 @@ import errno
 import logging
 import stat
 
-from ..conditions import Expected
 from ..errors import FsError, S3Error
 from ..metadata import MISSING, DirInfo
 from ..remoteops import DELETE, MARKER, MOVE, MOVE_TREE, RemoteOp
@@ -25,6 +24,7 @@ from ..staging import StagedFile
 from ..uploader import Uploader
 from .core import Core, s3_errno
 from .durability import Durability
+from .expectations import etag_seen_locked, known_at_locked
 from .lifecycle import Lifecycle
 from .lookup import Lookup
 from .opens import Opens
@@ -75,7 +75,7 @@ class Namespace:
             op = None
             if file is None or not self.table.only_here_locked(file):
                 # The object goes from S3 later, in close order; if still the one this node saw.
-                op = RemoteOp(DELETE, key, hides=(path,), expect=self._etag_seen_locked(path, key, file, entry))
+                op = RemoteOp(DELETE, key, hides=(path,), expect=etag_seen_locked(self.table, path, key, file, entry))
                 # An open file's name is unlinked by libfuse before a rename onto it too: its delete
                 # waits a moment, for that rename to drop it (no gap without the name in S3).
                 self.pending.show_locked(op, hold=REPLACE_GRACE if keep_open_as else 0.0)
@@ -211,7 +211,7 @@ class Namespace:
             if replaced is not None:
                 self.lifecycle.discard_locked(replaced)
             needs_commit = False
-            known = self._known_at_locked(new, new_key, target, replaced, cancelled)
+            known = known_at_locked(self.table, self.opens, new, new_key, target, replaced, cancelled)
             if op is not None:
                 op.expect = known.etag if known is not None else None
             if file is None:  # an object in S3: it shows under the new name until it is moved there
@@ -252,45 +252,6 @@ class Namespace:
         if needs_commit:
             self.uploader.request_commit(file)
         self._note_rename(old, new, new_key, source)
-
-    def _known_at_locked(self, new: str, new_key: str, target: ObjectInfo | DirInfo | None,
-                         replaced: StagedFile | None, cancelled: RemoteOp | None) -> Expected | None:
-        """What this node knows of ``new_key`` as a file still to commit is renamed onto ``new``
-        (mount's lock held, before the table moves it): its commit replaces that, and only that
-        (conditions.py). A late node's ``write latest.tmp; rename onto latest`` must not replace
-        a newer ``latest`` any more than a direct write would. This node's own pending changes of
-        the key pass on what they expected: a delete this rename cancels, a move that brings an
-        object there, a replaced file not yet committed. Nothing is known (an unconditional
-        commit) where the replaced file's commit is on its way."""
-        if cancelled is not None:  # the object its delete expected stays until this file replaces it
-            return Expected(new_key, cancelled.expect) if cancelled.expect else None
-        if replaced is not None:
-            with replaced.lock:
-                known = replaced.expected
-                if replaced.committing or known is None or known.key != new_key:
-                    return None
-                return known
-        if new in self.table.moved:
-            return self.table.expected_after_move_locked(new, new_key)
-        if isinstance(target, ObjectInfo):
-            if target.key != new_key or not target.etag:
-                return None
-            return Expected(new_key, target.etag)
-        return self.opens.known_locked(new_key, new)
-
-    def _etag_seen_locked(self, path: str, key: str, file: StagedFile | None,
-                          entry: ObjectInfo | DirInfo | None) -> str | None:
-        """The ETag of the object under ``key`` as this node last saw it (a delete's condition), or None."""
-        if file is not None:
-            with file.lock:
-                known = file.expected
-                return known.etag if known is not None and known.key == key and not file.committing else None
-        if path in self.table.moved:  # a move of this node's brings the object: what it expected there
-            known = self.table.expected_after_move_locked(path, key)
-            return known.etag if known is not None else None
-        if isinstance(entry, ObjectInfo) and entry.key == key:
-            return entry.etag or None
-        return None
 
     def _note_rename(self, old: str, new: str, new_key: str, source: ObjectInfo | DirInfo) -> None:
         """The kept listings (answers while S3 is away) learn the outcome; fresh answers come from S3."""
