@@ -38,9 +38,11 @@ import hashlib
 import json
 import logging
 import os
-import time
 import shutil
+import threading
+import time
 import uuid
+import zlib
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -136,33 +138,50 @@ class CacheDir:
 
 
 class Journal:
-    """Durable records of staged files that still have to reach S3."""
+    """Durable records of staged files that still have to reach S3.
+
+    Writers of one record take turns (a lock per record id, striped): two threads
+    rewriting the same record (a namespace change journaled by the call that made it
+    while the uploader journals its new condition) would otherwise race on its temp
+    name. A record may be given as a function, called in turn, so that the record
+    written last is also the newest.
+    """
+
+    _STRIPES = 64
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._locks = [threading.Lock() for _ in range(self._STRIPES)]
 
-    def write(self, file_id: str, record: dict) -> None:
+    def _lock(self, file_id: str) -> threading.Lock:
+        return self._locks[zlib.crc32(file_id.encode()) % self._STRIPES]
+
+    def write(self, file_id: str, record: dict | Callable[[], dict]) -> None:
         """Atomically replace the record of ``file_id`` and make it durable."""
         path = self.directory / f"{file_id}.json"
         tmp = self.directory / f".{file_id}.json.tmp"
-        data = json.dumps(record, sort_keys=True).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            locks.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-        fsync_dir(self.directory)
+        with self._lock(file_id):
+            data = json.dumps(record() if callable(record) else record, sort_keys=True).encode()
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                locks.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            fsync_dir(self.directory)
 
     def exists(self, file_id: str) -> bool:
         return (self.directory / f"{file_id}.json").exists()
 
     def remove(self, file_id: str) -> None:
-        try:
-            os.unlink(self.directory / f"{file_id}.json")
-        except FileNotFoundError:
-            pass
+        """Remove the record; after any write of it already under way (callers that remove a record
+        written meanwhile check again after their own write)."""
+        with self._lock(file_id):
+            try:
+                os.unlink(self.directory / f"{file_id}.json")
+            except FileNotFoundError:
+                pass
 
     @staticmethod
     def data_may_be_torn(record: FileRecord) -> bool:

@@ -242,7 +242,7 @@ def test_sync_while_a_directory_is_renamed_waits_for_its_moves(inproc, fake_stor
     shown = threading.Event()
 
     def slow_write(name, record):
-        if "op" in record:
+        if "op" in (record() if callable(record) else record):
             shown.set()
             time.sleep(0.05)
         write(name, record)

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import time
+from typing import Callable
 
 from ..conditions import is_conflict
 from ..errors import S3Error
@@ -75,9 +76,9 @@ class Conflicts:
 
     def mark_op_record(self, op: RemoteOp, error: S3Error) -> None:
         """Journal the refusal with the operation (no lock held): a restart reports it, does not run it."""
-        self._journal(op.path, op.id, {**op.record(), "conflict": str(error)})
+        self._journal(op.path, op.id, lambda: {**op.record(), "conflict": str(error)})
 
-    def _journal(self, path: str, record_id: str, record: dict) -> None:
+    def _journal(self, path: str, record_id: str, record: dict | Callable[[], dict]) -> None:
         """Write the record of something set aside (fsync'd: no lock held); if its report was cleared
         meanwhile (the path written, renamed or deleted), remove it again."""
         self.core.journal.write(record_id, record)

@@ -85,7 +85,7 @@ class PendingOps:
             ticket = self._tickets.get(op.id) or Ticket()
             journaled = self._journaled.pop(op.id, None)
         try:
-            self.core.journal.write(op.id, op.record())
+            self.core.journal.write(op.id, op.record)  # read in turn: its condition may change meanwhile
         finally:
             if journaled is not None:
                 journaled.set()  # also when the disk refused the record: S3 still gets the change
@@ -141,7 +141,7 @@ class PendingOps:
             self._stop_showing_locked(op, etag)
             rewrite = self._expect_copy_locked(op, etag) if op.kind == MOVE and op.expect is not None else []
         for later in rewrite:  # journaled again (fsync: without the lock); made meanwhile, removed again
-            self.core.journal.write(later.id, later.record())
+            self.core.journal.write(later.id, later.record)
             with self.table.lock:
                 if later.id not in self.table.ops:
                     self.core.journal.remove(later.id)
