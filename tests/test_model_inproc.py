@@ -16,7 +16,7 @@ before the kill, so any call may then fail with EIO, and changes nothing; what
 succeeds must be what a local directory does. Each sequence runs a fresh
 ``Filesystem`` over a fresh ``FakeStore`` with KiB-sized parts, so the multipart
 paths run on small data; its options are drawn too (metadata caching on or off,
-write mode, local sync, checksums, eager uploads, dedup). Files are also copied
+write mode, local sync, checksums, eager uploads, dedup, a slow disk). Files are also copied
 (with or without one range changed), so that many share content and, with
 dedup, their equal parts are copied in the store instead of being sent.
 
@@ -37,6 +37,7 @@ import itertools
 import logging
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import fakestore
 from fakestore import UPLOAD_OPERATIONS, FakeStore
+from s3ckptfs import locks
 from inproc import InProcessMount, Vfs, fast_tmp_dir, local_tree, small_options, store_tree
 
 KiB = 1 << 10
@@ -165,6 +167,16 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(lookup, "NO_FALLBACK_DEADLINES", 2)
     counts: Counter[str] = Counter()
     numbers = itertools.count()
+    # Some sequences run on a slow disk: every fsync of the cache dir takes a moment, which widens
+    # the windows in which threads journal the same record (a memory file system has none).
+    disk = {"fsync_seconds": 0.0}
+    real_fsync = locks.fsync
+
+    def fsync(fd: int) -> None:
+        if disk["fsync_seconds"]:
+            time.sleep(disk["fsync_seconds"])
+        real_fsync(fd)
+    monkeypatch.setattr(locks, "fsync", fsync)
 
     with fast_tmp_dir(tmp_path) as base:
 
@@ -174,10 +186,12 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog, monkeypatch):
                         eager=st.sampled_from([0, 1]), outage=st.booleans(),
                         premade=st.sampled_from([(), ("x", "x/y", "z"), ("x", "x/y", "z")]),
                         final_crash=st.booleans(), dedup=st.sampled_from(["off", "on", "auto"]),
-                        unreachable_first=st.sampled_from([None] * 7 + ["refuse", "refuse", "hang"]))
+                        unreachable_first=st.sampled_from([None] * 7 + ["refuse", "refuse", "hang"]),
+                        fsync_seconds=st.sampled_from([0.0, 0.0, 0.002]))
             def start(self, ttl, write_mode, local_sync, checksums, eager, outage, premade, final_crash,
-                      dedup, unreachable_first) -> None:
+                      dedup, unreachable_first, fsync_seconds) -> None:
                 number = next(numbers)
+                disk["fsync_seconds"] = fsync_seconds
                 self.store = FakeStore()
                 self.model_root = base / f"model{number}"
                 self.model_root.mkdir()
@@ -198,7 +212,7 @@ def test_core_behaves_like_a_local_directory(tmp_path, caplog, monkeypatch):
                 self.denied: list[fakestore.Rule] = []
                 self.denials_seen = 0   # AccessDenied hits that a failed sync has already accounted for
                 self.steps = [f"options: ttl={ttl} write_mode={write_mode} local_sync={local_sync} "
-                              f"checksums={checksums} eager_uploads={eager} dedup={dedup}"]
+                              f"checksums={checksums} eager_uploads={eager} dedup={dedup} fsync_seconds={fsync_seconds}"]
                 if unreachable_first and write_mode == "async":  # before anything is listed
                     self.full_outage_begins(unreachable_first)
                     self.blind = True
