@@ -27,7 +27,7 @@ exactly the local tree (names and bytes, directories as markers or prefixes),
 the core and a fresh instance on its own cache (a new node) must read back the
 same bytes, and no multipart upload may be left.
 
-S3CKPTFS_INPROC_EXAMPLES sets the number of sequences (default 2000).
+S3CKPTFS_INPROC_EXAMPLES sets the number of sequences (default 1000; more for a longer search).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from inproc import InProcessMount, Vfs, fast_tmp_dir, local_tree, small_options,
 KiB = 1 << 10
 NAMES = ["a", "b", "c.pt", ".tmp1", "d=1"]
 DIRS = ["", "x", "x/y", "z"]
-EXAMPLES = int(os.environ.get("S3CKPTFS_INPROC_EXAMPLES", "2000"))
+EXAMPLES = int(os.environ.get("S3CKPTFS_INPROC_EXAMPLES", "1000"))
 STEPS = 12
 MAX_RESTARTS = 2
 SYNC_TIMEOUT = 30.0

@@ -1,6 +1,6 @@
 """Random sequences of what users do, in process, against a local directory (tests/workload.py).
 
-The suite runs ``SHARDS`` x ``PER_SHARD`` sequences (5,000 by default) from fixed
+The suite runs ``SHARDS`` x ``PER_SHARD`` sequences (2,500 by default) from fixed
 seeds, so that a run is reproducible; shards spread them over the test workers.
 For finding rare interleavings, run for as long as you like from a random seed:
 
@@ -24,7 +24,7 @@ from inproc import fast_tmp_dir
 from workload import Checker, Divergence, draw, shrink
 
 SHARDS = 10
-PER_SHARD = int(os.environ.get("S3CKPTFS_WORKLOAD_PER_SHARD", "500"))
+PER_SHARD = int(os.environ.get("S3CKPTFS_WORKLOAD_PER_SHARD", "250"))
 STEPS = 20
 LONG_SECONDS = float(os.environ.get("S3CKPTFS_WORKLOAD_SECONDS", "0"))
 
