@@ -99,7 +99,8 @@ def _status(fs) -> dict:
     return {"ok": True, "pending": files, "s3": fs.s3_status(), "objects_committed": fs.uploader.objects_committed,
             "bytes_committed": fs.uploader.bytes_committed, "clean_cache_bytes": fs.objects.used_bytes(),
             "dedup": fs.dedup.enabled, "part_bytes_sent": fs.dedup.bytes_sent,
-            "part_bytes_copied": fs.dedup.bytes_copied}
+            "part_bytes_copied": fs.dedup.bytes_copied,
+            **({"dedup_costs": fs.dedup.costs.status()} if fs.dedup.costs.adaptive else {})}
 
 
 def _control_handler(fs):

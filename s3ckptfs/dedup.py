@@ -103,8 +103,6 @@ class Dedup:
         self._hasher: ThreadPoolExecutor | None = None   # hashes objects read here (remember_read)
         self.copy_concurrency = copy_concurrency
         self.costs = DedupCosts(adaptive)   # -o dedup=auto: copy only while copies pay (dedupcost.py)
-        self._copies_running = 0
-        self._sends_running = 0
         self._copy_backlog = 0   # bytes handed to the copy lane and not copied yet
         self._copy_lane: ThreadPoolExecutor | None = None   # UploadPartCopy requests (copy_in_lane)
 
@@ -157,15 +155,14 @@ class Dedup:
                     source: Source) -> tuple[str, str | None]:
         """UploadPartCopy from ``source``, its time measured for ``auto`` (dedupcost.py)."""
         with self._lock:
-            self._copies_running += 1
-            alongside = self._copies_running
-        started = time.monotonic()
+            self.costs.copies.begin(time.monotonic())
+        copied = 0
         try:
             answer = self.s3.upload_part_copy(key, upload_id, number, source.key, source.start, length, source.etag)
+            copied = length
         finally:
             with self._lock:
-                self._copies_running -= 1
-        self.costs.copied(length, time.monotonic() - started, alongside)
+                self.costs.copies.end(copied, time.monotonic())
         return answer
 
     def whole_object(self, fd: int, size: int, part_base: int) -> WholeMatch | None:
@@ -296,8 +293,8 @@ class Dedup:
             self.leave_for_commit(file_id)
             return Route.LEAVE
         with self._lock:
-            backlog, sends = self._copy_backlog, self._sends_running
-        if not self.costs.copy_is_sooner(length, backlog, sends, self.copy_concurrency):
+            backlog, sends = self._copy_backlog, self.costs.sends.running
+        if not self.costs.copy_is_sooner(length, backlog, sends, self.copy_concurrency, writing=closed_size is None):
             self.sending(upload_id, digest, length)
             return Route.SEND   # the link is free sooner than the copy lane: both work, neither idles
         return Route.COPY
@@ -383,21 +380,18 @@ class Dedup:
             if self._pending.get(entry) == upload_id:
                 del self._pending[entry]
 
-    def send_begins(self) -> int:
-        """A part send starts; returns how many run now, itself included (see ``count``)."""
+    def send_begins(self) -> None:
+        """A part send starts (the link's time per byte is measured from these, dedupcost.py)."""
         with self._lock:
-            self._sends_running += 1
-            return self._sends_running
+            self.costs.sends.begin(time.monotonic())
 
-    def send_ended(self) -> None:
+    def send_ended(self, sent: int) -> None:
+        """It ended, with ``sent`` bytes accepted (0: it failed)."""
         with self._lock:
-            self._sends_running -= 1
+            self.costs.sends.end(sent, time.monotonic())
 
-    def count(self, sent: int = 0, copied: int = 0, send_seconds: float = 0.0, alongside: int = 1) -> None:
-        """Bytes sent (``send_seconds``: how long the request took, ``alongside``: sends running when it
-        began, see ``send_begins``) or copied."""
-        if sent and send_seconds:
-            self.costs.sent(sent, send_seconds, alongside)
+    def count(self, sent: int = 0, copied: int = 0) -> None:
+        """Bytes sent or copied (the metrics and ``s3ckptfs status``)."""
         with self._lock:
             self.bytes_sent += sent
             self.bytes_copied += copied

@@ -250,13 +250,14 @@ class PartUploads:
 
     def _send(self, file: StagedFile, part: PartRead, data: bytes | memoryview) -> None:
         checksum = part.crc if self.checksums else None
-        alongside = self.dedup.send_begins()
-        started = time.monotonic()
+        self.dedup.send_begins()
+        sent = 0
         try:
             etag = self.s3.upload_part(part.key, part.upload_id, part.number, data, checksum)
+            sent = part.length
         finally:
-            self.dedup.send_ended()
-        self.dedup.count(sent=part.length, send_seconds=time.monotonic() - started, alongside=alongside)
+            self.dedup.send_ended(sent)
+        self.dedup.count(sent=part.length)
         self._record(file, part, etag, copied=False)
 
     def _record(self, file: StagedFile, part: PartRead, etag: str, copied: bool) -> None:

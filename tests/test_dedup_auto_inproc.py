@@ -10,7 +10,7 @@ import pytest
 import fakestore
 from inproc import Vfs
 from s3ckptfs.config import Options, parse_options
-from s3ckptfs.dedupcost import PROBE_EVERY, DedupCosts
+from s3ckptfs.dedupcost import LINK_BUSY, PROBE_EVERY, DedupCosts
 from s3ckptfs.errors import ConfigError
 
 KiB = 1 << 10
@@ -20,6 +20,12 @@ SIZE = 10 * PART + 123
 
 def data_of(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
+
+
+def measured(resource, length: int, seconds: float) -> None:
+    """One request of ``length`` bytes taking ``seconds``, alone."""
+    resource.begin(100.0)
+    resource.end(length, 100.0 + seconds)
 
 
 def end_changed(data: bytes) -> bytes:
@@ -42,25 +48,44 @@ def test_dedup_is_off_by_default_and_takes_auto_on_and_off():
 def test_copies_pay_until_measured_slower_than_sends():
     costs = DedupCosts(adaptive=True)
     assert costs.copies_pay()
-    costs.sent(1000, 1.0)
+    measured(costs.sends, 1000, 1.0)
     assert costs.copies_pay()                  # no copy measured yet
-    costs.copied(1000, 0.5)
+    measured(costs.copies, 1000, 0.5)
     assert costs.copies_pay()                  # twice as fast as a send
     for _ in range(20):
-        costs.copied(1000, 1.0)                # as slow as a send (a server on the same cores)
+        measured(costs.copies, 1000, 1.5)      # slower than a send (a server on the same cores, busy)
     decisions = [costs.copies_pay() for _ in range(8 * PROBE_EVERY)]
     assert sum(decisions) == 8, "one copyable part in PROBE_EVERY is still copied, to measure again"
     assert DedupCosts(adaptive=False).copies_pay()
 
 
 def test_rates_are_of_the_resource_not_of_one_request():
-    """Four sends sharing a link each take four times as long as one alone; the link's time per byte is
-    the same, and a copy is compared with that."""
+    """The time per byte of the resource over its busy time: four sends sharing a 1,000 B/s link
+    all end after 4 s (1 ms a byte); four copies begun together on a server copying 4,000 B/s all
+    end after 1 s (0.25 ms a byte), though each took 1 s and the first began alone."""
     costs = DedupCosts(adaptive=True)
-    costs.sent(1000, 4.0, alongside=4)
-    costs.copied(1000, 0.5, alongside=1)
-    assert costs.send == pytest.approx(1.0 / 1000)
+    for _ in range(4):
+        costs.sends.begin(0.0)
+        costs.copies.begin(0.0)
+    for _ in range(4):
+        costs.sends.end(1000, 4.0)
+        costs.copies.end(1000, 1.0)
+    assert costs.send == pytest.approx(0.001)
+    assert costs.copy == pytest.approx(costs.send / 4)
     assert costs.copies_pay()
+    # Completions one after another: each adds the time since the one before it.
+    link = DedupCosts(adaptive=True).sends
+    for _ in range(4):
+        link.begin(0.0)
+    for end in (1.0, 2.0, 3.0, 4.0):
+        link.end(1000, end)
+    assert link.value == pytest.approx(0.001)
+    link.begin(10.0)                           # idle time between requests is not counted
+    link.end(1000, 11.0)
+    assert link.value == pytest.approx(0.001)
+    link.begin(12.0)
+    link.end(0, 20.0)                          # a failed request adds no bytes, and no time
+    assert link.value == pytest.approx(0.001)
 
 
 def test_auto_sends_the_parts_once_copies_were_measured_slower_than_sends(inproc, fake_store):
@@ -120,7 +145,19 @@ def test_until_copies_are_measured_the_lane_takes_no_more_than_it_runs():
     costs = DedupCosts(adaptive=True)
     assert costs.copy_is_sooner(100, copy_backlog=300, sends_running=0, lane_width=4)
     assert not costs.copy_is_sooner(100, copy_backlog=400, sends_running=0, lane_width=4)
-    costs.sent(1000, 1.0)
-    costs.copied(1000, 0.1)
+    measured(costs.sends, 1000, 1.0)
+    measured(costs.copies, 1000, 0.1)
     assert costs.copy_is_sooner(100, copy_backlog=400, sends_running=0, lane_width=4)   # measured: 0.05 <= 0.1
     assert DedupCosts(adaptive=False).copy_is_sooner(100, copy_backlog=10**9, sends_running=0, lane_width=4)
+
+
+def test_a_file_still_written_sends_copyable_parts_only_on_an_idle_link():
+    """Parts written later may be changed ones, which only the link can carry: while the file is written,
+    a copyable part goes to a backlogged lane rather than to a busy link; once closed, to the sooner."""
+    costs = DedupCosts(adaptive=True)
+    measured(costs.sends, 1000, 1.0)
+    measured(costs.copies, 1000, 0.5)
+    backlogged = {"length": 100, "copy_backlog": 10_000, "lane_width": 4}
+    assert not costs.copy_is_sooner(sends_running=0, writing=True, **backlogged)   # idle link: send
+    assert costs.copy_is_sooner(sends_running=LINK_BUSY, writing=True, **backlogged)
+    assert not costs.copy_is_sooner(sends_running=LINK_BUSY, writing=False, **backlogged)
