@@ -294,9 +294,9 @@ class Dedup:
             return Route.LEAVE
         with self._lock:
             backlog, sends = self._copy_backlog, self.costs.sends.running
-        if not self.costs.copy_is_sooner(length, backlog, sends, self.copy_concurrency, writing=closed_size is None):
+        if not self.costs.lane_takes(length, backlog, sends, self.copy_concurrency):
             self.sending(upload_id, digest, length)
-            return Route.SEND   # the link is free sooner than the copy lane: both work, neither idles
+            return Route.SEND   # the lane is full and the link idle: both work
         return Route.COPY
 
     def _size_of(self, source: Source) -> int | None:
