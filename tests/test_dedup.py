@@ -219,7 +219,7 @@ def test_a_second_name_written_once_the_first_is_complete_is_copied_not_sent(fau
 
 
 def test_dedup_auto_saves_are_byte_identical(fault_proxy, bucket, mount_factory, s3):
-    """-o dedup=auto (the daemon's default): whatever it chooses from the rates it measures, every object is
+    """-o dedup=auto (an option; off is the default): whatever it chooses from the rates it measures, every object is
     the file's bytes, also read back from a fresh mount, and no upload is left behind."""
     mount = mount_factory(bucket, "p", endpoint_url=fault_proxy.url, options={"dedup": "auto"})
     first = os.urandom(5 * PART + 999)
