@@ -15,7 +15,7 @@ import threading
 import time
 
 from s3ckptfs import locks
-from s3ckptfs.cache import Journal
+from s3ckptfs.journal import Journal
 from inproc import Vfs
 
 

@@ -18,7 +18,8 @@ import uuid
 from dataclasses import dataclass
 
 from .. import locks
-from ..cache import CacheDir, Journal, ObjectCache, UploadRegistry
+from ..cache import CacheDir, ObjectCache, UploadRegistry
+from ..journal import Journal
 from ..config import MountConfig
 from ..errors import FsError, S3Error
 from ..handles import HandleTable
