@@ -74,6 +74,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` durably: whoever reads the name sees the old bytes or the new, never a
+    torn or empty file (a kill between create and write would otherwise leave one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        locks.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
 class CacheDir:
     """Owns the cache directory's layout and its lock."""
 
@@ -149,13 +163,7 @@ class UploadRegistry:
         return self.directory / (hashlib.sha256(upload_id.encode()).hexdigest()[:32] + ".json")
 
     def add(self, key: str, upload_id: str) -> None:
-        path = self._path(upload_id)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps({"key": key, "upload_id": upload_id}).encode())
-            locks.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomically(self._path(upload_id), json.dumps({"key": key, "upload_id": upload_id}).encode())
 
     def remove(self, upload_id: str) -> None:
         try:

@@ -14,8 +14,7 @@ import zlib
 from pathlib import Path
 from typing import Callable
 
-from . import locks
-from .cache import boot_id, fsync_dir
+from .cache import boot_id, write_atomically
 from .records import FileRecord
 
 log = logging.getLogger(__name__)
@@ -42,18 +41,9 @@ class Journal:
 
     def write(self, file_id: str, record: dict | Callable[[], dict]) -> None:
         """Atomically replace the record of ``file_id`` and make it durable."""
-        path = self.directory / f"{file_id}.json"
-        tmp = self.directory / f".{file_id}.json.tmp"
         with self._lock(file_id):
             data = json.dumps(record() if callable(record) else record, sort_keys=True).encode()
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data)
-                locks.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-            fsync_dir(self.directory)
+            write_atomically(self.directory / f"{file_id}.json", data)
 
     def exists(self, file_id: str) -> bool:
         return (self.directory / f"{file_id}.json").exists()

@@ -191,3 +191,29 @@ def test_a_record_not_synced_in_another_boot_is_reported_lost_not_uploaded(inpro
     assert mount.fs.sync() == []
     assert mount.fs.lost_files() == []
     assert fake_store.objects(mount.prefix) == {"mnt/f": b"written again"}
+
+
+def test_a_kill_while_an_upload_record_is_written_never_leaves_a_torn_record(tmp_path, monkeypatch):
+    """A daemon killed between creating an upload's record and writing it left an empty record at
+    its name: the restart could not read it and the multipart upload stayed behind (CI found it,
+    test_recovery.py::test_killed_while_writing_leaves_nothing_behind). A record is now visible
+    only once whole."""
+    from s3ckptfs import cache
+    from s3ckptfs.cache import UploadRegistry
+
+    class Killed(BaseException):
+        pass
+
+    def killed_before_the_bytes(fd, data):
+        raise Killed
+
+    registry = UploadRegistry(tmp_path)
+    registry.add("pfx/a.pt", "upload-1")
+    monkeypatch.setattr(cache.os, "write", killed_before_the_bytes)
+    try:
+        registry.add("pfx/b.pt", "upload-2")
+    except Killed:
+        pass
+    monkeypatch.undo()
+    assert registry.load_all() == [("pfx/a.pt", "upload-1")]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [registry._path("upload-1").name]
