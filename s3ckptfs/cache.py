@@ -228,6 +228,8 @@ class ObjectCache:
     (no other lock is taken while it is held).
     """
 
+    COPIES_KEPT = 4096  # moves remembered for readers of a moved object's old version
+
     def __init__(self, directory: Path, block_size: int, limit_bytes: int) -> None:
         self.directory = directory
         self.block_size = block_size
@@ -236,6 +238,9 @@ class ObjectCache:
         self._progress = locks.new_condition(self._lock)   # a block grew or finished
         self._entries: OrderedDict[tuple[str, str], CachedObject] = OrderedDict()
         self._bytes = 0
+        # (key, etag) -> the copy a move of this mount made of that object: a reader of the old
+        # version reads on from it (same bytes), also when moves chain back to the same key.
+        self._copies: OrderedDict[tuple[str, str], tuple[str, str]] = OrderedDict()
 
     def _new_path(self, key: str, etag: str) -> Path:
         # Unique per entry, so that a new entry never clobbers a file an old one still uses.
@@ -389,12 +394,29 @@ class ObjectCache:
         cached copy is that object's now. Readers passed through to it (the kernel reads the file
         itself) go on reading the file the new path names, so a writer can take it over."""
         with self._lock:
+            self._copies.pop((new_key, new_etag), None)  # a new object there: where it went before is past
+            self._copies[(key, etag)] = (new_key, new_etag)
+            self._copies.move_to_end((key, etag))
+            while len(self._copies) > self.COPIES_KEPT:
+                self._copies.popitem(last=False)
             entry = self._entries.get((key, etag))
             if entry is None or (new_key, new_etag) in self._entries:
                 return
             del self._entries[(key, etag)]
             entry.key, entry.etag = new_key, new_etag
             self._entries[(new_key, new_etag)] = entry
+
+    def latest_copy(self, key: str, etag: str) -> tuple[str, str]:
+        """Where the object ``key``@``etag`` is now, as far as moves made by this mount tell
+        (``rename``): the last copy in the chain, or the object itself."""
+        with self._lock:
+            seen = {(key, etag)}
+            while (key, etag) in self._copies:
+                key, etag = self._copies[(key, etag)]
+                if (key, etag) in seen:  # not expected (a copy's ETag is new), but never loop
+                    break
+                seen.add((key, etag))
+            return key, etag
 
     def invalidate(self, key: str) -> None:
         """Forget every cached version of ``key`` (after overwrite, delete or rename)."""

@@ -528,3 +528,33 @@ def test_a_directory_made_here_lists_what_its_rename_moved_into_it_before_its_ma
     assert vfs.read_bytes("g/x") == data_of(10_000)
     assert mount.fs.sync() == []
     assert fake_store.objects(mount.prefix) == {"mnt/blocker": b"x", "mnt/g/": b"", "mnt/g/x": data_of(10_000)}
+
+
+@pytest.mark.parametrize("opened", ["before the first move lands", "between the two moves",
+                                    "and read between the two moves"])
+def test_a_reader_of_a_file_moved_away_and_back_reads_its_bytes_when_the_moves_land(inproc, fake_store, opened):
+    # rename f3 -> f2; rename f2 -> f3: two moves in S3, the second bringing a copy (its own
+    # ETag) back to f3's key. A reader that opened f3 before they landed read from that key
+    # under the old version (ESTALE, "changed in S3 while open") or, opened between them, found
+    # it gone (ENOENT): the workload model, seed 1000099.
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    data = data_of(30000)  # several parts: a copy's ETag differs from the multipart upload's
+    vfs.write_file("f3", data)
+    assert mount.fs.sync() == []
+    held = "mnt/f2" if opened == "before the first move lands" else "mnt/f3"
+    read_while_held = opened.startswith("and read")
+    fake_store.inject(fakestore.HANG, "copy", key=held)
+    vfs.rename("f3", "f2")
+    vfs.rename("f2", "f3")
+    assert fake_store.wait_hanging("copy", held)
+    fh = vfs.open("f3", os.O_RDONLY)
+    try:
+        if read_while_held:  # f3's key is empty until the second move's copy lands
+            assert mount.fs.read(fh, 1000, 20000) == data[20000:21000]
+        fake_store.release()
+        wait_for(lambda: not mount.fs.pending.status(), timeout=10)
+        assert mount.fs.read(fh, 1000, 20000) == data[20000:21000]
+    finally:
+        mount.fs.release(fh)
+    assert vfs.read_bytes("f3") == data

@@ -74,7 +74,6 @@ class Filesystem:
         core.passthrough = self.passthrough = PassthroughFiles(core, self.uploader.part_filled)
         self.lookup = Lookup(core)
         self.reads = Reads(core)
-        self.reads.resolve = self.lookup.lookup
         self.reads.locations = self.lookup.locations
         if self.dedup.enabled:
             self.reads.object_complete = lambda entry: self.dedup.remember_read(

@@ -132,12 +132,14 @@ class PendingOps:
         with self.table.lock:
             self.core.objects.invalidate(op.dst)
             if op.kind == MOVE and etag:
-                # The bytes cached for the source are the destination's: a truncate or an open for
-                # writing of the new path takes them over, and readers passed through see it.
+                # The bytes cached for the object shown are the destination's: a truncate or an open
+                # for writing of the new path takes them over, and readers passed through see it.
+                # (Shown under another key than the source's: the object an earlier move of this
+                # one brought to the source, gone from that key now.)
                 for record in op.shows.values():
                     source = entry_from_record(record)
-                    if isinstance(source, ObjectInfo) and source.key == op.key and source.etag:
-                        self.core.objects.rename(op.key, source.etag, op.dst, etag)
+                    if isinstance(source, ObjectInfo) and source.etag:
+                        self.core.objects.rename(source.key, source.etag, op.dst, etag)
             self._stop_showing_locked(op, etag)
             rewrite = self._expect_copy_locked(op, etag) if op.kind == MOVE and op.expect is not None else []
         for later in rewrite:  # journaled again (fsync: without the lock); made meanwhile, removed again

@@ -8,6 +8,7 @@ a reader waits only for the bytes it asked for, not the whole block.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -40,16 +41,15 @@ class Reads:
         self.core = core
         self.downloads = ThreadPoolExecutor(max_workers=core.options.download_concurrency,
                                             thread_name_prefix="s3ckptfs-get")
-        # path -> what it names now (the lookup room's), to follow an object moved while open
-        self.resolve: Callable[[str], object] | None = None
         # path -> where its bytes may be in S3 now, most likely first (Lookup.locations)
         self.locations: Callable[[str], list[ObjectInfo]] | None = None
         # told of each object whose copy here became complete by downloads (dedup.py hashes it)
         self.object_complete: Callable[[CachedObject], None] | None = None
 
-    def following(self, path: str, entry: ObjectInfo, fetch: Callable[[ObjectInfo], T]) -> T:
+    def following(self, path: str, entry: ObjectInfo, fetch: Callable[[ObjectInfo], T],
+                  accept: Callable[[ObjectInfo], bool] = lambda place: True) -> T:
         """``fetch(entry)``; if S3 says the object moved or changed since ``entry`` was looked up,
-        ``fetch`` it where ``path``'s bytes may be now.
+        ``fetch`` it where ``path``'s bytes may be now (those places that ``accept`` takes).
 
         A rename of an object already in S3 is made there later, in close order (remoteops.py):
         until then the path shows the object under its old key, which the move deletes once
@@ -68,7 +68,7 @@ class Reads:
                     raise
                 failed = (entry.key, entry.etag)
                 for place in self.locations(path):
-                    if (place.key, place.etag) == failed:
+                    if (place.key, place.etag) == failed or not accept(place):
                         continue
                     try:
                         result = fetch(place)
@@ -83,7 +83,7 @@ class Reads:
                     raise
                 time.sleep(delay)  # between a move's copy and the mount showing its outcome
                 delay = min(delay * 2, 0.25)
-                now = self.locations(path)
+                now = [place for place in self.locations(path) if accept(place)]
                 if not now:
                     raise
                 entry = now[0]
@@ -136,27 +136,41 @@ class Reads:
         return self._read_remote(handle, size, offset)
 
     def _read_remote(self, handle: Handle, size: int, offset: int) -> tuple[int, int, int]:
-        try:
-            return self._read_blocks(handle, size, offset)
-        except FsError as exc:
-            if exc.errno != errno.ENOENT or not self._follow_move(handle):
-                raise
+        """Read through the handle's cached copy; if its object moved in S3 since the open (a
+        rename made there in close order, maybe a chain of them), read on from where the same
+        bytes are now: the copy a move of this mount made of it (``ObjectCache.latest_copy``),
+        else another key of the same size that the path's pending moves name (``following``)."""
+        reading = handle.remote
+        assert reading is not None
+
+        def read_at(place: ObjectInfo) -> tuple[int, int, int]:
+            key, etag = self.core.objects.latest_copy(place.key, place.etag)
+            place = dataclasses.replace(place, key=key, etag=etag)
+            if (place.key, place.etag) != (handle.remote.key, handle.remote.etag):
+                self._read_on_from(handle, place)
             return self._read_blocks(handle, size, offset)
 
-    def _follow_move(self, handle: Handle) -> bool:
-        """The object read was moved in S3 since the open (a rename made there in close order):
-        read on from its new key, if the path now names an object of the same size."""
-        if self.resolve is None or handle.remote is None or handle.cached is None:
-            return False
-        info = self.resolve(handle.path)
-        if not isinstance(info, ObjectInfo) or info.key == handle.remote.key or info.size != handle.remote.size:
-            return False
+        def where_it_may_be(place: ObjectInfo) -> bool:
+            # Another key of the same size, where a pending move takes it; or, opened with no
+            # version known (a path shown by a move whose copy had not landed), what its key holds.
+            return place.size == reading.size and (place.key != reading.key or not reading.etag)
+
+        try:
+            return self.following(handle.path, reading, read_at, where_it_may_be)
+        except S3Error as err:
+            if err.code == "PreconditionFailed":
+                self.core.meta.forget(handle.path)
+                log.warning("%s changed in S3 while open; reopen to read the new version", handle.path)
+                raise FsError(errno.ESTALE, handle.path) from err
+            raise s3_errno(err, f"read {handle.path}") from err
+
+    def _read_on_from(self, handle: Handle, place: ObjectInfo) -> None:
         old = handle.cached
-        handle.cached = self.core.objects.acquire(info.key, info.etag, info.size)
-        handle.remote = info
-        self.core.objects.release(old)
-        log.info("%s moved in S3 while open: reading on from %s", handle.path, info.key)
-        return True
+        handle.cached = self.core.objects.acquire(place.key, place.etag, place.size)
+        handle.remote = place
+        if old is not None:
+            self.core.objects.release(old)
+        log.info("%s moved in S3 while open: reading on from %s", handle.path, place.key)
 
     def _read_blocks(self, handle: Handle, size: int, offset: int) -> tuple[int, int, int]:
         info, entry = handle.remote, handle.cached
@@ -184,10 +198,8 @@ class Reads:
             try:
                 objects.wait_for(entry, number, min(end - number * block, block), future)
             except S3Error as err:
-                if err.code == "PreconditionFailed":
-                    self.core.meta.forget(handle.path)
-                    log.warning("%s changed in S3 while open; reopen to read the new version", handle.path)
-                    raise FsError(errno.ESTALE, handle.path) from err
+                if err.code in _GONE_OR_CHANGED:
+                    raise  # moved or changed since the open: _read_remote follows it
                 raise s3_errno(err, f"read {handle.path}") from err
             except TimeoutError as exc:
                 log.error("read %s: %s", handle.path, exc)
