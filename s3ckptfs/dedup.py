@@ -253,12 +253,9 @@ class Dedup:
         if self.hashes is not None:
             self.hashes.forget(key, etag)
 
-    def in_other_upload(self, upload_id: str, digest: str | None, length: int) -> bool:
+    def _in_other_upload_locked(self, upload_id: str, digest: str, length: int) -> bool:
         """Whether an upload other than ``upload_id`` sent these bytes and has not completed yet."""
-        if digest is None:
-            return False
-        with self._lock:
-            other = self._pending.get((digest, length))
+        other = self._pending.get((digest, length))
         return other is not None and other != upload_id
 
     # -- the one decision per part, and the lane copies run in
@@ -281,12 +278,16 @@ class Dedup:
         if not at_commit and self.parts_wait_for_commit(file_id):
             return Route.LEAVE
         copies_pay = self.costs.copies_pay()
-        if copies_pay and not at_commit and self.in_other_upload(upload_id, digest, length):
+        sources = self.hashes.find(digest, length) if copies_pay else []
+        with self._lock:
+            # Checked and recorded at once: equal parts of two files routed together both went.
+            waits = copies_pay and not at_commit and self._in_other_upload_locked(upload_id, digest, length)
+            if not waits and not sources:
+                self._sending_locked(upload_id, digest, length)
+        if waits:
             self.leave_for_commit(file_id)
             return Route.LEAVE
-        sources = self.hashes.find(digest, length) if copies_pay else []
         if not sources:
-            self.sending(upload_id, digest, length)
             return Route.SEND
         if not at_commit and closed_size is not None and any(
                 source.start == start and self._size_of(source) == closed_size for source in sources):
@@ -368,12 +369,15 @@ class Dedup:
         """
         if digest is not None:
             with self._lock:
-                if upload_id not in self._pending_by_upload:
-                    while len(self._pending_by_upload) >= PENDING_UPLOADS:
-                        self._drop_pending_locked(next(iter(self._pending_by_upload)))
-                    self._pending_by_upload[upload_id] = []
-                self._pending.setdefault((digest, length), upload_id)
-                self._pending_by_upload[upload_id].append((digest, length))
+                self._sending_locked(upload_id, digest, length)
+
+    def _sending_locked(self, upload_id: str, digest: str, length: int) -> None:
+        if upload_id not in self._pending_by_upload:
+            while len(self._pending_by_upload) >= PENDING_UPLOADS:
+                self._drop_pending_locked(next(iter(self._pending_by_upload)))
+            self._pending_by_upload[upload_id] = []
+        self._pending.setdefault((digest, length), upload_id)
+        self._pending_by_upload[upload_id].append((digest, length))
 
     def _drop_pending_locked(self, upload_id: str) -> None:
         for entry in self._pending_by_upload.pop(upload_id, []):

@@ -210,7 +210,7 @@ class PartUploads:
                     return  # stays stale: the commit copies it once the other file's object is complete
                 if route is Route.COPY:
                     copy = part
-                    handed_over = self.dedup.copy_in_lane(lambda: self._copy_part(file, copy),
+                    handed_over = self.dedup.copy_in_lane(lambda: self._copy_part(file, copy, defer),
                                                           cancelled=lambda: self._settle(file, number),
                                                           length=part.length)
                     if handed_over:
@@ -220,10 +220,14 @@ class PartUploads:
             if not handed_over:
                 self._settle(file, number)
 
-    def _copy_part(self, file: StagedFile, part: PartRead) -> None:
+    def _copy_part(self, file: StagedFile, part: PartRead, defer: bool) -> None:
         """On the copy lane: make the part from an equal range in S3, or send it after all."""
         try:
             with self._part_outcome(file, part.number) as upload:
+                if defer and self.dedup.parts_wait_for_commit(file.id):
+                    # Queued while the file was written; since then found equal to an object, the
+                    # file is copied whole at its commit: a part made now would be thrown away.
+                    return
                 upload.id = part.upload_id
                 etag = self.dedup.copy_part(part.key, part.upload_id, part.number, part.length, part.digest,
                                             part.crc)

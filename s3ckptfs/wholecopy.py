@@ -6,11 +6,10 @@ with UploadPartCopy anyway (dedup.py), and one CopyObject costs the server
 less than a multipart upload of copies (on SeaweedFS 4.48, 256 MiB: 0.7-0.9 s
 against 1.2-1.5 s for 32 part copies into an upload with CRC32C checksums).
 
-Only at commit time, only with dedup on, only for a file no handle may still
-write and with at least half of it not yet made as parts (``MOSTLY_LEFT``; the
-upload holding the parts copied or sent while it was written is aborted once
-the copy is made, and used if the copy is refused): the file's bytes are hashed part by
-part (dedup.Dedup.whole_object) and compared with the remembered parts of an
+Only at commit time, only with dedup on, and only for a file with at least
+half of it not yet made as parts (``MOSTLY_LEFT``; the upload holding the parts
+copied or sent while it was written is aborted once the copy is made, and used
+if the copy is refused): the file's bytes are hashed part by part (dedup.Dedup.whole_object) and compared with the remembered parts of an
 object of the same size. The copy is conditional on the source's ETag; if it
 is refused for any lasting reason the commit goes on as a multipart upload
 (``CopyRefused``). The checksum the server gives for the copy is checked
@@ -61,11 +60,15 @@ def _bytes_made_locked(file: StagedFile) -> int:
 
 
 def _copyable_locked(file: StagedFile, single_put_limit: int, parts_may_be_in_flight: bool = False) -> bool:
-    """Closed, to be committed, big enough for parts, and most of it not yet made (see MOSTLY_LEFT)."""
+    """To be committed, big enough for parts, and most of it not yet made (see MOSTLY_LEFT).
+
+    A writer may still be open: the commit starts at the last writer's flush, which comes
+    before its release (waiting for writers to be gone made the copy a race lost under load).
+    A write after the comparison is a new version (passthrough: seen at the writer's release),
+    which ``still_valid_locked`` refuses, or which is committed again after the copy."""
     mostly_left = file.size - _bytes_made_locked(file) >= MOSTLY_LEFT * file.size
     return (not file.deleted and file.dirty and file.fd >= 0 and file.size > single_put_limit
-            and file.writers == 0 and file.pt_writers == 0 and mostly_left
-            and (parts_may_be_in_flight or not file.upload.inflight))
+            and mostly_left and (parts_may_be_in_flight or not file.upload.inflight))
 
 
 class WholeCopy:
