@@ -558,3 +558,31 @@ def test_a_reader_of_a_file_moved_away_and_back_reads_its_bytes_when_the_moves_l
     finally:
         mount.fs.release(fh)
     assert vfs.read_bytes("f3") == data
+
+
+def test_after_a_crash_a_directory_made_here_still_lists_what_a_rename_moved_into_it(inproc, fake_store):
+    # As above, but the daemon dies before anything reached S3: the restart recovers g's marker
+    # (made here, not yet in S3) and the move that brings x under g/. That g was filled from S3
+    # was known only in memory: g counted as "all here" again and, once x's move had run, was
+    # listed without x until its marker landed (cause 14's crash variant, docs/design.md).
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    vfs.write_file("last", data_of(10_000))
+    assert mount.fs.sync() == []
+    rule = fake_store.inject(fakestore.HANG, "put", key="mnt/blocker")
+    vfs.write_file("blocker", b"x")
+    assert fake_store.wait_hanging("put", "mnt/blocker")
+    vfs.mkdir("d")
+    vfs.rename("last", "d/x")
+    vfs.rename("d", "g")
+    mount.crash()
+    rule.remove()
+    fake_store.release()
+    fake_store.inject(fakestore.latency(3.0), "put", key="mnt/g/")  # the marker lands late
+    vfs = Vfs(mount.start())
+    wait_for(lambda: "mnt/g/x" in fake_store.objects(mount.prefix), timeout=10)
+    assert "mnt/g/" not in fake_store.objects(mount.prefix)
+    assert vfs.listdir("g") == ["x"]
+    assert vfs.read_bytes("g/x") == data_of(10_000)
+    assert mount.fs.sync() == []
+    assert fake_store.objects(mount.prefix) == {"mnt/blocker": b"x", "mnt/g/": b"", "mnt/g/x": data_of(10_000)}
