@@ -29,6 +29,7 @@ import functools
 import logging
 import stat
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -67,6 +68,10 @@ class RemoteOp:
     node_id: str = ""           # objects written by this node are no conflict
     # A tree move tells of each object it moved: (the source as listed, its new key, the copy's ETag).
     object_moved: Callable[[ObjectInfo, str, str], None] | None = field(default=None, repr=False, compare=False)
+    # Downloads of the object this deletes or replaces, for handles still reading it (its name
+    # unlinked or renamed over): the change waits for them, a while (not journaled: after a
+    # restart no handle is left).
+    readers_first: list[Future] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def label(self) -> str:

@@ -37,6 +37,7 @@ import random
 import threading
 import time
 from collections import deque
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -60,6 +61,10 @@ from .wholecopy import CopyRefused, WholeCopy
 log = logging.getLogger(__name__)
 
 BACKOFF_CAP = 30.0
+# How long a delete or a move over a name waits for the old object's blocks that open handles
+# still read (RemoteOp.readers_first): long enough for a checkpoint, short enough not to stall
+# the queue behind it when S3 is slow.
+READERS_FIRST_WAIT = 60.0
 
 
 class Ticket:
@@ -312,6 +317,12 @@ class Uploader:
         while commit.journaled is not None and not commit.journaled.wait(0.5):
             if self._stop_event.is_set():  # journaled by then or never shown: made at the next start
                 return S3Error("ShuttingDown", "the daemon is stopping")
+        if op.readers_first:
+            _, late = futures_wait(op.readers_first, timeout=READERS_FIRST_WAIT)
+            if late:
+                log.warning("%s: %d block(s) for readers of the old object still downloading after %.0f s; "
+                            "going on (they may fail with ESTALE)", op.label, len(late), READERS_FIRST_WAIT)
+            op.readers_first = []
 
         def attempt() -> None:
             op.run(self.s3, copied=lambda etag: self._listener.op_copied(op, etag))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+from concurrent.futures import Future
 
 from ..errors import FsError, S3Error
 from ..metadata import MISSING, DirInfo
@@ -84,6 +85,7 @@ class Namespace:
             self.table.mtime_overrides.pop(path, None)
         self.core.objects.invalidate(key)
         if op is not None:
+            op.readers_first = self._keep_for_readers(path)
             self.pending.submit(op)
         else:
             self.meta.put(path, MISSING)
@@ -162,6 +164,16 @@ class Namespace:
             self._rename_file(old, new, new_key, source, target)
         self._unname(new)       # a replaced file lives on in its open handles, nameless
         self.core.handles.move(old, new)  # the kernel keeps open files on their inode, now named new
+
+    def _keep_for_readers(self, path: str) -> list[Future]:
+        """Downloads of the rest of the object that handles open on ``path`` read: its name is about
+        to be unlinked or replaced, and they read on what they opened (a local file's open
+        descriptors keep its bytes). The change in S3 waits for them (``RemoteOp.readers_first``)."""
+        downloads: list[Future] = []
+        for handle in self.core.handles.open_on(path):
+            if handle.cached is not None:
+                downloads += self.reads.fetch_rest(handle.cached)
+        return downloads
 
     def _unname(self, path: str, kept_as: str = "") -> None:
         """``path`` no longer names the file its open handles read: the cached copies they read
@@ -248,6 +260,8 @@ class Namespace:
                       op.label if op is not None else "nothing (not there yet)")
         self._rewrite_records(rewrite)
         if op is not None:
+            if op.kind == MOVE:  # it replaces what the new name's readers opened
+                op.readers_first = self._keep_for_readers(new)
             self.pending.submit(op)
         if needs_commit:
             self.uploader.request_commit(file)

@@ -118,6 +118,17 @@ class Reads:
             raise first_error
         return entry
 
+    def fetch_rest(self, entry: CachedObject) -> list[Future]:
+        """Start downloading every block of ``entry`` not cached yet; their downloads.
+
+        For handles still reading an object whose name is unlinked or replaced: the change
+        in S3 waits for these (``RemoteOp.readers_first``), so they read on what they opened."""
+        if entry.complete or entry.size == 0:
+            return []
+        blocks = range((entry.size + entry.block_size - 1) // entry.block_size)
+        fetches = (self.core.objects.fetch_block(entry, number, self._start_download) for number in blocks)
+        return [future for future in fetches if future is not None]
+
     def read(self, fh: int, size: int, offset: int) -> bytes:
         fd, start, length = self.read_source(fh, size, offset)
         return os.pread(fd, length, start) if length else b""
@@ -153,7 +164,9 @@ class Reads:
         def where_it_may_be(place: ObjectInfo) -> bool:
             # Another key of the same size, where a pending move takes it; or, opened with no
             # version known (a path shown by a move whose copy had not landed), what its key holds.
-            return place.size == reading.size and (place.key != reading.key or not reading.etag)
+            # Not for a file whose name is gone: its path names another file now.
+            return (handle.named and place.size == reading.size
+                    and (place.key != reading.key or not reading.etag))
 
         try:
             return self.following(handle.path, reading, read_at, where_it_may_be)
