@@ -586,3 +586,28 @@ def test_after_a_crash_a_directory_made_here_still_lists_what_a_rename_moved_int
     assert vfs.read_bytes("g/x") == data_of(10_000)
     assert mount.fs.sync() == []
     assert fake_store.objects(mount.prefix) == {"mnt/blocker": b"x", "mnt/g/": b"", "mnt/g/x": data_of(10_000)}
+
+
+def test_a_file_written_after_its_name_was_moved_onto_and_unlinked_survives_a_crash(inproc, fake_store):
+    # rename last -> f0 (a move, queued); unlink f0 (a delete, behind it); a new f0; the daemon dies.
+    # After the restart the move's copy lands and told every file at f0 to expect the copy: the new
+    # f0 too, written after the delete that removes the copy. Its conditional commit (recovered files
+    # are conditional) found the key empty and set the file aside as a conflict: f0 was gone
+    # (the workload model, seed 777002637).
+    mount = inproc()
+    vfs = Vfs(mount.fs)
+    vfs.write_file("last", b"xy")
+    assert mount.fs.sync() == []
+    rule = fake_store.inject(fakestore.HANG, "put", key="mnt/blocker")
+    vfs.write_file("blocker", b"x")
+    assert fake_store.wait_hanging("put", "mnt/blocker")
+    vfs.rename("last", "f0")
+    vfs.unlink("f0")
+    vfs.write_file("f0", data_of(12289))
+    mount.crash()
+    rule.remove()
+    fake_store.release()
+    vfs = Vfs(mount.start())
+    assert mount.fs.sync() == []
+    assert vfs.read_bytes("f0") == data_of(12289)
+    assert fake_store.objects(mount.prefix) == {"mnt/blocker": b"x", "mnt/f0": data_of(12289)}

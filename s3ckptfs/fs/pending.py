@@ -153,6 +153,15 @@ class PendingOps:
         what the move expected (``PathTable.expected_after_move_locked``): they now expect the copy,
         this node's write, which may name another writer (the source's). Returns the deletes."""
         before = Expected(op.dst, op.expect or "")
+        deletes = [later for later in self.table.ops.values()
+                   if later.kind == DELETE and later.key == op.dst and later.expect == op.expect]
+        for later in deletes:
+            later.expect = etag or None
+        # A file there now was written after a delete queued behind this move, which removes the
+        # copy before the file commits: it expects nothing there, as it did (rewritten, a restart's
+        # conditional commit found the key empty and took its own file for a conflict).
+        if any(later.kind == DELETE and later.key == op.dst for later in self.table.ops.values()):
+            return deletes
         for path in op.shows:
             file = self.table.staged.get(path)
             if file is None:
@@ -160,10 +169,6 @@ class PendingOps:
             with file.lock:
                 if file.key == op.dst and file.expected == before:
                     file.expected = Expected(op.dst, etag) if etag else None
-        deletes = [later for later in self.table.ops.values()
-                   if later.kind == DELETE and later.key == op.dst and later.expect == op.expect]
-        for later in deletes:
-            later.expect = etag or None
         return deletes
 
     def _object_moved(self, source: ObjectInfo, key: str, etag: str) -> None:
