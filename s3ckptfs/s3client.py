@@ -307,11 +307,12 @@ class S3Client:
             raise S3Error("IncompleteRead", f"GET {key}: got {written} of {length} bytes", transient=True)
         return written
 
-    def get_bytes(self, key: str) -> bytes:
-        """The whole body of a small object (symlink targets)."""
+    def get_bytes(self, key: str, etag: str | None = None) -> bytes:
+        """The whole body of a small object (symlink targets), of version ``etag`` if given."""
         locks.assert_no_locks_held("S3 GET")
         try:
-            return self._client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            extra = {"IfMatch": etag} if etag else {}
+            return self._client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"].read()
         except Exception as exc:
             raise translate(exc, f"GET {key}") from exc
 

@@ -89,8 +89,9 @@ class ObjectStore(Protocol):
         """
         ...
 
-    def get_bytes(self, key: str) -> bytes:
-        """The whole body of a small object (symlink targets). A missing key fails with NoSuchKey."""
+    def get_bytes(self, key: str, etag: str | None = None) -> bytes:
+        """The whole body of a small object (symlink targets). A missing key fails with NoSuchKey;
+        with ``etag``, another version fails with PreconditionFailed."""
         ...
 
     # -- writes -----------------------------------------------------------------------

@@ -245,12 +245,14 @@ class FakeClient:
             raise S3Error("IncompleteRead", f"GET {key}: got {written} of {length} bytes", transient=True)
         return written
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, etag: str | None = None) -> bytes:
         self._store._enter("get_bytes", key, self)
         with self._store._lock:
             obj = self._store._objects.get(key)
             if obj is None:
                 raise S3Error("NoSuchKey", f"GET {key}", 404)
+            if etag and obj.etag != etag:
+                raise S3Error("PreconditionFailed", f"GET {key}: ETag is {obj.etag}, not {etag}", 412)
             return obj.data
 
     # -- writes -----------------------------------------------------------------------

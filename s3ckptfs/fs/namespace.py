@@ -455,8 +455,9 @@ class Namespace:
         if not isinstance(entry, ObjectInfo) or not entry.is_symlink:
             raise FsError(errno.EINVAL, path)
         try:
-            # Following the link if it moves meanwhile: a renamed link is moved in S3 later.
-            body = self.reads.following(path, entry, lambda now: self.store.get_bytes(now.key))
+            # Following the link if it moves meanwhile: a renamed link is moved in S3 later. In its
+            # version where known: its old key may hold a newer file by now.
+            body = self.reads.following(path, entry, lambda now: self.store.get_bytes(now.key, now.etag or None))
             return body.decode("utf-8", "surrogateescape")
         except S3Error as err:
             raise s3_errno(err, f"readlink {path}") from err
