@@ -371,7 +371,17 @@ class Uploader:
             try:
                 wrote = self._commit_once(file, commit.renames)
             except S3Error as error:
-                if is_conflict(error):
+                with file.lock:
+                    renamed = file.renames != commit.renames
+                if is_conflict(error) and renamed:
+                    # Refused for the key the file had before a rename made while the request was
+                    # on its way: nothing of it was written; the commit queued behind the rename
+                    # writes the new key, and its own condition decides there. (Reported as a
+                    # conflict, the file was set aside under its new name: gone from the mount.)
+                    log.info("%s: a commit under its old key was refused (%s); it commits under its "
+                             "new key", file.path, error)
+                    wrote = False
+                elif is_conflict(error):
                     if self._own_earlier_version(file):
                         raise S3Error("PreconditionFailed", f"{file.path}: S3 holds this file's own earlier "
                                       "version (committed before a restart): committing again over it",
@@ -379,7 +389,8 @@ class Uploader:
                     with file.lock:
                         path, expected = file.path, file.expected
                     raise Conflict(path, expected, error) from error
-                raise
+                else:
+                    raise
             if wrote:
                 self.metrics.upload_seconds.observe(time.monotonic() - commit.requested)
             with file.lock:
