@@ -124,10 +124,6 @@ class Recovery:
                     self.uploader.abort_later((file.key, upload_id))
             with self.table.lock:
                 self.table.put_locked(file)
-                if file.is_dir_marker:
-                    # Whether a rename filled it from S3 was known only in memory: list it from S3 too
-                    # until its marker lands (PathTable.contents_known_locked), or a moved object is missed.
-                    self.table.filled_from_s3.add(file)
             self.uploader.request_commit(file)
             count += 1
             log.info("resuming upload of %s (%d bytes, %d part(s) already in S3) from the journal",
